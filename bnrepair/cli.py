@@ -1,0 +1,168 @@
+"""The ``bnrepair`` command: parse options, call the API, render the result. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import BnrepairError
+
+EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
+130 interrupted (nothing written); 1 unexpected internal error."""
+
+app = typer.Typer(
+    name="bnrepair",
+    help="Repair BatchNorm statistics in saved checkpoints (Keras .h5/.keras, PyTorch .pt).\n\n" + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err = Console(stderr=True)
+
+
+def user_errors(command):
+    """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except BnrepairError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class RichProgress:
+    """Samples streamed per pass, with throughput, on stderr."""
+
+    def __init__(self, console: Console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console, transient=True)
+        self.task = None
+        self.done = 0
+
+    def start_pass(self, index: int, total: int | None) -> None:
+        import time
+
+        self.started, self.done = time.perf_counter(), 0
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total, rate="–")
+        self.bar.reset(self.task, total=total, description=f"pass {index + 1}", rate="–")
+
+    def advance(self, samples: int) -> None:
+        import time
+
+        self.done += samples
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, advance=samples, rate=f"{rate:,.0f}")
+
+    def end_pass(self) -> None: ...
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def version_callback(value: bool):
+    if value:
+        typer.echo(f"bnrepair {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="Print the version and exit.")):
+    """Repair BatchNorm statistics in saved checkpoints."""
+
+
+@app.command(epilog=EXIT_CODES)
+@user_errors
+def recalibrate(
+    checkpoint: Path = typer.Argument(..., help="Keras .h5/.keras or PyTorch .pt checkpoint (never modified)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Image folder (recursive; class sub-folders "
+                                        "allowed), .npy, or .npz (array 'x' or its only array)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path [default: "
+                                          "<stem>.recalibrated<suffix> beside the input]."),
+    mode: str = typer.Option("train", help="train: BN uses batch statistics while measured, one pass (PreciseBN). "
+                             "eval: inference-consistent fixed point over repeated passes."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Samples per batch."),
+    seed: int = typer.Option(0, help="Shuffle seed; the same seed gives bit-identical output."),
+    samples: Optional[int] = typer.Option(None, min=2, help="Use at most N samples [default: all]."),
+    tol: float = typer.Option(1e-4, help="eval mode: stop when no statistic moves more than this (in std units)."),
+    layers: Optional[str] = typer.Option(None, help="Recalibrate only BN layers whose id matches this regex."),
+    skip: Optional[str] = typer.Option(None, help="Leave BN layers whose id matches this regex unchanged."),
+    device: str = typer.Option("auto", help="auto, cpu, or gpu/cuda."),
+    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Resize images to H W "
+                                                        "[default: the model's declared input size]."),
+    preprocess: str = typer.Option("unit", help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip undecodable images (counted) instead of failing."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table; errors only."),
+    custom_objects: Optional[Path] = typer.Option(None, "--custom-objects", help="Keras: a .py file whose "
+                                                  "Keras classes are needed to load the model (it is run)."),
+    unsafe: bool = typer.Option(False, "--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode)."),
+    arch: Optional[str] = typer.Option(None, help="torch state_dict: MODULE:CALLABLE or FILE.py:CALLABLE "
+                                       "that builds the module."),
+    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="torch: JSON keyword arguments for --arch."),
+    key: Optional[str] = typer.Option(None, help="torch checkpoint dict: the entry holding the state_dict."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="torch: allow full pickled modules (runs code)."),
+    trust_code: bool = typer.Option(False, "--trust-code", help="torch: allow TorchScript archives (runs code)."),
+    safe_global: Optional[list[str]] = typer.Option(None, "--safe-global", help="torch: allow one more global "
+                                                    "(mod.Name) in weights_only loading; repeatable."),
+    data_fn: Optional[str] = typer.Option(None, "--data-fn", help="MODULE:CALLABLE returning an iterable of "
+                                          "batches (instead of --data)."),
+    input_index: int = typer.Option(0, "--input-index", help="Which element of a tuple batch is the input."),
+):
+    """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
+    from .api import recalibrate as run_recalibrate
+    from .data.preprocess import PREPROCESS
+    from .hooks import call_spec
+
+    if (data is None) == (data_fn is None):
+        raise BnrepairError("give calibration data with --data PATH or --data-fn MODULE:CALLABLE (one of them)")
+    if preprocess not in PREPROCESS:
+        raise BnrepairError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    source = call_spec(data_fn, "--data-fn")() if data_fn else data
+    progress = None if quiet else RichProgress(err)
+    try:
+        report = run_recalibrate(
+            checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
+            tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
+            skip_bad=skip_bad, input_index=input_index, progress=progress, custom_objects=custom_objects,
+            unsafe=unsafe, arch=arch, arch_kwargs=arch_kwargs, key=key, trust_pickle=trust_pickle,
+            trust_code=trust_code, safe_globals=safe_global or [])
+    finally:
+        if progress is not None:
+            progress.close()
+    if json_path:
+        report.write_json(json_path)
+    if not quiet:
+        report.render(Console())
+
+
+def main():
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

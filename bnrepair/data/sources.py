@@ -1,0 +1,130 @@
+"""Random-access calibration sources: an image folder decoded lazily, or a .npy / .npz array.
+
+A source knows how many samples it holds and returns any one of them on demand, so the
+stream can shuffle indices and never hold more than a few batches in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .preprocess import scale_pixels
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image becomes a model input: size (H, W) or None, channels, scaling, layout."""
+
+    size: tuple[int, int] | None = None
+    channels: int = 3
+    preprocess: str = "unit"
+    channels_first: bool = False
+
+
+class ImageFolder:
+    """Images found recursively under ``root``; a first-level sub-folder names the class."""
+
+    def __init__(self, root: Path, spec: ImageSpec):
+        self.root = Path(root)
+        self.spec = spec
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise InputError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        classes = sorted({p.relative_to(self.root).parts[0] for p in self.files
+                          if len(p.relative_to(self.root).parts) > 1})
+        if classes and all(len(p.relative_to(self.root).parts) > 1 for p in self.files):
+            self.classes = classes
+            index = {c: i for i, c in enumerate(classes)}
+            self.labels = np.array([index[p.relative_to(self.root).parts[0]] for p in self.files])
+        else:
+            self.classes, self.labels = [], None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def sample(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = im.convert(_MODES.get(self.spec.channels, "RGB"))
+                if self.spec.size is not None and im.size != (self.spec.size[1], self.spec.size[0]):
+                    im = im.resize((self.spec.size[1], self.spec.size[0]), Image.BILINEAR)
+                pixels = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InputError(f"{path}: cannot decode image ({exc})") from None
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        x = scale_pixels(pixels, self.spec.preprocess)
+        return np.transpose(x, (2, 0, 1)) if self.spec.channels_first else x
+
+
+class ArraySource:
+    """Samples along the first axis of an array; used as given (no scaling, no layout change)."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray | None = None, origin: str = "array"):
+        if x.ndim < 2:
+            raise InputError(f"{origin}: expected an array of samples (N, ...), got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.number):
+            raise InputError(f"{origin}: expected a numeric array, got dtype {x.dtype}")
+        self.x, self.labels, self.origin = x, labels, origin
+        self.classes: list[str] = []
+
+    @classmethod
+    def load(cls, path: Path) -> "ArraySource":
+        try:
+            if path.suffix == ".npy":
+                return cls(np.load(path, mmap_mode="r", allow_pickle=False), origin=str(path))
+            with np.load(path, allow_pickle=False) as npz:
+                names = list(npz.files)
+                if "x" in names:
+                    key = "x"
+                elif len(names) == 1:
+                    key = names[0]
+                else:
+                    raise InputError(f"{path}: holds arrays {names}; name the samples 'x' (and labels 'y')")
+                labels = npz["y"] if "y" in names and key == "x" else None
+                return cls(npz[key], labels, origin=str(path))
+        except InputError:
+            raise
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"{path}: cannot read array ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def name(self, i: int) -> str:
+        return f"{self.origin}[{i}]"
+
+    def sample(self, i: int) -> np.ndarray:
+        return np.asarray(self.x[i])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+def open_source(data, spec: ImageSpec):
+    """A path to an image folder, .npy or .npz file, or an in-memory array, as a source."""
+    if isinstance(data, np.ndarray):
+        return ArraySource(data)
+    path = Path(data)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return ImageFolder(path, spec)
+    if path.suffix in (".npy", ".npz"):
+        return ArraySource.load(path)
+    raise InputError(f"{path}: calibration data must be an image folder, a .npy or a .npz file")

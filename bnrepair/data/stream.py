@@ -1,0 +1,148 @@
+"""Batches for the recalibrator: shuffled once with a seed, decoded ahead on worker threads.
+
+Iterating a ``Calibration`` makes one pass; every pass sees the same samples in the same
+order, so eval-mode fixed-point passes and repeated runs with one seed are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import InputError
+from .sources import ArraySource, ImageSpec, open_source
+
+
+@dataclass
+class Batch:
+    inputs: Any
+    labels: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        x = self.inputs
+        if isinstance(x, dict):
+            x = next(iter(x.values()))
+        return int(x.shape[0])
+
+
+class Calibration:
+    """A seeded, batched, prefetched stream over a random-access source."""
+
+    def __init__(self, source, batch_size: int = 32, seed: int = 0, samples: int | None = None,
+                 skip_bad: bool = False, prefetch: int = 2, workers: int = 2):
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = seed
+        self.skip_bad = skip_bad
+        self.prefetch = max(1, prefetch)
+        self.workers = max(1, workers)
+        order = np.random.default_rng(seed).permutation(len(source))
+        if samples is not None:
+            order = order[:samples]
+        if len(order) < 2:
+            raise InputError(f"{getattr(source, 'origin', getattr(source, 'root', 'data'))}: "
+                             f"need at least 2 calibration samples, got {len(order)}")
+        self.order = order
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @property
+    def has_labels(self) -> bool:
+        return getattr(self.source, "labels", None) is not None
+
+    def _load(self, indices: np.ndarray) -> Batch | None:
+        xs, kept = [], []
+        for i in indices:
+            try:
+                x = self.source.sample(int(i))
+            except InputError:
+                if not self.skip_bad:
+                    raise
+                self.bad.add(int(i))
+                continue
+            if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+                raise InputError(f"{self.source.name(int(i))}: sample holds NaN or infinite values")
+            xs.append(x)
+            kept.append(int(i))
+        if not xs:
+            return None
+        shapes = {x.shape for x in xs}
+        if len(shapes) > 1:
+            raise InputError(f"{getattr(self.source, 'root', 'data')}: samples differ in shape "
+                             f"{sorted(shapes)}; give --image-size H W")
+        labels = self.source.labels[kept] if self.has_labels else None
+        return Batch(np.stack(xs), labels)
+
+    def __iter__(self) -> Iterator[Batch]:
+        chunks = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="bnrepair-data") as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(self._load, chunk))
+                if len(pending) > self.prefetch:
+                    batch = pending.popleft().result()
+                    if batch is not None:
+                        yield batch
+            while pending:
+                batch = pending.popleft().result()
+                if batch is not None:
+                    yield batch
+
+
+class IterableCalibration:
+    """Any re-iterable of batches (a list, a DataLoader, a tf.data.Dataset) from the Python API.
+
+    A tuple or list batch gives its ``input_index`` element as the model input (and the next one,
+    when present, as labels); a dict is passed through whole (torch: keyword arguments).
+    """
+
+    def __init__(self, batches: Iterable, input_index: int = 0):
+        self.batches = batches
+        self.input_index = input_index
+        self.seed = None
+        self.bad: set[int] = set()
+        self._count: int | None = None
+
+    def __len__(self) -> int:
+        return self._count or 0
+
+    @property
+    def has_labels(self) -> bool:
+        return False
+
+    def __iter__(self) -> Iterator[Batch]:
+        count = 0
+        for item in self.batches:
+            if isinstance(item, (tuple, list)):
+                batch = Batch(item[self.input_index])
+            else:
+                batch = Batch(item)
+            count += batch.size
+            yield batch
+        if self._count is None and count == 0:
+            raise InputError("calibration data yielded no batches")
+        self._count = count
+
+
+def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
+                samples: int | None = None, skip_bad: bool = False, input_index: int = 0):
+    """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated."""
+    if isinstance(data, (Calibration, IterableCalibration)):
+        return data
+    if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
+        return Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad)
+    if hasattr(data, "__iter__"):
+        return IterableCalibration(data, input_index)
+    raise InputError(f"cannot use {type(data).__name__} as calibration data")
+
+
+__all__ = ["ArraySource", "Batch", "Calibration", "IterableCalibration", "calibration"]

@@ -1,0 +1,339 @@
+"""Keras 3 (TensorFlow backend): load ``.h5`` / ``.keras``, measure BN inputs, write patched files.
+
+BN inputs are captured by wrapping each BN layer's ``call`` on the instance while one
+``tf.function`` is traced: the wrapper reduces its input to per-channel (count, mean, M2) on the
+device and, in ``train`` mode, normalises with those batch statistics itself, so the moving
+averages are never touched and every other layer (Dropout!) runs in inference mode.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BnrepairError, InputError
+from ..graph import BNLayer, ModelGraph
+from ..moments import Moments
+from . import keras_files
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) bypasses TF_CPP_MIN_LOG_LEVEL."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_keras():
+    """Import Keras on the TensorFlow backend, quietly, or say which extra to install."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if "tensorflow" in sys.modules:
+            import keras
+            import tensorflow as tf
+        else:
+            with _native_stderr_silenced():
+                import keras
+                import tensorflow as tf
+
+                tf.config.list_physical_devices("GPU")
+    except ImportError as exc:
+        raise BnrepairError(f"Keras models need TensorFlow and Keras ({exc}); "
+                            "install them with: pip install 'bnrepair[keras]'") from None
+    if keras.backend.backend() != "tensorflow":
+        raise BnrepairError(f"bnrepair runs Keras models on the TensorFlow backend, "
+                            f"but KERAS_BACKEND is {keras.backend.backend()!r}")
+    return keras, tf
+
+
+def load_custom_objects(path: Path | None) -> dict:
+    """Run the user's module (an explicit opt-in) and collect the Keras classes it defines."""
+    if path is None:
+        return {}
+    keras, _ = import_keras()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: --custom-objects file not found")
+    spec = importlib.util.spec_from_file_location(f"bnrepair_custom_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"{path}: importing custom objects failed: {type(exc).__name__}: {exc}") from None
+    return {name: obj for name, obj in vars(module).items()
+            if isinstance(obj, type) and issubclass(obj, (keras.layers.Layer, keras.Model))}
+
+
+def load(path: Path, custom_objects: Path | None = None, unsafe: bool = False, device: str = "auto",
+         **_ignored) -> "KerasRunner":
+    keras, _ = import_keras()
+    path = Path(path)
+    kind = keras_files.file_kind(path)
+    objects = load_custom_objects(custom_objects)
+    try:
+        model = keras.models.load_model(path, custom_objects=objects, compile=False, safe_mode=not unsafe)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            message += " (the file holds Python code; pass --unsafe only if you trust it)"
+        raise InputError(f"{path}: Keras could not load the model: {message}") from None
+    runner = KerasRunner(model, device=device, source=path, file_kind=kind)
+    runner.locate_in_file()
+    return runner
+
+
+def _bn_layers(model):
+    """BatchNormalization layers in forward order, nested models and sub-layers included."""
+    keras, _ = import_keras()
+    found = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+    return found
+
+
+def _producer(layer):
+    try:
+        history = layer._inbound_nodes[0].arguments.keras_tensors[0]._keras_history
+        op = history.operation
+    except (AttributeError, IndexError):
+        return None, None
+    if type(op).__name__ == "InputLayer":
+        return None, None
+    return op.name, type(op).__name__
+
+
+def _unique_ids(layers) -> list[str]:
+    names = [layer.name for layer in layers]
+    return [layer.path.rsplit("/", 1)[0] if names.count(layer.name) > 1 else layer.name for layer in layers]
+
+
+class KerasRunner:
+    """The runner protocol for a Keras model (see DESIGN.md: infer, collect, set_stats, save)."""
+
+    framework = "keras"
+
+    def __init__(self, model, device: str = "auto", source: Path | None = None, file_kind: str | None = None):
+        keras, tf = import_keras()
+        self.model = model
+        self.source = source
+        self.file_kind = file_kind
+        self.device = _resolve_device(tf, device)
+        self._bn = _bn_layers(model)
+        if not self._bn:
+            raise InputError(f"{source or 'model'}: the model has no BatchNormalization layers")
+        for layer in self._bn:
+            if not layer.built:
+                raise InputError(f"{source or 'model'}: layer {layer.name} is not built; call the model once first")
+        self._by_id = dict(zip(_unique_ids(self._bn), self._bn))
+        self.graph = ModelGraph("keras", str(source or "memory"), [self._describe(i, l) for i, l in self._by_id.items()],
+                                input_shape=_input_shape(model), channels_first=_channels_first(model),
+                                unbiased_var=False)
+        self._functions: dict = {}
+
+    def _describe(self, layer_id: str, layer) -> BNLayer:
+        producer, producer_kind = _producer(layer)
+        return BNLayer(
+            id=layer_id, channels=int(layer.moving_mean.shape[0]), axis=int(layer.axis),
+            eps=float(layer.epsilon), momentum=float(layer.momentum), center=bool(layer.center),
+            scale=bool(layer.scale), frozen=not layer.trainable,
+            mean=np.array(layer.moving_mean.numpy(), np.float64),
+            var=np.array(layer.moving_variance.numpy(), np.float64),
+            producer=producer, producer_kind=producer_kind,
+            tracks_stats=not getattr(layer, "renorm", False),
+            kind="BatchNormalization(renorm)" if getattr(layer, "renorm", False) else "BatchNormalization")
+
+    # --- where the statistics live in the file -------------------------------------------------
+    def locate_in_file(self) -> None:
+        """Fill ``BNLayer.locations`` with the dataset paths and check they hold what Keras loaded."""
+        with keras_files.open_weights(self.source, self.file_kind) as f:
+            paths = _legacy_paths(self.model, f) if self.file_kind == "h5" else _keras_v3_paths(self.model)
+            for bn in self.graph.bn_layers:
+                layer = self._by_id[bn.id]
+                for stat, var in (("mean", layer.moving_mean), ("var", layer.moving_variance)):
+                    location = paths.get(id(var))
+                    if location is None:
+                        raise InputError(f"{self.source}: cannot find where {bn.id}'s {stat} is stored")
+                    keras_files.check_dataset(f, location, np.asarray(var.numpy()), str(self.source))
+                    bn.locations[stat] = location
+
+    # --- runner protocol ---------------------------------------------------------------------------
+    def infer(self, inputs):
+        _, tf = import_keras()
+        with tf.device(self.device):
+            return self.model(inputs, training=False)
+
+    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
+        key = (mode, tuple(ids))
+        if key not in self._functions:
+            self._functions[key] = self._capture_function(mode, ids)
+        _, tf = import_keras()
+        with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
+            results = self._functions[key](inputs)
+        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+
+    def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        for layer_id, (mean, var) in stats.items():
+            layer = self._by_id[layer_id]
+            layer.moving_mean.assign(np.asarray(mean, layer.moving_mean.dtype))
+            layer.moving_variance.assign(np.asarray(var, layer.moving_variance.dtype))
+            bn = self.graph.layer(layer_id)
+            bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        """Write the input file again with only ``changed`` layers' statistics replaced."""
+        if self.source is None:
+            raise BnrepairError("an in-memory model has no file to write; call model.save() yourself")
+        values = {}
+        for layer_id in changed:
+            layer, bn = self._by_id[layer_id], self.graph.layer(layer_id)
+            values[bn.locations["mean"]] = layer.moving_mean.numpy()
+            values[bn.locations["var"]] = layer.moving_variance.numpy()
+        keras_files.write_patched(self.source, Path(output), self.file_kind, values)
+
+    def cast_input(self, x):
+        return np.asarray(x, np.float32) if isinstance(x, np.ndarray) and x.dtype == np.float64 else x
+
+    # --- capture ----------------------------------------------------------------------------------
+    def _capture_function(self, mode: str, ids: list[str]):
+        _, tf = import_keras()
+        sink = self._sink = {}
+
+        @tf.function(reduce_retracing=True)
+        def run(x):
+            sink.clear()
+            self.model(x, training=False)
+            missing = [i for i in ids if i not in sink]
+            if missing:
+                raise BnrepairError(f"the forward pass never reached BN layer(s) {', '.join(missing)}")
+            return {i: sink[i] for i in ids}
+
+        return run
+
+
+def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
+    """A stand-in for ``layer.call`` that records the input's per-channel moments."""
+    _, tf = import_keras()
+
+    def call(inputs, training=None, mask=None, **kwargs):
+        x = tf.cast(inputs, tf.float32)
+        axis = layer.axis % len(x.shape)
+        axes = [i for i in range(len(x.shape)) if i != axis]
+        mean = tf.reduce_mean(x, axis=axes)
+        shape = [1] * len(x.shape)
+        shape[axis] = -1
+        centred = x - tf.reshape(mean, shape)
+        m2 = tf.reduce_sum(tf.square(centred), axis=axes)
+        count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
+        if layer_id in sink:
+            raise BnrepairError(f"BN layer {layer_id} is called twice in one forward pass; "
+                                "its statistics cannot be recalibrated as one layer")
+        sink[layer_id] = (count, mean, m2)
+        if mode != "train":
+            return original_call(inputs, training=False, mask=mask, **kwargs)
+        var = m2 / tf.cast(count, tf.float32)
+        inv = tf.math.rsqrt(var + layer.epsilon)
+        if layer.scale:
+            inv = inv * tf.cast(layer.gamma, tf.float32)
+        offset = -mean * inv
+        if layer.center:
+            offset = offset + tf.cast(layer.beta, tf.float32)
+        out = x * tf.reshape(inv, shape) + tf.reshape(offset, shape)
+        return tf.cast(out, inputs.dtype)
+
+    return call
+
+
+class _patched:
+    """Swap the chosen layers' ``call`` for capturing ones while a forward pass is traced."""
+
+    def __init__(self, by_id: dict, ids: list[str], mode: str, sink: dict):
+        self.targets = [(by_id[i], i) for i in ids]
+        self.mode, self.sink = mode, sink
+
+    def __enter__(self):
+        for layer, layer_id in self.targets:
+            layer.call = _capture_call(layer, type(layer).call.__get__(layer), self.mode, self.sink, layer_id)
+
+    def __exit__(self, *exc):
+        for layer, _ in self.targets:
+            layer.__dict__.pop("call", None)
+
+
+def _resolve_device(tf, device: str) -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    if device in ("gpu", "cuda"):
+        if not gpus:
+            raise BnrepairError("--device gpu: TensorFlow sees no GPU on this machine")
+        return "/GPU:0"
+    if device == "cpu" or not gpus:
+        return "/CPU:0"
+    if device != "auto":
+        raise BnrepairError(f"--device must be auto, cpu or gpu, got {device!r}")
+    return "/GPU:0"
+
+
+def _input_shape(model):
+    try:
+        shape = model.inputs[0].shape
+    except (AttributeError, IndexError, TypeError):
+        return None
+    return tuple(None if d is None else int(d) for d in shape[1:])
+
+
+def _channels_first(model) -> bool:
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        fmt = getattr(layer, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return fmt == "channels_first"
+    return False
+
+
+def _legacy_paths(model, f) -> dict[int, str]:
+    """variable id -> dataset path in a legacy HDF5 file, from each layer group's ``weight_names``."""
+    paths = {}
+    groups = f.get("model_weights", f)
+    for layer in model.layers:
+        if layer.name not in groups:
+            continue
+        names = [n.decode() if isinstance(n, bytes) else str(n)
+                 for n in groups[layer.name].attrs.get("weight_names", [])]
+        weights = layer.trainable_weights + layer.non_trainable_weights
+        if len(names) != len(weights):
+            continue
+        for var, name in zip(weights, names):
+            paths[id(var)] = f"{groups.name.strip('/')}/{layer.name}/{name}".lstrip("/")
+    return paths
+
+
+def _keras_v3_paths(model) -> dict[int, str]:
+    """variable id -> dataset path in a ``.keras`` weights file, named by Keras's own saveable walk."""
+    from keras.src.saving import saving_lib
+
+    store = saving_lib.NpzIOStore(None, mode="w")
+    saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                           visited_saveables=set())
+    paths = {}
+    for inner, variables in store.contents.items():
+        group = "vars" if inner == "__root__" else f"{inner}/vars"
+        for index, var in variables.items():
+            paths[id(var)] = f"{group}/{index}"
+    return paths
+

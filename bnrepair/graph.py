@@ -1,0 +1,69 @@
+"""The framework-free picture of a model that every command works on.
+
+Loaders fill it from what the file itself declares (Keras config, torch module tree, ...);
+nothing here imports a framework, so diagnosis, reports and folding rules run on plain data.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BNLayer:
+    """One BatchNorm layer: its identity, its settings and its stored statistics.
+
+    ``var`` is kept in the framework's own convention (``ModelGraph.unbiased_var``).
+    ``locations`` says where the statistics live in the file (H5 dataset paths,
+    state_dict keys, ...) so writers can patch exactly those values.
+    """
+
+    id: str
+    channels: int
+    axis: int
+    eps: float
+    momentum: float | None
+    center: bool
+    scale: bool
+    frozen: bool
+    mean: np.ndarray
+    var: np.ndarray
+    locations: dict[str, str] = field(default_factory=dict)
+    producer: str | None = None
+    producer_kind: str | None = None
+    tracks_stats: bool = True
+    kind: str = "BatchNormalization"
+
+
+@dataclass
+class ModelGraph:
+    """All BN layers of a model, in forward order, plus what the data stream must produce."""
+
+    framework: str
+    source: str
+    bn_layers: list[BNLayer]
+    input_shape: tuple[int | None, ...] | None = None
+    channels_first: bool = False
+    unbiased_var: bool = False
+
+    def layer(self, layer_id: str) -> BNLayer:
+        for bn in self.bn_layers:
+            if bn.id == layer_id:
+                return bn
+        raise KeyError(layer_id)
+
+    def select(self, layers: str | None = None, skip: str | None = None) -> list[BNLayer]:
+        """The layers to recalibrate: ``layers`` and ``skip`` are regexes searched in the id."""
+        chosen = []
+        for bn in self.bn_layers:
+            if not bn.tracks_stats:
+                continue
+            if layers and not re.search(layers, bn.id):
+                continue
+            if skip and re.search(skip, bn.id):
+                continue
+            chosen.append(bn)
+        return chosen

@@ -1,0 +1,50 @@
+"""Per-channel moments of BN inputs, merged exactly across batches.
+
+A runner reduces each batch on its device (two-pass: mean, then sum of squared deviations)
+and hands back only ``count``, ``mean`` and ``m2`` per channel. Batches merge in float64 with
+Chan et al.'s pairwise update, so the pooled result is the moment of the whole set, whatever
+the batch sizes, and never suffers the cancellation of sum-of-squares formulas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Moments:
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, count, mean, m2) -> "Moments":
+        return cls(int(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64))
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, axis: int) -> "Moments":
+        """Reference computation over every position but ``axis`` (used by tests and small inputs)."""
+        x = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, np.shape(x)[axis])
+        mean = x.mean(axis=0)
+        return cls(x.shape[0], mean, ((x - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: "Moments") -> "Moments":
+        n = self.count + other.count
+        if self.count == 0:
+            return other
+        if other.count == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+    def variance(self, unbiased: bool) -> np.ndarray:
+        """Biased (Keras ``moving_variance``) or unbiased (torch ``running_var``) variance."""
+        denom = self.count - 1 if unbiased else self.count
+        return self.m2 / max(denom, 1)
+
+    def is_finite(self) -> bool:
+        return bool(np.isfinite(self.mean).all() and np.isfinite(self.m2).all())

@@ -1,0 +1,53 @@
+"""Output paths and atomic writes: the input is never touched and no half-written file survives."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import BnrepairError
+
+
+def default_output(source: Path, tag: str = "recalibrated") -> Path:
+    """``model.h5`` -> ``model.recalibrated.h5`` beside the input (a SavedModel dir gets the tag appended)."""
+    source = Path(source)
+    if source.is_dir():
+        return source.with_name(f"{source.name}.{tag}")
+    return source.with_name(f"{source.stem}.{tag}{source.suffix}")
+
+
+def check_output(source: Path | None, output: Path) -> Path:
+    output = Path(output)
+    if source is not None and output.resolve() == Path(source).resolve():
+        raise BnrepairError(f"{output}: output would overwrite the input; choose another -o/--output")
+    if not output.parent.exists():
+        raise BnrepairError(f"{output}: folder {output.parent} does not exist")
+    return output
+
+
+@contextmanager
+def atomic_path(dest: Path, suffix: str = ""):
+    """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
