@@ -53,7 +53,8 @@ class RichProgress:
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console, transient=True)
+                            TimeRemainingColumn(), console=console, transient=True,
+                            disable=not console.is_terminal)
         self.task = None
         self.done = 0
 

@@ -36,10 +36,14 @@ def file_kind(path: Path) -> str:
                              "are not supported)")
         raise InputError(f"{path}: zip archive that is not a Keras 3 .keras file")
     if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            if "model_config" not in f.attrs:
-                raise InputError(f"{path}: HDF5 file without a model config (weights only?); "
-                                 "save the whole model with model.save()")
+        try:
+            with h5py.File(path, "r") as f:
+                has_config = "model_config" in f.attrs
+        except OSError as exc:
+            raise InputError(f"{path}: damaged or truncated HDF5 file ({exc})") from None
+        if not has_config:
+            raise InputError(f"{path}: HDF5 file without a model config (weights only?); "
+                             "save the whole model with model.save()")
         return "h5"
     raise InputError(f"{path}: not a Keras .h5 or .keras file")
 
