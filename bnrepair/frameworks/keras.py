@@ -147,6 +147,7 @@ class KerasRunner:
                                 input_shape=_input_shape(model), channels_first=_channels_first(model),
                                 unbiased_var=False)
         self._functions: dict = {}
+        self._sink: dict = {}
 
     def _describe(self, layer_id: str, layer) -> BNLayer:
         producer, producer_kind = _producer(layer)
@@ -175,19 +176,24 @@ class KerasRunner:
                     bn.locations[stat] = location
 
     # --- runner protocol ---------------------------------------------------------------------------
-    def infer(self, inputs):
-        _, tf = import_keras()
-        with tf.device(self.device):
-            return self.model(inputs, training=False)
+    def infer(self, inputs, mode: str = "eval"):
+        """The model's outputs as numpy; ``mode="train"``: BN layers use batch statistics, nothing else does."""
+        return self._run(inputs, mode, [bn.id for bn in self.graph.bn_layers], outputs=True)
 
     def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
-        key = (mode, tuple(ids))
+        results = self._run(inputs, mode, ids, outputs=False)
+        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+
+    def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
+        key = (mode, tuple(ids), outputs)
         if key not in self._functions:
-            self._functions[key] = self._capture_function(mode, ids)
+            self._functions[key] = self._capture_function(ids, outputs)
         _, tf = import_keras()
         with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
             results = self._functions[key](inputs)
-        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+        if outputs:
+            return tf.nest.map_structure(lambda t: t.numpy(), results)
+        return results
 
     def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for layer_id, (mean, var) in stats.items():
@@ -212,18 +218,19 @@ class KerasRunner:
         return np.asarray(x, np.float32) if isinstance(x, np.ndarray) and x.dtype == np.float64 else x
 
     # --- capture ----------------------------------------------------------------------------------
-    def _capture_function(self, mode: str, ids: list[str]):
+    def _capture_function(self, ids: list[str], outputs: bool):
+        """One traced forward pass; while tracing, the patched BN calls fill ``self._sink``."""
         _, tf = import_keras()
-        sink = self._sink = {}
+        sink = self._sink
 
         @tf.function(reduce_retracing=True)
         def run(x):
             sink.clear()
-            self.model(x, training=False)
+            result = self.model(x, training=False)
             missing = [i for i in ids if i not in sink]
             if missing:
                 raise BnrepairError(f"the forward pass never reached BN layer(s) {', '.join(missing)}")
-            return {i: sink[i] for i in ids}
+            return result if outputs else {i: sink[i] for i in ids}
 
         return run
 
