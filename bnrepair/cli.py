@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -93,46 +93,51 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
     """Repair BatchNorm statistics in saved checkpoints."""
 
 
-@app.command(epilog=EXIT_CODES)
-@user_errors
-def recalibrate(
-    checkpoint: Path = typer.Argument(..., help="Keras .h5/.keras or PyTorch .pt checkpoint (never modified)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Image folder (recursive; class sub-folders "
-                                        "allowed), .npy, or .npz (array 'x' or its only array)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output path [default: "
-                                          "<stem>.recalibrated<suffix> beside the input]."),
-    mode: str = typer.Option("train", help="train: BN uses batch statistics while measured, one pass (PreciseBN). "
-                             "eval: inference-consistent fixed point over repeated passes."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Samples per batch."),
-    seed: int = typer.Option(0, help="Shuffle seed; the same seed gives bit-identical output."),
-    samples: Optional[int] = typer.Option(None, min=2, help="Use at most N samples [default: all]."),
-    tol: float = typer.Option(1e-4, help="eval mode: stop when no statistic moves more than this (in std units)."),
-    layers: Optional[str] = typer.Option(None, help="Recalibrate only BN layers whose id matches this regex."),
-    skip: Optional[str] = typer.Option(None, help="Leave BN layers whose id matches this regex unchanged."),
-    device: str = typer.Option("auto", help="auto, cpu, or gpu/cuda."),
-    image_size: Optional[tuple[int, int]] = typer.Option(None, "--image-size", help="Resize images to H W "
-                                                        "[default: the model's declared input size]."),
-    preprocess: str = typer.Option("unit", help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip undecodable images (counted) instead of failing."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no table; errors only."),
-    custom_objects: Optional[Path] = typer.Option(None, "--custom-objects", help="Keras: a .py file whose "
-                                                  "Keras classes are needed to load the model (it is run)."),
-    unsafe: bool = typer.Option(False, "--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode)."),
-    arch: Optional[str] = typer.Option(None, help="torch state_dict: MODULE:CALLABLE or FILE.py:CALLABLE "
-                                       "that builds the module."),
-    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="torch: JSON keyword arguments for --arch."),
-    key: Optional[str] = typer.Option(None, help="torch checkpoint dict: the entry holding the state_dict."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="torch: allow full pickled modules (runs code)."),
-    trust_code: bool = typer.Option(False, "--trust-code", help="torch: allow TorchScript archives (runs code)."),
-    safe_global: Optional[list[str]] = typer.Option(None, "--safe-global", help="torch: allow one more global "
-                                                    "(mod.Name) in weights_only loading; repeatable."),
-    data_fn: Optional[str] = typer.Option(None, "--data-fn", help="MODULE:CALLABLE returning an iterable of "
-                                          "batches (instead of --data)."),
-    input_index: int = typer.Option(0, "--input-index", help="Which element of a tuple batch is the input."),
-):
-    """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
-    from .api import recalibrate as run_recalibrate
+# Options shared by the commands that load a checkpoint and stream data.
+Checkpoint = Annotated[Path, typer.Argument(help="Keras .h5/.keras, TF SavedModel dir or PyTorch .pt checkpoint "
+                                            "(never modified).")]
+Data = Annotated[Optional[Path], typer.Option("--data", "-d", help="Image folder (recursive; class sub-folders "
+                                              "allowed), .npy, or .npz (array 'x' or its only array; 'y' labels).")]
+Mode = Annotated[str, typer.Option(help="train: BN uses batch statistics while measured, one pass (PreciseBN). "
+                                   "eval: inference-consistent fixed point over repeated passes.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
+Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.")]
+Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, or gpu/cuda.")]
+ImageSize = Annotated[Optional[tuple[int, int]], typer.Option("--image-size", help="Resize images to H W "
+                                                              "[default: the model's declared input size].")]
+Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.")]
+JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.")]
+CustomObjects = Annotated[Optional[Path], typer.Option("--custom-objects", help="Keras: a .py file whose Keras "
+                                                       "classes are needed to load the model (it is run).")]
+Unsafe = Annotated[bool, typer.Option("--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode).")]
+Arch = Annotated[Optional[str], typer.Option(help="torch state_dict: MODULE:CALLABLE or FILE.py:CALLABLE that "
+                                             "builds the module.")]
+ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.")]
+Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).")]
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives (runs code).")]
+SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="torch: allow one more global "
+                                                         "(mod.Name) in weights_only loading; repeatable.")]
+Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.")]
+InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed, "
+                                                  "when it has several.")]
+DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABLE returning an iterable of "
+                                               "batches (instead of --data).")]
+InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.")]
+
+
+def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
+                 signature, input_name) -> dict:
+    return dict(custom_objects=custom_objects, unsafe=unsafe, arch=arch, arch_kwargs=arch_kwargs, key=key,
+                trust_pickle=trust_pickle, trust_code=trust_code, safe_globals=safe_global or [],
+                signature=signature, input_name=input_name)
+
+
+def calibration_source(data, data_fn, preprocess):
+    """--data or --data-fn (exactly one), checked before any framework is imported."""
     from .data.preprocess import PREPROCESS
     from .hooks import call_spec
 
@@ -140,15 +145,58 @@ def recalibrate(
         raise BnrepairError("give calibration data with --data PATH or --data-fn MODULE:CALLABLE (one of them)")
     if preprocess not in PREPROCESS:
         raise BnrepairError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
-    source = call_spec(data_fn, "--data-fn")() if data_fn else data
+    if data is not None and not data.exists():
+        raise BnrepairError(f"{data}: no such file or folder")
+    return call_spec(data_fn, "--data-fn")() if data_fn else data
+
+
+@app.command(epilog=EXIT_CODES)
+@user_errors
+def recalibrate(
+    checkpoint: Checkpoint,
+    data: Data = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: "
+                                                   "<stem>.recalibrated<suffix> beside the input].")] = None,
+    mode: Mode = "train",
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].")] = None,
+    tol: Tol = 1e-4,
+    layers: Annotated[Optional[str], typer.Option(help="Recalibrate only BN layers whose id matches this "
+                                                  "regex.")] = None,
+    skip: Annotated[Optional[str], typer.Option(help="Leave BN layers whose id matches this regex "
+                                                "unchanged.")] = None,
+    device: Device = "auto",
+    image_size: ImageSize = None,
+    preprocess: Preprocess = "unit",
+    skip_bad: SkipBad = False,
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    custom_objects: CustomObjects = None,
+    unsafe: Unsafe = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
+    safe_global: SafeGlobal = None,
+    signature: Signature = "serving_default",
+    input_name: InputName = None,
+    data_fn: DataFn = None,
+    input_index: InputIndex = 0,
+):
+    """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
+    from .api import recalibrate as run_recalibrate
+
+    source = calibration_source(data, data_fn, preprocess)
     progress = None if quiet else RichProgress(err)
     try:
         report = run_recalibrate(
             checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
-            skip_bad=skip_bad, input_index=input_index, progress=progress, custom_objects=custom_objects,
-            unsafe=unsafe, arch=arch, arch_kwargs=arch_kwargs, key=key, trust_pickle=trust_pickle,
-            trust_code=trust_code, safe_globals=safe_global or [])
+            skip_bad=skip_bad, input_index=input_index, progress=progress,
+            **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
+                           signature, input_name))
     finally:
         if progress is not None:
             progress.close()
