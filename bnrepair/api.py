@@ -8,15 +8,19 @@ re-iterable of batches.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 
 from . import frameworks
-from .data import ImageSpec, calibration
+from .data import Cached, ImageSpec, calibration
 from .data.sources import ArraySource, ImageFolder
+from .diagnose import compare, decay, inspect_layers, verdicts
 from .errors import InputError
+from .metrics import as_scores
 from .recalibrate import Progress, run
-from .report import Report
+from .report import DiagnoseReport, InspectReport, Report
 from .writers import check_output, default_output, sha256
 
 
@@ -85,4 +89,62 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     return report
 
 
-__all__ = ["load", "recalibrate"]
+
+
+def inspect(model, **load_options) -> InspectReport:
+    """What the checkpoint's stored statistics and settings say, without any data."""
+    runner = load(model, **load_options)
+    calls = runner.call_counts() if hasattr(runner, "call_counts") else None
+    return InspectReport(runner.framework, runner.graph.source, runner.graph.bn_layers,
+                         inspect_layers(runner.graph, calls), decays=[decay(runner.graph, bn)
+                                                                      for bn in runner.graph.bn_layers])
+
+
+def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_size: int = 32, seed: int = 0,
+             samples: int | None = 1024, tol: float = 1e-4, device: str = "auto", image_size=None,
+             preprocess: str = "unit", skip_bad: bool = False, input_index: int = 0,
+             progress: Progress | None = None, fix_command: str | None = None, **load_options) -> DiagnoseReport:
+    """Compare stored statistics with what ``data`` produces, and predict what a recalibration gives back.
+
+    The data is read once (at most ``samples``) and kept in memory for the passes: inference and
+    training-mode predictions with the stored statistics, the inference-consistent statistics
+    (``--mode eval``'s fixed point) that the stored ones are compared with, then a recalibration
+    in ``mode`` exactly as ``recalibrate`` would do it, whose predictions give the expected gain.
+    Nothing is written.
+    """
+    import time
+
+    started = time.perf_counter()
+    runner = load(model, device=device, **load_options)
+    stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
+                         samples, skip_bad, input_index)
+    check_fits(runner.graph, stream)
+    cached = Cached(stream)
+    stored = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in runner.graph.bn_layers}
+    inference = as_scores_of(runner, cached, "eval")
+    training = as_scores_of(runner, cached, "train")
+    consistent = run(runner, cached, "eval", tol, progress=progress)
+    runner.set_stats(stored)
+    recalibrated = run(runner, cached, mode, tol, progress=progress)
+    after = as_scores_of(runner, cached, "eval")
+    runner.set_stats(stored)
+    evidence = [compare(replace(bn, mean=stored[bn.id][0], var=stored[bn.id][1]), *consistent.after[bn.id],
+                        threshold) for bn in consistent.layers]
+    command = fix_command or (f"bnrepair recalibrate {model} --data {data}" if source_like(model, data)
+                              else "bnrepair.recalibrate(model, data)")
+    labels = np.concatenate([b.labels for b in cached]) if cached.has_labels else None
+    return DiagnoseReport.of(runner, evidence, verdicts(runner.graph, evidence, command),
+                             inspect_layers(runner.graph), inference, training, after, labels, len(cached),
+                             threshold, mode, recalibrated.passes + consistent.passes + 3,
+                             time.perf_counter() - started)
+
+
+def as_scores_of(runner, data, mode: str) -> np.ndarray:
+    return np.concatenate([as_scores(runner.infer(runner.cast_input(b.inputs), mode)) for b in data])
+
+
+def source_like(model, data) -> bool:
+    return isinstance(model, (str, Path)) and isinstance(data, (str, Path))
+
+
+__all__ = ["diagnose", "inspect", "load", "recalibrate"]

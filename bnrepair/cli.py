@@ -206,6 +206,97 @@ def recalibrate(
         report.render(Console())
 
 
+@app.command(epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")
+@user_errors
+def inspect(
+    checkpoint: Checkpoint,
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    custom_objects: CustomObjects = None,
+    unsafe: Unsafe = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
+    safe_global: SafeGlobal = None,
+    signature: Signature = "serving_default",
+    input_name: InputName = None,
+):
+    """List every BN layer with its settings and stored statistics, and flag what looks wrong (no data)."""
+    from .api import inspect as run_inspect
+
+    report = run_inspect(checkpoint, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
+                                                    trust_code, safe_global, signature, input_name))
+    if json_path:
+        report.write_json(json_path)
+    if not quiet:
+        report.render(Console())
+    raise typer.Exit(1 if report.problems else 0)
+
+
+@app.command(epilog="Exit codes: 0 healthy; 1 problems found; 2 bad input. Works as a CI gate.")
+@user_errors
+def diagnose(
+    checkpoint: Checkpoint,
+    data: Data = None,
+    threshold: Annotated[float, typer.Option(help="A channel is off when its mean shift (in data std) or "
+                                             "|ln variance ratio| exceeds this.")] = 0.5,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw per-layer mean shift and variance ratio to this "
+                                                 "PNG.")] = None,
+    mode: Mode = "train",
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Read at most N samples (kept in memory).")] = 1024,
+    tol: Tol = 1e-4,
+    device: Device = "auto",
+    image_size: ImageSize = None,
+    preprocess: Preprocess = "unit",
+    skip_bad: SkipBad = False,
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    custom_objects: CustomObjects = None,
+    unsafe: Unsafe = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
+    safe_global: SafeGlobal = None,
+    signature: Signature = "serving_default",
+    input_name: InputName = None,
+    data_fn: DataFn = None,
+    input_index: InputIndex = 0,
+):
+    """Say which BN layers are wrong and why, with evidence, and what a recalibration would give back."""
+    import shlex
+
+    from .api import diagnose as run_diagnose
+
+    source = calibration_source(data, data_fn, preprocess)
+    given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
+             "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,
+             "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
+             "--signature": None if signature == "serving_default" else signature, "--input": input_name}
+    words = [str(checkpoint)] + [w for flag, value in given.items() if value is not None for w in (flag, str(value))]
+    fix = "bnrepair recalibrate " + shlex.join(words)
+    report = run_diagnose(
+        checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
+        tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
+        input_index=input_index, fix_command=fix,
+        **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
+                       signature, input_name))
+    if json_path:
+        report.write_json(json_path)
+    if plot:
+        from .plot import plot_evidence
+
+        plot_evidence(report, plot)
+    if not quiet:
+        report.render(Console())
+    raise typer.Exit(0 if report.healthy else 1)
+
+
 def main():
     try:
         app()

@@ -74,10 +74,7 @@ class Report:
         return _finite(asdict(self))
 
     def write_json(self, path: Path) -> None:
-        from .writers import atomic_path
-
-        with atomic_path(Path(path)) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        _write_json(path, self.to_dict())
 
     def render(self, console) -> None:
         from rich.table import Table
@@ -112,3 +109,158 @@ def _finite(value):
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def _stats_summary(values: np.ndarray) -> str:
+    return f"{np.min(values):.3g} / {np.median(values):.3g} / {np.max(values):.3g}"
+
+
+LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+@dataclass
+class InspectReport:
+    """``bnrepair inspect``: settings and stored statistics per BN layer, and what looks wrong."""
+
+    framework: str
+    source: str
+    layers: list
+    flags: list
+    decays: list = field(default_factory=list)
+    version: str = __version__
+
+    @property
+    def problems(self) -> bool:
+        return any(flag.level in ("error", "warning") for flag in self.flags)
+
+    def to_dict(self) -> dict:
+        return _finite({
+            "framework": self.framework, "source": self.source, "version": self.version,
+            "problems": self.problems,
+            "layers": [{"id": bn.id, "kind": bn.kind, "channels": bn.channels, "eps": bn.eps,
+                        "momentum": bn.momentum, "decay": d, "frozen": bn.frozen, "tracks_stats": bn.tracks_stats,
+                        "mean": {"min": float(np.min(bn.mean)), "median": float(np.median(bn.mean)),
+                                 "max": float(np.max(bn.mean))},
+                        "var": {"min": float(np.min(bn.var)), "median": float(np.median(bn.var)),
+                                "max": float(np.max(bn.var))},
+                        "producer": bn.producer}
+                       for bn, d in zip(self.layers, self.decays)],
+            "flags": [asdict(flag) for flag in self.flags]})
+
+    def write_json(self, path: Path) -> None:
+        _write_json(path, self.to_dict())
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"BatchNorm layers of {self.source} ({self.framework})", title_justify="left")
+        for name in ("layer", "channels", "eps", "decay", "frozen", "mean min/med/max", "var min/med/max"):
+            table.add_column(name)
+        for bn, d in zip(self.layers, self.decays):
+            table.add_row(bn.id, str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
+                          "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var))
+        console.print(table)
+        for flag in self.flags:
+            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {flag.layer or ''}: {flag.message}",
+                          highlight=False)
+        console.print("problems found" if self.problems else "no problems found in the stored statistics")
+
+
+@dataclass
+class DiagnoseReport:
+    """``bnrepair diagnose``: per-layer evidence ranked worst first, output-level evidence, verdicts."""
+
+    framework: str
+    source: str
+    samples: int
+    threshold: float
+    mode: str
+    passes: int
+    seconds: float
+    layers: list
+    """LayerEvidence in forward order (``ranked`` gives worst first)"""
+    verdicts: list
+    flags: list
+    outputs: dict
+    version: str = __version__
+
+    @classmethod
+    def of(cls, runner, evidence, verdicts, flags, inference, training, after, labels, samples, threshold,
+           mode, passes, seconds) -> "DiagnoseReport":
+        from . import metrics
+
+        outputs = {"agreement_inference_vs_training": metrics.agreement(inference, training),
+                   "output_change_inference_vs_training": metrics.relative_change(training, inference)}
+        if labels is not None:
+            accuracy = {name: metrics.accuracy(scores, labels)
+                        for name, scores in (("inference", inference), ("training", training),
+                                             ("recalibrated", after))}
+            outputs["accuracy"] = accuracy
+            outputs["expected_gain"] = accuracy["recalibrated"] - accuracy["inference"]
+            ranking = metrics.ranking_quality(inference, labels)
+            classes = max(inference.shape[1], 2)
+            if ranking is not None:
+                outputs["ranking"] = {"metric": ranking[0], "value": ranking[1]}
+                if accuracy["inference"] < 1.5 / classes and ranking[1] > 0.8:
+                    outputs["scale_note"] = (f"accuracy is near chance while {ranking[0]} is {ranking[1]:.2f}: "
+                                             "the model still ranks well, its output scale is off")
+        return cls(runner.framework, runner.graph.source, samples, threshold, mode, passes, seconds, evidence,
+                   verdicts, flags, outputs)
+
+    @property
+    def healthy(self) -> bool:
+        return all(v.cause == "healthy" for v in self.verdicts)
+
+    @property
+    def ranked(self) -> list:
+        return sorted(self.layers, key=lambda e: (e.share_off, e.mean_shift_max), reverse=True)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"] = [asdict(e) for e in self.ranked]
+        data["healthy"] = self.healthy
+        return _finite(data)
+
+    def write_json(self, path: Path) -> None:
+        _write_json(path, self.to_dict())
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        table = Table(title="BN layers, worst first", title_justify="left")
+        for name in ("layer", "channels", "frozen", "mean shift max/med", "|log var ratio| max", "channels off",
+                     "progress"):
+            table.add_column(name)
+        for e in self.ranked[:20]:
+            style = "red" if e.problem else None
+            table.add_row(e.id, str(e.channels), "yes" if e.frozen else "",
+                          f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
+                          f"{e.share_off:.0%}", "–" if e.progress is None else f"{e.progress:.0%}", style=style)
+        console.print(table)
+        if len(self.layers) > 20:
+            console.print(f"... and {len(self.layers) - 20} more layer(s) (see --json)")
+        out = self.outputs
+        console.print(f"inference vs training-mode predictions agree on {out['agreement_inference_vs_training']:.1%}"
+                      f" of {self.samples} samples; outputs differ by "
+                      f"{out['output_change_inference_vs_training']:.1%}")
+        if "accuracy" in out:
+            acc = out["accuracy"]
+            console.print(f"accuracy: inference {acc['inference']:.1%}, training mode {acc['training']:.1%}, "
+                          f"after recalibration {acc['recalibrated']:.1%} (expected gain "
+                          f"{out['expected_gain'] * 100:+.1f} points)")
+        if "scale_note" in out:
+            console.print(f"[yellow]{out['scale_note']}[/]")
+        for verdict in self.verdicts:
+            style = "green" if verdict.cause == "healthy" else "bold red"
+            console.print(f"[{style}]{verdict.title}[/]", highlight=False)
+            for line in verdict.evidence:
+                console.print(f"  - {line}", highlight=False)
+            if verdict.fix:
+                console.print(f"  fix: {verdict.fix}", highlight=False, soft_wrap=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from .writers import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")

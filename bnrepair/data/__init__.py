@@ -1,7 +1,7 @@
 """Calibration data: where samples come from (sources), how they become batches (stream)."""
 
 from .sources import ArraySource, ImageFolder, ImageSpec, open_source
-from .stream import Calibration, IterableCalibration, calibration
+from .stream import Batch, Cached, Calibration, IterableCalibration, calibration
 
-__all__ = ["ArraySource", "Calibration", "ImageFolder", "ImageSpec", "IterableCalibration",
+__all__ = ["ArraySource", "Batch", "Cached", "Calibration", "ImageFolder", "ImageSpec", "IterableCalibration",
            "calibration", "open_source"]

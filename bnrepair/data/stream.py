@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
-from .sources import ArraySource, ImageSpec, open_source
+from .sources import ImageSpec, open_source
 
 
 @dataclass
@@ -26,7 +26,9 @@ class Batch:
     def size(self) -> int:
         x = self.inputs
         if isinstance(x, dict):
-            x = next(iter(x.values()))
+            x = next(v for v in x.values() if hasattr(v, "shape"))
+        elif isinstance(x, (tuple, list)):
+            x = x[0]
         return int(x.shape[0])
 
 
@@ -133,6 +135,22 @@ class IterableCalibration:
         self._count = count
 
 
+class Cached:
+    """Batches read once and kept in memory, for commands that make several passes over few samples."""
+
+    def __init__(self, stream):
+        self.batches = list(stream)
+        self.seed = getattr(stream, "seed", None)
+        self.bad = getattr(stream, "bad", set())
+        self.has_labels = all(b.labels is not None for b in self.batches) and bool(self.batches)
+
+    def __len__(self) -> int:
+        return sum(b.size for b in self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
 def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
                 samples: int | None = None, skip_bad: bool = False, input_index: int = 0):
     """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated."""
@@ -145,4 +163,4 @@ def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 
 
-__all__ = ["ArraySource", "Batch", "Calibration", "IterableCalibration", "calibration"]
+__all__ = ["Batch", "Cached", "Calibration", "IterableCalibration", "calibration"]

@@ -187,13 +187,17 @@ class KerasRunner:
     def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
         key = (mode, tuple(ids), outputs)
         if key not in self._functions:
-            self._functions[key] = self._capture_function(ids, outputs)
+            self._functions[key] = self._capture_function(ids, outputs, inputs)
         _, tf = import_keras()
         with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
             results = self._functions[key](inputs)
         if outputs:
             return tf.nest.map_structure(lambda t: t.numpy(), results)
         return results
+
+    def call_counts(self) -> dict[str, int]:
+        """How often each BN layer is called in the model's graph (from its config, no computation)."""
+        return {layer_id: len(layer._inbound_nodes) for layer_id, layer in self._by_id.items()}
 
     def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for layer_id, (mean, var) in stats.items():
@@ -218,12 +222,19 @@ class KerasRunner:
         return np.asarray(x, np.float32) if isinstance(x, np.ndarray) and x.dtype == np.float64 else x
 
     # --- capture ----------------------------------------------------------------------------------
-    def _capture_function(self, ids: list[str], outputs: bool):
-        """One traced forward pass; while tracing, the patched BN calls fill ``self._sink``."""
+    def _capture_function(self, ids: list[str], outputs: bool, example):
+        """One traced forward pass; while tracing, the patched BN calls fill ``self._sink``.
+
+        An array input gets a signature with an open batch dimension, so the final short batch
+        reuses the same trace instead of tracing again.
+        """
         _, tf = import_keras()
         sink = self._sink
+        signature = None
+        if hasattr(example, "shape") and hasattr(example, "dtype"):
+            signature = [tf.TensorSpec([None, *example.shape[1:]], tf.as_dtype(example.dtype))]
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=signature, reduce_retracing=signature is None)
         def run(x):
             sink.clear()
             result = self.model(x, training=False)
