@@ -272,3 +272,64 @@ def test_help_does_not_import_a_framework():
             "print(sorted(m for m in ('tensorflow', 'torch', 'keras') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+CUSTOM_LAYER = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="bnrepair_test")
+class Shift(keras.layers.Layer):
+    def call(self, x):
+        return x + 1.0
+
+
+def build(path):
+    inp = keras.Input((4,))
+    x = keras.layers.BatchNormalization(name="bn")(Shift(name="shift")(inp))
+    keras.Model(inp, x).save(path)
+'''
+
+
+def test_custom_objects_file_loads_custom_layers(tmp_path):
+    import subprocess
+    import sys
+
+    module = tmp_path / "layers.py"
+    module.write_text(CUSTOM_LAYER)
+    model = tmp_path / "custom.keras"
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                    f"import layers; layers.build({str(model)!r})"], check=True, capture_output=True)
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
+    args = ["recalibrate", str(model), "-d", str(tmp_path / "v.npy"), "-o", str(tmp_path / "out.keras"), "-q"]
+    refused = cli.invoke(app, args)
+    assert refused.exit_code == 2 and "Keras could not load the model" in refused.output
+    assert not (tmp_path / "out.keras").exists()
+    result = cli.invoke(app, args + ["--custom-objects", str(module)])
+    assert result.exit_code == 0, result.output
+    bn = bnrepair.load(tmp_path / "out.keras").graph.layer("bn")
+    np.testing.assert_allclose(bn.mean, np.load(tmp_path / "v.npy").mean(axis=0) + 1.0, rtol=1e-5)
+
+
+def test_lambda_bytecode_needs_unsafe(tmp_path):
+    inp = keras.Input((3,))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inp)
+    model = keras.Model(inp, keras.layers.BatchNormalization(name="bn")(x))
+    model.save(tmp_path / "lambda.keras")
+    np.save(tmp_path / "v.npy", np.ones((4, 3), np.float32) * np.arange(4, dtype=np.float32)[:, None])
+    args = ["recalibrate", str(tmp_path / "lambda.keras"), "-d", str(tmp_path / "v.npy"), "-q",
+            "-o", str(tmp_path / "out.keras")]
+    refused = cli.invoke(app, args)
+    assert refused.exit_code == 2 and "--unsafe" in refused.output
+    assert not (tmp_path / "out.keras").exists()
+    allowed = cli.invoke(app, args + ["--unsafe"])
+    assert allowed.exit_code == 0, allowed.output
+    np.testing.assert_allclose(bnrepair.load(tmp_path / "out.keras", unsafe=True).graph.layer("bn").mean, 3.0)
+
+
+def test_non_finite_activations_are_a_clear_error(files, tmp_path):
+    np.save(tmp_path / "huge.npy", np.full((8, 8, 8, 3), 3e38, np.float32))
+    result = cli.invoke(app, ["recalibrate", str(files["h5"]), "-d", str(tmp_path / "huge.npy"),
+                              "-o", str(tmp_path / "o.h5")])
+    assert result.exit_code == 2 and "NaN or infinite activations" in result.output
+    assert not (tmp_path / "o.h5").exists()
