@@ -7,8 +7,11 @@ causes of DESIGN.md's table with the evidence that supports each.
 Definitions (per channel; σ²_data is the data's variance, ε the layer's eps):
   mean shift       |μ_data − μ_stored| / sqrt(σ²_data + ε)
   log var ratio    ln((σ²_stored + ε) / (σ²_data + ε))
-  progress         how far the stored statistics moved from their initial values (0, 1) towards
-                   the data's: 0 = never moved, 1 = arrived; a stale EMA sits well below 1.
+  EMA fraction α   the stored statistics fitted as α·data + (1 − α)·initial (mean 0, variance 1),
+                   which is exactly what an exponential moving average that started at its
+                   initial values and ran too few steps holds; α ≈ 1 − decay^steps is small and
+                   the fit is close for a stale EMA, while statistics of other data fit it poorly
+                   or with α near 1.
 A channel is off when its mean shift or |log var ratio| exceeds the threshold; a layer has a
 problem when more than ``SHARE_OFF`` of its channels are off.
 """
@@ -90,8 +93,9 @@ class LayerEvidence:
     """the largest |ln(stored var / data var)|"""
     log_var_ratio_median: float
     share_off: float
-    progress: float | None
-    """median over channels of how far stored stats moved from (0, 1) towards the data's"""
+    ema_fraction: float | None
+    ema_misfit: float | None
+    """relative residual of the EMA fit (and disagreement of its mean and variance parts)"""
     never_updated: bool
     problem: bool
 
@@ -102,24 +106,30 @@ def compare(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray, threshold:
     log_ratio = np.log((np.maximum(bn.var, 0) + bn.eps) / sd2)
     off = (shift > threshold) | (np.abs(log_ratio) > threshold)
     share = float(np.mean(off))
+    fraction, misfit = _ema_fit(bn, np.asarray(data_mean, np.float64), sd2 - bn.eps)
     return LayerEvidence(bn.id, bn.channels, bn.frozen, float(shift.max()), float(np.median(shift)),
                          float(np.abs(log_ratio).max()), float(np.median(log_ratio)), share,
-                         _progress(bn, data_mean, sd2), never_updated(bn), share > SHARE_OFF)
+                         fraction, misfit, never_updated(bn), share > SHARE_OFF)
 
 
-def _progress(bn: BNLayer, data_mean: np.ndarray, sd2: np.ndarray) -> float | None:
-    """Fraction of the way from the initial (0, 1) to the data's statistics, in standardised units.
+def _ema_fit(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray) -> tuple[float | None, float | None]:
+    """Least-squares α in ``stored − initial = α (data − initial)``, for the mean and the variance.
 
-    Only channels whose data statistics are far from the initial values say anything; None when
-    there are none (then the initial values happened to fit the data).
+    A part whose data values sit at the initial ones (no signal) is left out; None when both are.
     """
-    sd = np.sqrt(sd2)
-    dist_init = np.hypot(data_mean / sd, np.log(sd2 / (1.0 + bn.eps)))
-    dist_stored = np.hypot((data_mean - bn.mean) / sd, np.log(sd2 / (np.maximum(bn.var, 0) + bn.eps)))
-    informative = dist_init > 0.5
-    if not informative.any():
-        return None
-    return float(np.median(1.0 - dist_stored[informative] / dist_init[informative]))
+    sd = np.sqrt(data_var + bn.eps)
+    parts = []
+    for stored, data in ((bn.mean / sd, data_mean / sd), ((bn.var - 1.0) / (data_var + bn.eps),
+                                                           (data_var - 1.0) / (data_var + bn.eps))):
+        norm = np.linalg.norm(data)
+        if norm < 0.1 * np.sqrt(len(data)):
+            continue
+        alpha = float(stored @ data / norm**2)
+        parts.append((alpha, float(np.linalg.norm(stored - alpha * data) / norm)))
+    if not parts:
+        return None, None
+    alphas = [a for a, _ in parts]
+    return float(np.mean(alphas)), max(max(r for _, r in parts), max(alphas) - min(alphas))
 
 
 @dataclass
@@ -130,7 +140,8 @@ class Verdict:
     fix: str = ""
 
 
-STALE_PROGRESS = 0.75
+STALE_FRACTION = 0.6
+STALE_MISFIT = 0.2
 
 
 def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -> list[Verdict]:
@@ -147,12 +158,13 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
                              [f"{len(untouched)} layer(s) hold mean exactly 0 and variance exactly 1: "
                               + ", ".join(e.id for e in untouched[:5])], fix_command))
     rest = [e for e in problems if not e.never_updated]
-    stale = [e for e in rest if e.progress is not None and e.progress < STALE_PROGRESS]
+    stale = [e for e in rest if e.ema_fraction is not None and e.ema_fraction < STALE_FRACTION
+             and e.ema_misfit < STALE_MISFIT]
     if rest and len(stale) * 2 > len(rest):
         decays = sorted({round(d, 6) for bn in graph.bn_layers if (d := decay(graph, bn)) is not None})
-        evidence = [f"{len(stale)} of {len(rest)} off layer(s) moved only "
-                    f"{np.median([e.progress for e in stale]):.0%} of the way from the initial 0/1 "
-                    "towards the data's statistics"]
+        evidence = [f"{len(stale)} of {len(rest)} off layer(s) hold {np.median([e.ema_fraction for e in stale]):.0%} "
+                    "of the data's statistics and the rest of the initial 0/1 (a moving average that "
+                    f"stopped early; fit residual at most {max(e.ema_misfit for e in stale):.2f})"]
         if decays:
             evidence.append(f"moving-average decay {', '.join(f'{d:g}' for d in decays)}")
         found.append(Verdict("stale", "stale moving averages: training ended before the EMA caught up",

@@ -8,7 +8,8 @@ from .errors import BnrepairError
 from .writers import atomic_path
 
 
-def plot_evidence(report, path: Path) -> None:
+def plot_evidence(report, path: Path) -> int:
+    """Draw the figure to ``path``; returns the number of bars per panel (one per BN layer)."""
     try:
         import matplotlib
 
@@ -20,7 +21,7 @@ def plot_evidence(report, path: Path) -> None:
     depth = range(len(layers))
     colours = ["tab:red" if e.problem else "tab:blue" for e in layers]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 0.35 * len(layers) + 2), 6))
-    top.bar(depth, [e.mean_shift_max for e in layers], color=colours)
+    bars = top.bar(depth, [e.mean_shift_max for e in layers], color=colours)
     top.axhline(report.threshold, color="grey", linestyle="--", linewidth=1)
     top.set_ylabel("max |Δmean| / σ_data")
     bottom.bar(depth, [e.log_var_ratio_median for e in layers], color=colours)
@@ -35,3 +36,4 @@ def plot_evidence(report, path: Path) -> None:
     with atomic_path(Path(path), suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
+    return len(bars)

@@ -229,13 +229,14 @@ class DiagnoseReport:
 
         table = Table(title="BN layers, worst first", title_justify="left")
         for name in ("layer", "channels", "frozen", "mean shift max/med", "|log var ratio| max", "channels off",
-                     "progress"):
+                     "EMA α (misfit)"):
             table.add_column(name)
         for e in self.ranked[:20]:
             style = "red" if e.problem else None
             table.add_row(e.id, str(e.channels), "yes" if e.frozen else "",
                           f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
-                          f"{e.share_off:.0%}", "–" if e.progress is None else f"{e.progress:.0%}", style=style)
+                          f"{e.share_off:.0%}",
+                          "–" if e.ema_fraction is None else f"{e.ema_fraction:.2f} ({e.ema_misfit:.2f})", style=style)
         console.print(table)
         if len(self.layers) > 20:
             console.print(f"... and {len(self.layers) - 20} more layer(s) (see --json)")

@@ -108,7 +108,9 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
                 state[checkpoint.prefix + name].copy_(value)
     with atomic_path(Path(output)) as tmp:
         if checkpoint.kind == "torchscript":
-            torch.jit.save(checkpoint.module, str(tmp), _extra_files=checkpoint.extra_files)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(checkpoint.module, str(tmp), _extra_files=checkpoint.extra_files)
         else:
             torch.save(checkpoint.content, tmp, _use_new_zipfile_serialization=checkpoint.zipped)
 
@@ -156,7 +158,7 @@ def _refusal(path: Path, exc: Exception) -> str:
         wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if not wanted:
         return f"{path}: weights-only loading failed ({_first_line(exc)}); pass --trust-pickle only if you trust the file"
-    names = ", ".join(sorted(set(wanted)))
+    names = _names(sorted(set(wanted)))
     if any(name.startswith("torch.nn.modules.") for name in wanted):
         return (f"{path}: a full pickled module (it needs {names}); unpickling it runs code from the file: "
                 "pass --trust-pickle if you trust it")

@@ -1,0 +1,409 @@
+"""TensorFlow SavedModels (TF2 and TF1): find BN in the saved graph, measure BN inputs, patch the checkpoint.
+
+No model code is needed and nothing is converted: the signature's own graph (functions inlined, see
+``savedmodel_graph``) is imported into a ``tf.function`` that returns every BN input reduced on the
+device to per-channel (count, mean, M2). Variables are read from the SavedModel's checkpoint into
+``tf.Variable``s that the imported graph reads through ``input_map``, so ``set_stats`` is an assign
+and eval-mode passes see the new statistics. In ``train`` mode the graph is rewired so that BN
+normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``).
+
+The writer copies the directory and rewrites only the variables checkpoint, every tensor restored and
+saved as stored except the recalibrated moving mean / variance.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BnrepairError, InputError
+from ..graph import BNLayer, ModelGraph
+from ..moments import Moments
+from .savedmodel_graph import (FlatGraph, Site, canonical, choose_signature, flatten, no_bn_message,
+                               read_meta_graph, rewire_for_batch_statistics, split, subgraph)
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def import_tensorflow():
+    """TensorFlow, imported quietly, or a message saying which extra to install."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        if "tensorflow" in sys.modules:
+            import tensorflow as tf
+        else:
+            from .keras import _native_stderr_silenced
+
+            with _native_stderr_silenced():
+                import tensorflow as tf
+
+                tf.config.list_physical_devices("GPU")
+    except ImportError as exc:
+        raise BnrepairError(f"SavedModels need TensorFlow ({exc}); install it with: pip install 'bnrepair[keras]'") \
+            from None
+    return tf
+
+
+def load(path: Path, signature: str = "serving_default", input_name: str | None = None, device: str = "auto",
+         **_ignored) -> "SavedModelRunner":
+    return SavedModelRunner(Path(path), signature or "serving_default", input_name, device)
+
+
+def checkpoint_prefix(path: Path) -> Path:
+    prefix = Path(path) / "variables" / "variables"
+    if not prefix.with_name("variables.index").is_file():
+        raise InputError(f"{path}: SavedModel without a variables checkpoint (variables/variables.index); "
+                         "a graph with constants only has no BN statistics to patch")
+    return prefix
+
+
+class SavedModelRunner:
+    """The runner protocol for a SavedModel signature (see DESIGN.md: infer, collect, set_stats, save)."""
+
+    framework = "savedmodel"
+
+    def __init__(self, source: Path, signature: str, input_name: str | None, device: str):
+        tf = import_tensorflow()
+        from .keras import _resolve_device
+
+        self.source = source
+        self.device = _resolve_device(tf, device)
+        meta = read_meta_graph(source)
+        self.signature = choose_signature(meta, signature, input_name, str(source))
+        saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
+        self.flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
+        self.reader = tf.train.load_checkpoint(str(checkpoint_prefix(source)))
+        self.keys = self.flat.checkpoint_keys()
+        model_nodes = self.flat.fanin(self.signature.outputs.values())
+        sites, rejected = self.flat.find_bn(model_nodes)
+        if not sites:
+            raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
+        self._check_feeds(sites)
+        self._names, trainable = _variable_names(meta, self.reader, self.keys)
+        self._sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
+        self._vars = self._variables(model_nodes)
+        ranks, self._dtypes = self._probe()
+        self.graph = ModelGraph("savedmodel", str(source), [self._describe(i, s, ranks, trainable)
+                                                            for i, s in self._sites.items()],
+                                input_shape=self.signature.shape[1:] if self.signature.shape else None,
+                                channels_first=any(s.axis == 1 for s in sites), unbiased_var=False)
+        self._ranks = ranks
+        self._functions: dict = {}
+
+    # --- reading the file ------------------------------------------------------------------------------
+    def _key(self, var: str, site: Site) -> str:
+        key = self.keys.get(var)
+        if key is None or not self.reader.has_tensor(key):
+            raise InputError(f"{self.source}: BN op {site.node} reads variable {var}, which the checkpoint "
+                             "does not hold")
+        return key
+
+    def _check_feeds(self, sites: list[Site]) -> None:
+        """The calibration data feeds one input; BN inputs must not need the others."""
+        needed = self.flat.fanin([s.x for s in sites], stop={self._input_node})
+        others = {split(t)[0]: n for n, t in self.signature.inputs.items() if n != self.signature.input_name}
+        used = sorted(name for node, name in others.items() if node in needed)
+        if used:
+            raise InputError(f"{self.source}: BN layers depend on signature input(s) {', '.join(used)}, but the "
+                             f"calibration data feeds only {self.signature.input_name!r} (--input)")
+
+    @property
+    def _input_node(self) -> str:
+        return split(self.signature.input_tensor)[0]
+
+    def _variables(self, model_nodes: set[str]) -> dict:
+        """A ``tf.Variable`` on the device for every variable node the signature reads."""
+        tf = import_tensorflow()
+        found = {}
+        with tf.device(self.device):
+            for name in sorted(model_nodes):
+                if self.flat.nodes[name].op not in ("VarHandleOp", "VariableV2", "Variable"):
+                    continue
+                key = self.keys.get(name)
+                if key is None or not self.reader.has_tensor(key):
+                    raise InputError(f"{self.source}: the signature reads variable {name}, which the checkpoint "
+                                     "does not hold")
+                found[name] = tf.Variable(self.reader.get_tensor(key), name=name.replace(":", "_"))
+        return found
+
+    def _probe(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Rank and dtype of every BN input and statistic slot, by importing the graph once (no run)."""
+        tf = import_tensorflow()
+        sites = list(self._sites.values())
+        tensors = [s.x for s in sites] + [self.flat.nodes[slot[0]].input[slot[1]]
+                                          for s in sites if not s.fused for slot in (s.mean_slot, s.var_slot)]
+        graph_def, _ = self._program(tensors, False, [self.signature.input_name])
+        ranks, dtypes = {}, {}
+        with tf.Graph().as_default() as probe:
+            tf.graph_util.import_graph_def(graph_def, name="")
+            for tensor in tensors:
+                t = probe.get_tensor_by_name(canonical(tensor))
+                dtypes[canonical(tensor)] = t.dtype.as_datatype_enum
+                if t.shape.rank is not None:
+                    ranks[canonical(tensor)] = t.shape.rank
+        missing = [s.node for s in sites if canonical(s.x) not in ranks]
+        if missing:
+            raise InputError(f"{self.source}: the rank of the input of BN op(s) {', '.join(missing)} is unknown")
+        return ranks, dtypes
+
+    def _describe(self, layer_id: str, site: Site, ranks: dict[str, int], trainable: set[str]) -> BNLayer:
+        mean_key, var_key = self._key(site.mean_var, site), self._key(site.var_var, site)
+        mean, var = self.reader.get_tensor(mean_key), self.reader.get_tensor(var_key)
+        affine = [self.keys.get(v) for v in (site.gamma_var, site.beta_var) if v is not None]
+        return BNLayer(
+            id=layer_id, channels=int(np.size(mean)), axis=site.axis % ranks[canonical(site.x)], eps=site.eps,
+            momentum=None, center=site.beta_var is not None, scale=site.gamma_var is not None,
+            frozen=bool(affine) and not any(k in trainable for k in affine),
+            mean=np.array(mean, np.float64).reshape(-1), var=np.array(var, np.float64).reshape(-1),
+            locations={"mean": mean_key, "var": var_key}, producer=site.producer[0], producer_kind=site.producer[1],
+            kind="FusedBatchNorm" if site.fused else "batch_normalization")
+
+    # --- graphs to run ---------------------------------------------------------------------------------
+    def _program(self, fetches: list[str], train: bool, feeds: list[str]):
+        """The GraphDef computing ``fetches`` from the signature inputs ``feeds``, and its variable nodes."""
+        tf = import_tensorflow()
+        stops = {split(self.signature.inputs[n])[0]: n for n in feeds}
+        keep = self.flat.fanin(fetches, stop=set(stops))
+        variables = sorted(keep & set(self._vars))
+        placeholders = {name: self.signature.dtypes[feed] for name, feed in stops.items()}
+        for name in variables:
+            node = self.flat.nodes[name]
+            placeholders[name] = tf.resource.as_datatype_enum if node.op == "VarHandleOp" else node.attr["dtype"].type
+        graph_def = subgraph(self.flat, keep, placeholders)
+        if train:
+            graph_def = rewire_for_batch_statistics(graph_def, list(self._sites.values()), keep, self._dtypes,
+                                                    self._ranks)
+        return graph_def, variables
+
+    def _input_map(self, feeds: dict, variables: list[str]) -> dict:
+        tf = import_tensorflow()
+        mapping = {canonical(self.signature.inputs[name]): value for name, value in feeds.items()}
+        for name in variables:
+            var = self._vars[name]
+            # identity captures the eager handle into the function being traced
+            resource = self.flat.nodes[name].op == "VarHandleOp"
+            mapping[f"{name}:0"] = tf.identity(var.handle) if resource else var.read_value()
+        return mapping
+
+    def _input_spec(self, tf):
+        shape = self.signature.shape
+        return tf.TensorSpec(None if shape is None else (None,) + tuple(shape[1:]),
+                             tf.dtypes.as_dtype(self.signature.dtypes[self.signature.input_name]))
+
+    # --- runner protocol ---------------------------------------------------------------------------------
+    def infer(self, inputs):
+        """The signature's outputs with the current statistics; ``inputs``: an array for the calibration
+        input, or a dict of every signature input."""
+        tf = import_tensorflow()
+        feeds = inputs if isinstance(inputs, dict) else {self.signature.input_name: inputs}
+        if set(feeds) != set(self.signature.inputs):
+            raise BnrepairError(f"signature {self.signature.name!r} takes inputs "
+                                f"{', '.join(sorted(self.signature.inputs))}; pass them all as a dict")
+        key = ("infer",)
+        if key not in self._functions:
+            names = sorted(self.signature.outputs)
+            graph_def, variables = self._program([self.signature.outputs[n] for n in names], False, sorted(feeds))
+
+            @tf.function(reduce_retracing=True, autograph=False)
+            def run(values):
+                outputs = tf.graph_util.import_graph_def(
+                    graph_def, input_map=self._input_map(values, variables),
+                    return_elements=[canonical(self.signature.outputs[n]) for n in names], name="model")
+                return dict(zip(names, outputs))
+
+            self._functions[key] = run
+        with tf.device(self.device):
+            return self._functions[key]({n: tf.convert_to_tensor(self.cast_input(v) if n == self.signature.input_name
+                                                                 else v) for n, v in feeds.items()})
+
+    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
+        tf = import_tensorflow()
+        key = (mode, tuple(ids))
+        if key not in self._functions:
+            self._functions[key] = self._capture_function(tf, mode, ids)
+        with tf.device(self.device):
+            results = self._functions[key](inputs)
+        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+
+    def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        for layer_id, (mean, var) in stats.items():
+            site = self._sites[layer_id]
+            for node, value in ((site.mean_var, mean), (site.var_var, var)):
+                variable = self._vars[node]
+                variable.assign(np.asarray(value).astype(variable.dtype.as_numpy_dtype).reshape(variable.shape))
+            bn = self.graph.layer(layer_id)
+            bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        """Copy the SavedModel to ``output`` with only ``changed`` layers' statistics replaced."""
+        values = {}
+        for layer_id in changed:
+            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
+            for node, stat in ((site.mean_var, "mean"), (site.var_var, "var")):
+                for key in self._aliases(bn.locations[stat]):
+                    values[key] = self._vars[node].numpy()
+        write_patched(self.source, Path(output), values)
+
+    def cast_input(self, x):
+        tf = import_tensorflow()
+        dtype = tf.dtypes.as_dtype(self.signature.dtypes[self.signature.input_name]).as_numpy_dtype
+        x = np.asarray(x)
+        if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and not np.all(x == np.round(x)):
+            raise InputError(f"signature input {self.signature.input_name!r} takes {np.dtype(dtype).name} values, "
+                             "but the data are fractional; choose --preprocess raw")
+        return x.astype(dtype, copy=False)
+
+    # --- capture -------------------------------------------------------------------------------------------
+    def _capture_function(self, tf, mode: str, ids: list[str]):
+        sites = [self._sites[i] for i in ids]
+        tensors = [canonical(s.x) for s in sites]
+        graph_def, variables = self._program(tensors, mode == "train", [self.signature.input_name])
+        axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
+
+        @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
+        def run(x):
+            outputs = tf.graph_util.import_graph_def(
+                graph_def, input_map=self._input_map({self.signature.input_name: x}, variables),
+                return_elements=tensors, name="model")
+            return {i: _moments(tf, t, axis) for i, t, axis in zip(ids, outputs, axes)}
+
+        return run
+
+    def _aliases(self, key: str) -> list[str]:
+        """``key`` and every other checkpoint entry that is the same variable saved twice.
+
+        Keras 3's ``model.export`` tracks each variable under two objects (``variables/N`` and
+        ``_all_variables/M``): same name, same stored bytes. Both must change, or a reload of the
+        other object serves the stale statistics."""
+        names = self._names
+        if key not in names:
+            return [key]
+        stored = self.reader.get_tensor(key)
+        return [other for other, name in names.items()
+                if other == key or (name == names[key] and _same_bytes(self.reader.get_tensor(other), stored))]
+
+
+def _moments(tf, x, axis: int):
+    """Per-channel (count, mean, M2) of ``x`` over every axis but ``axis``, two-pass, in float32."""
+    x = tf.cast(x, tf.float32)
+    axes = [i for i in range(x.shape.rank) if i != axis]
+    mean = tf.reduce_mean(x, axis=axes)
+    shape = [1] * x.shape.rank
+    shape[axis] = -1
+    m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axis=axes)
+    count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
+    return count, mean, m2
+
+
+def _same_bytes(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == object:
+        return a.tolist() == b.tolist()
+    return a.tobytes() == b.tobytes()
+
+
+def _variable_names(meta, reader, keys: dict[str, str]) -> tuple[dict[str, str], set[str]]:
+    """checkpoint key -> variable name, and the keys of trainable variables.
+
+    TF2: names from the checkpoint's object graph, trainability from the SavedModel's object graph (the
+    two list the same objects in the same order; checked by name). TF1: keys are the variable names,
+    trainability from the ``trainable_variables`` collection."""
+    from tensorflow.core.framework import variable_pb2
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    if reader.has_tensor(OBJECT_GRAPH_KEY):
+        graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+        saved = meta.object_graph_def.nodes
+        names, trainable = {}, set()
+        for index, node in enumerate(graph.nodes):
+            for attribute in node.attributes:
+                if attribute.name != "VARIABLE_VALUE":
+                    continue
+                names[attribute.checkpoint_key] = attribute.full_name
+                if (index < len(saved) and saved[index].WhichOneof("kind") == "variable"
+                        and saved[index].variable.name == attribute.full_name and saved[index].variable.trainable):
+                    trainable.add(attribute.checkpoint_key)
+        return names, trainable
+    trainable_nodes = set()
+    for raw in meta.collection_def["trainable_variables"].bytes_list.value:
+        definition = variable_pb2.VariableDef()
+        definition.ParseFromString(raw)
+        trainable_nodes.add(split(definition.variable_name)[0])
+    return {}, {key for node, key in keys.items() if node in trainable_nodes}
+
+
+def _unique_ids(sites: list[Site], keys: dict[str, str], names: dict[str, str]) -> list[str]:
+    """Each BN's own name: the scope of its moving mean (``conv1/BatchNorm``, ``bn1``), else its op name."""
+    scopes = []
+    for site in sites:
+        key = keys.get(site.mean_var, "")
+        scopes.append(names.get(key, key).rpartition("/")[0])
+    return [scope if scope and scopes.count(scope) == 1 else site.node for scope, site in zip(scopes, sites)]
+
+
+# --- writer --------------------------------------------------------------------------------------------
+def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
+    """Copy the SavedModel at ``source`` to ``dest`` with the checkpoint entries in ``values`` replaced.
+
+    Every file but the variables checkpoint is copied as is; the checkpoint is restored tensor by tensor
+    in its stored dtypes and saved again (``RestoreV2`` / ``SaveV2``), then read back and compared to the
+    input, tensor by tensor. Built in a temporary folder beside ``dest`` and renamed into place.
+    """
+    if dest.exists() and not (dest.is_dir() and (dest / "saved_model.pb").exists()):
+        raise BnrepairError(f"{dest}: exists and is not a SavedModel; choose another -o/--output")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_checkpoint_files)
+        _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
+    if Path(folder).name != "variables":
+        return []
+    return [n for n in names if n == "variables.index" or n.startswith("variables.data-")]
+
+
+def _rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
+    tf = import_tensorflow()
+    reader = tf.train.load_checkpoint(str(source))
+    dtypes = reader.get_variable_to_dtype_map()
+    keys = sorted(dtypes)
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise BnrepairError(f"{source}: checkpoint has no entries {', '.join(unknown)}")
+    with tf.device("/CPU:0"):
+        stored = tf.raw_ops.RestoreV2(prefix=str(source), tensor_names=keys, shape_and_slices=[""] * len(keys),
+                                      dtypes=[dtypes[k] for k in keys])
+        tensors = [tf.constant(np.asarray(values[k]).astype(dtypes[k].as_numpy_dtype).reshape(t.shape), dtypes[k])
+                   if k in values else t for k, t in zip(keys, stored)]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tf.raw_ops.SaveV2(prefix=str(dest), tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
+    written = tf.train.load_checkpoint(str(dest))
+    if set(written.get_variable_to_dtype_map()) != set(keys):
+        raise BnrepairError(f"{dest}: the rewritten checkpoint lost or gained entries")
+    for key, tensor in zip(keys, tensors):
+        if not _same_bytes(written.get_tensor(key), tensor.numpy()):
+            raise BnrepairError(f"{dest}: entry {key} did not read back as written")
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``; an existing ``dest`` SavedModel is set aside first and removed after."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    os.replace(dest, aside / dest.name)
+    os.replace(tmp, dest)
+    shutil.rmtree(aside, ignore_errors=True)
