@@ -41,15 +41,16 @@ class Report:
     input_sha256: str | None = None
     output_sha256: str | None = None
     skipped_bad: int = 0
+    change_per_pass: list[float] = field(default_factory=list)
+    """largest change of any statistic in each pass, in std units (eval mode converges on it)"""
     version: str = __version__
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, outcome: Outcome, framework: str, mode: str, device: str, seed: int | None, **kw) -> "Report":
         return cls(framework=framework, mode=mode, device=device, samples=outcome.samples, seed=seed,
                    passes=outcome.passes, converged=outcome.converged, seconds=outcome.seconds,
                    layers=[layer_change(bn.id, bn.channels, bn.frozen, outcome.before[bn.id], outcome.after[bn.id])
-                           for bn in outcome.layers], **kw)
+                           for bn in outcome.layers], change_per_pass=outcome.change_per_pass, **kw)
 
     @property
     def worst_shift(self) -> float:

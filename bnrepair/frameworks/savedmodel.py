@@ -78,13 +78,15 @@ class SavedModelRunner:
         saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
         self.flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
         self.reader = tf.train.load_checkpoint(str(checkpoint_prefix(source)))
-        self.keys = self.flat.checkpoint_keys()
+        objects = _checkpointed_objects(meta, self.reader)
+        self.keys = {**self.flat.checkpoint_keys(), **_captured_keys(meta, objects)}
         model_nodes = self.flat.fanin(self.signature.outputs.values())
         sites, rejected = self.flat.find_bn(model_nodes)
         if not sites:
             raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
         self._check_feeds(sites)
-        self._names, trainable = _variable_names(meta, self.reader, self.keys)
+        self._names = {key: name for key, name, _ in objects.values()}
+        trainable = {key for key, _, flag in objects.values() if flag} if objects else _trainable_v1(meta, self.keys)
         self._sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
         self._vars = self._variables(model_nodes)
         ranks, self._dtypes = self._probe()
@@ -309,35 +311,56 @@ def _same_bytes(a, b) -> bool:
     return a.tobytes() == b.tobytes()
 
 
-def _variable_names(meta, reader, keys: dict[str, str]) -> tuple[dict[str, str], set[str]]:
-    """checkpoint key -> variable name, and the keys of trainable variables.
+def _checkpointed_objects(meta, reader) -> dict[int, tuple[str, str, bool]]:
+    """TF2: object node id -> (checkpoint key, variable name, trainable) for every saved variable.
 
-    TF2: names from the checkpoint's object graph, trainability from the SavedModel's object graph (the
-    two list the same objects in the same order; checked by name). TF1: keys are the variable names,
-    trainability from the ``trainable_variables`` collection."""
-    from tensorflow.core.framework import variable_pb2
+    The checkpoint's object graph and the SavedModel's list the same objects under the same ids
+    (trainability is only in the latter; taken where the names agree). Empty for TF1 checkpoints."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-    if reader.has_tensor(OBJECT_GRAPH_KEY):
-        graph = trackable_object_graph_pb2.TrackableObjectGraph()
-        graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
-        saved = meta.object_graph_def.nodes
-        names, trainable = {}, set()
-        for index, node in enumerate(graph.nodes):
-            for attribute in node.attributes:
-                if attribute.name != "VARIABLE_VALUE":
-                    continue
-                names[attribute.checkpoint_key] = attribute.full_name
-                if (index < len(saved) and saved[index].WhichOneof("kind") == "variable"
-                        and saved[index].variable.name == attribute.full_name and saved[index].variable.trainable):
-                    trainable.add(attribute.checkpoint_key)
-        return names, trainable
-    trainable_nodes = set()
+    if not reader.has_tensor(OBJECT_GRAPH_KEY):
+        return {}
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+    saved = meta.object_graph_def.nodes
+    found = {}
+    for index, node in enumerate(graph.nodes):
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                variable = saved[index].variable if index < len(saved) else None
+                trainable = bool(variable is not None and variable.name == attribute.full_name and variable.trainable)
+                found[index] = (attribute.checkpoint_key, attribute.full_name, trainable)
+    return found
+
+
+def _captured_keys(meta, objects: dict[int, tuple[str, str, bool]]) -> dict[str, str]:
+    """TF2: variable node -> checkpoint key, for the variables a top-level function call captures.
+
+    A SavedModel function's captured inputs are the call's last inputs, in the order of its
+    ``bound_inputs`` (object ids): the mapping the Python loader itself uses. It beats the saver's
+    view where Keras 3 saves wrapper copies of variables instead of the ones the signature reads."""
+    functions = meta.object_graph_def.concrete_functions
+    keys = {}
+    for node in meta.graph_def.node:
+        bound = functions[node.attr["f"].func.name].bound_inputs if node.attr["f"].func.name in functions else []
+        if not bound:
+            continue
+        for tensor, obj in zip([i for i in node.input if not i.startswith("^")][-len(bound):], bound):
+            if obj in objects:
+                keys[split(tensor)[0]] = objects[obj][0]
+    return keys
+
+
+def _trainable_v1(meta, keys: dict[str, str]) -> set[str]:
+    """TF1: checkpoint keys of the variables in the ``trainable_variables`` collection."""
+    from tensorflow.core.framework import variable_pb2
+
+    nodes = set()
     for raw in meta.collection_def["trainable_variables"].bytes_list.value:
         definition = variable_pb2.VariableDef()
         definition.ParseFromString(raw)
-        trainable_nodes.add(split(definition.variable_name)[0])
-    return {}, {key for node, key in keys.items() if node in trainable_nodes}
+        nodes.add(split(definition.variable_name)[0])
+    return {key for node, key in keys.items() if node in nodes}
 
 
 def _unique_ids(sites: list[Site], keys: dict[str, str], names: dict[str, str]) -> list[str]:
