@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import load, recalibrate  # noqa: E402
+from .api import export, fold, load, recalibrate  # noqa: E402
 
-__all__ = ["__version__", "load", "recalibrate"]
+__all__ = ["__version__", "export", "fold", "load", "recalibrate"]

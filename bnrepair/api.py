@@ -18,6 +18,7 @@ from .data import Cached, ImageSpec, calibration
 from .data.sources import ArraySource, ImageFolder
 from .diagnose import compare, decay, inspect_layers, verdicts
 from .errors import InputError
+from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, DeployReport, adapter, prepare
 from .metrics import as_scores
 from .recalibrate import Progress, run
 from .report import DiagnoseReport, InspectReport, Report
@@ -65,15 +66,18 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                 samples: int | None = None, tol: float = 1e-4, layers: str | None = None,
                 skip: str | None = None, device: str = "auto", image_size=None, preprocess: str = "unit",
                 skip_bad: bool = False, input_index: int = 0, progress: Progress | None = None,
-                max_passes: int | None = None, **load_options) -> Report:
+                max_passes: int | None = None, export=None, fold: bool = False, **load_options) -> Report:
     """Recompute every chosen BN layer's statistics from ``data``; returns the report.
 
     With a path, the repaired checkpoint goes to ``output`` (default ``<stem>.recalibrated<suffix>``)
     and the input is never modified; with an in-memory model, the model itself is updated.
+    ``export``: also write the recalibrated model (BN folded with ``fold``) as verified ONNX there;
+    when its verification fails nothing at all is written.
     """
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         output = check_output(source, Path(output) if output else default_output(source))
+    onnx_path = export_target(source, export, fold)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
@@ -81,11 +85,16 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     outcome = run(runner, stream, mode, tol, layers, skip, progress, max_passes)
     report = Report.of(outcome, runner.framework, mode, str(runner.device), stream.seed,
                        skipped_bad=len(stream.bad))
+    pending = None if onnx_path is None else prepare(runner, onnx_path, fold=fold, to_onnx=True, data=stream,
+                                                      batch_size=batch_size, seed=seed, source_path=source)
     if source is not None:
         runner.save(output, [bn.id for bn in outcome.layers])
         report.input, report.output = str(source), str(output)
         report.input_sha256 = sha256(source) if source.is_file() else None
         report.output_sha256 = sha256(output) if output.is_file() else None
+    if pending is not None:
+        pending.write()
+        report.export = pending.report
     return report
 
 
@@ -147,4 +156,66 @@ def source_like(model, data) -> bool:
     return isinstance(model, (str, Path)) and isinstance(data, (str, Path))
 
 
-__all__ = ["diagnose", "inspect", "load", "recalibrate"]
+def export_target(source: Path | None, export, fold: bool) -> Path | None:
+    """The ONNX path of ``recalibrate(..., export=...)``, checked before any work is done."""
+    if export is None:
+        if fold:
+            raise InputError("--fold folds BN into the exported ONNX model: give --export PATH too")
+        return None
+    return onnx_output(source, export)
+
+
+def onnx_output(source: Path | None, output) -> Path:
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise InputError(f"{output}: an ONNX export is written to a .onnx file")
+    return check_output(source, output)
+
+
+def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_size: int = 32, seed: int = 0,
+         atol: float = 1e-4, rtol: float = 1e-4, opset: int = DEFAULT_OPSET, image_size=None,
+         preprocess: str = "unit", input_index: int = 0, device: str = "auto", **load_options) -> DeployReport:
+    """Fold every BN layer that folds exactly into its conv / dense neighbour, verify, and write.
+
+    ``output``: ``.h5`` / ``.keras`` (Keras), ``.pt2`` (torch) or ``.onnx``; default for a path
+    ``<stem>.folded<suffix>`` (``.pt2`` for torch); for an in-memory model nothing is written unless
+    given. The folded model is also returned in memory as ``report.model``. Verified on ``data`` (or
+    generated inputs of the declared shape) against the source; beyond ``atol``/``rtol`` it raises
+    and writes nothing.
+    """
+    source = Path(model) if isinstance(model, (str, Path)) else None
+    if output is not None:
+        output = check_output(source, Path(output))
+    runner = load(model, device=device, **load_options)
+    frame = adapter(runner.framework)
+    if output is None and source is not None:
+        suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
+        output = check_output(source, default_output(source, "folded").with_suffix(suffix))
+    if output is not None and output.suffix not in (*frame.SUFFIXES, ".onnx"):
+        raise InputError(f"{output}: a folded {runner.framework} model is written as "
+                         f"{', '.join(frame.SUFFIXES)} or .onnx")
+    pending = prepare(runner, output, fold=True, to_onnx=output is not None and output.suffix == ".onnx",
+                      data=data, samples=samples, batch_size=batch_size, seed=seed, atol=atol, rtol=rtol,
+                      opset=opset, image_size=image_size, preprocess=preprocess, input_index=input_index,
+                      source_path=source)
+    pending.write()
+    return pending.report
+
+
+def export(model, output, *, fold: bool = False, opset: int = DEFAULT_OPSET, data=None,
+           samples: int = VERIFY_SAMPLES, batch_size: int = 32, seed: int = 0, atol: float = 1e-4,
+           rtol: float = 1e-4, image_size=None, preprocess: str = "unit", input_index: int = 0,
+           device: str = "auto", **load_options) -> DeployReport:
+    """Write ``model`` as ONNX (dynamic batch axis, provenance in ``metadata_props``), BN folded first
+    with ``fold``; verified in onnxruntime against the source before anything is written."""
+    source = Path(model) if isinstance(model, (str, Path)) else None
+    output = onnx_output(source, output)
+    runner = load(model, device=device, **load_options)
+    pending = prepare(runner, output, fold=fold, to_onnx=True, data=data, samples=samples, batch_size=batch_size,
+                      seed=seed, atol=atol, rtol=rtol, opset=opset, image_size=image_size, preprocess=preprocess,
+                      input_index=input_index, source_path=source)
+    pending.write()
+    return pending.report
+
+
+__all__ = ["diagnose", "export", "fold", "inspect", "load", "recalibrate"]

@@ -18,7 +18,8 @@ EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-li
 
 app = typer.Typer(
     name="bnrepair",
-    help="Repair BatchNorm statistics in saved checkpoints (Keras .h5/.keras, PyTorch .pt).\n\n" + EXIT_CODES,
+    help="Repair BatchNorm statistics in saved checkpoints (Keras .h5/.keras, TensorFlow SavedModel, "
+    "PyTorch .pt; ONNX export).\n\n" + EXIT_CODES,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -184,6 +185,11 @@ def recalibrate(
     input_name: InputName = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
+    export: Annotated[Optional[Path], typer.Option("--export", help="Also write the recalibrated model as ONNX "
+                                                   "here, verified in onnxruntime (nothing is written if it "
+                                                   "fails).")] = None,
+    fold: Annotated[bool, typer.Option("--fold", help="With --export: fold BN into conv/dense weights "
+                                       "first.")] = False,
 ):
     """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
     from .api import recalibrate as run_recalibrate
@@ -194,7 +200,7 @@ def recalibrate(
         report = run_recalibrate(
             checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
-            skip_bad=skip_bad, input_index=input_index, progress=progress,
+            skip_bad=skip_bad, input_index=input_index, progress=progress, export=export, fold=fold,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:
@@ -204,6 +210,8 @@ def recalibrate(
         report.write_json(json_path)
     if not quiet:
         report.render(Console())
+        if report.export is not None:
+            report.export.render(Console())
 
 
 @app.command(epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")
@@ -295,6 +303,112 @@ def diagnose(
     if not quiet:
         report.render(Console())
     raise typer.Exit(0 if report.healthy else 1)
+
+
+# Options of the deployment commands (fold, export).
+VerifySamples = Annotated[int, typer.Option("--samples", min=1, help="Verify on at most N samples of --data (or "
+                                            "N generated inputs of the declared shape).")]
+Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * |source value|.")]
+Rtol = Annotated[float, typer.Option(help="Verification: see --atol.")]
+Opset = Annotated[int, typer.Option(help="ONNX opset.")]
+
+
+def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
+           arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
+    """Shared by fold and export: data (optional here), load options, the report."""
+    source = calibration_source(data, data_fn, preprocess) if data is not None or data_fn else None
+    report = run(checkpoint, output, data=source, preprocess=preprocess,
+                 **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
+                                safe_global, "serving_default", None), **options)
+    if json_path:
+        report.write_json(json_path)
+    if not quiet:
+        report.render(Console())
+
+
+@app.command(epilog=EXIT_CODES)
+@user_errors
+def fold(
+    checkpoint: Checkpoint,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Keras .h5/.keras, torch .pt2, or "
+                                                   ".onnx [default: <stem>.folded<suffix> beside the input; "
+                                                   ".pt2 for torch].")] = None,
+    data: Data = None,
+    samples: VerifySamples = 64,
+    atol: Atol = 1e-4,
+    rtol: Rtol = 1e-4,
+    opset: Opset = 17,
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    device: Device = "auto",
+    image_size: ImageSize = None,
+    preprocess: Preprocess = "unit",
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    custom_objects: CustomObjects = None,
+    unsafe: Unsafe = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
+    safe_global: SafeGlobal = None,
+    data_fn: DataFn = None,
+    input_index: InputIndex = 0,
+):
+    """Fold every BN layer that folds exactly into its conv/dense neighbour; the rest stay, with the reason.
+
+    The folded model is checked against the source on --data (or generated inputs): every output and every
+    folded layer's output, element-wise within --atol/--rtol, or nothing is written.
+    """
+    from .api import fold as run_fold
+
+    deploy(run_fold, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
+           arch_kwargs, key, trust_pickle, trust_code, safe_global, samples=samples, atol=atol, rtol=rtol,
+           opset=opset, batch_size=batch_size, seed=seed, device=device, image_size=image_size,
+           input_index=input_index)
+
+
+@app.command(epilog=EXIT_CODES)
+@user_errors
+def export(
+    checkpoint: Checkpoint,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into conv/dense weights first.")] = False,
+    opset: Opset = 17,
+    data: Data = None,
+    samples: VerifySamples = 64,
+    atol: Atol = 1e-4,
+    rtol: Rtol = 1e-4,
+    batch_size: BatchSize = 32,
+    seed: Seed = 0,
+    device: Device = "auto",
+    image_size: ImageSize = None,
+    preprocess: Preprocess = "unit",
+    json_path: JsonPath = None,
+    quiet: Quiet = False,
+    custom_objects: CustomObjects = None,
+    unsafe: Unsafe = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
+    safe_global: SafeGlobal = None,
+    data_fn: DataFn = None,
+    input_index: InputIndex = 0,
+):
+    """Write the model as ONNX (dynamic batch axis, provenance in metadata_props), verified in onnxruntime.
+
+    onnxruntime runs on CUDA when it is usable, else on the CPU; outputs must match the source on --data (or
+    generated inputs) within --atol/--rtol, or nothing is written.
+    """
+    from .api import export as run_export
+
+    deploy(run_export, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe,
+           arch, arch_kwargs, key, trust_pickle, trust_code, safe_global, fold=fold, opset=opset, samples=samples,
+           atol=atol, rtol=rtol, batch_size=batch_size, seed=seed, device=device, image_size=image_size,
+           input_index=input_index)
 
 
 def main():

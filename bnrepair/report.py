@@ -44,6 +44,8 @@ class Report:
     change_per_pass: list[float] = field(default_factory=list)
     """largest change of any statistic in each pass, in std units (eval mode converges on it)"""
     version: str = __version__
+    export: object | None = None
+    """``deploy.DeployReport`` of the ONNX file written with ``--export``"""
 
     @classmethod
     def of(cls, outcome: Outcome, framework: str, mode: str, device: str, seed: int | None, **kw) -> "Report":

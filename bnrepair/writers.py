@@ -28,9 +28,18 @@ def check_output(source: Path | None, output: Path) -> Path:
     return output
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(dest: Path, suffix: str = ""):
-    """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step."""
+    """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step.
+
+    The file gets the permissions a plain ``open(dest, "w")`` would give (mkstemp's are 0600).
+    """
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
     os.close(fd)
@@ -38,6 +47,7 @@ def atomic_path(dest: Path, suffix: str = ""):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,40 +18,15 @@ from ..errors import BnrepairError, InputError
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
 from . import keras_files
-
-
-@contextmanager
-def _native_stderr_silenced():
-    """TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) bypasses TF_CPP_MIN_LOG_LEVEL."""
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+from .tf_runtime import import_tensorflow, resolve_device
 
 
 def import_keras():
     """Import Keras on the TensorFlow backend, quietly, or say which extra to install."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = import_tensorflow()
     try:
-        if "tensorflow" in sys.modules:
-            import keras
-            import tensorflow as tf
-        else:
-            with _native_stderr_silenced():
-                import keras
-                import tensorflow as tf
-
-                tf.config.list_physical_devices("GPU")
+        import keras
     except ImportError as exc:
         raise BnrepairError(f"Keras models need TensorFlow and Keras ({exc}); "
                             "install them with: pip install 'bnrepair[keras]'") from None
@@ -135,7 +108,7 @@ class KerasRunner:
         self.model = model
         self.source = source
         self.file_kind = file_kind
-        self.device = _resolve_device(tf, device)
+        self.device = resolve_device(tf, device)
         self._bn = _bn_layers(model)
         if not self._bn:
             raise InputError(f"{source or 'model'}: the model has no BatchNormalization layers")
@@ -251,8 +224,14 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
     _, tf = import_keras()
 
     def call(inputs, training=None, mask=None, **kwargs):
+        if layer_id in sink:
+            raise BnrepairError(f"BN layer {layer_id} is called twice in one forward pass; "
+                                "its statistics cannot be recalibrated as one layer")
         x = tf.cast(inputs, tf.float32)
         axis = layer.axis % len(x.shape)
+        if mode == "train" and len(x.shape) == 4 and axis in (1, 3) and layer.epsilon >= _FUSED_MIN_EPSILON:
+            out, sink[layer_id] = _fused_train_call(layer, x, axis)
+            return tf.cast(out, inputs.dtype)
         axes = [i for i in range(len(x.shape)) if i != axis]
         mean = tf.reduce_mean(x, axis=axes)
         shape = [1] * len(x.shape)
@@ -260,9 +239,6 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
         centred = x - tf.reshape(mean, shape)
         m2 = tf.reduce_sum(tf.square(centred), axis=axes)
         count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
-        if layer_id in sink:
-            raise BnrepairError(f"BN layer {layer_id} is called twice in one forward pass; "
-                                "its statistics cannot be recalibrated as one layer")
         sink[layer_id] = (count, mean, m2)
         if mode != "train":
             return original_call(inputs, training=False, mask=mask, **kwargs)
@@ -279,6 +255,25 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
     return call
 
 
+_FUSED_MIN_EPSILON = 1.001e-5  # the fused kernel silently raises a smaller epsilon to this
+
+
+def _fused_train_call(layer, x, axis: int):
+    """Train-mode BN of a 4-D input in one fused kernel (oneDNN on CPU, cuDNN on GPU): the output and
+    the batch's (count, mean, M2). Separate reductions and element-wise ops made a MobileNetV2 pass
+    1.4-1.6x as slow as inference on CPU; the fused kernel runs about as fast as inference."""
+    _, tf = import_keras()
+    channels = int(x.shape[axis])
+    scale = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels])
+    offset = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels])
+    out, mean, var = tf.compat.v1.nn.fused_batch_norm(x, scale, offset, epsilon=layer.epsilon, is_training=True,
+                                                      data_format="NCHW" if axis == 1 else "NHWC")
+    count = tf.size(x, out_type=tf.int64) // channels
+    # the kernel returns the unbiased variance, m2 / (n - 1), and 0 when n == 1
+    m2 = var * tf.cast(tf.maximum(count - 1, 1), tf.float32)
+    return out, (count, mean, m2)
+
+
 class _patched:
     """Swap the chosen layers' ``call`` for capturing ones while a forward pass is traced."""
 
@@ -293,19 +288,6 @@ class _patched:
     def __exit__(self, *exc):
         for layer, _ in self.targets:
             layer.__dict__.pop("call", None)
-
-
-def _resolve_device(tf, device: str) -> str:
-    gpus = tf.config.list_physical_devices("GPU")
-    if device in ("gpu", "cuda"):
-        if not gpus:
-            raise BnrepairError("--device gpu: TensorFlow sees no GPU on this machine")
-        return "/GPU:0"
-    if device == "cpu" or not gpus:
-        return "/CPU:0"
-    if device != "auto":
-        raise BnrepairError(f"--device must be auto, cpu or gpu, got {device!r}")
-    return "/GPU:0"
 
 
 def _input_shape(model):

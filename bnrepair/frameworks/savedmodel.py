@@ -7,6 +7,10 @@ device to per-channel (count, mean, M2). Variables are read from the SavedModel'
 and eval-mode passes see the new statistics. In ``train`` mode the graph is rewired so that BN
 normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``).
 
+Statistics follow the Keras convention (biased variance, ``unbiased_var=False``) for every SavedModel,
+TF1 included: TF's fused training op feeds its moving average a Bessel-corrected batch variance, a
+factor n/(n-1) that pooling over a whole calibration set makes negligible.
+
 The writer copies the directory and rewrites only the variables checkpoint, every tensor restored and
 saved as stored except the recalibrated moving mean / variance.
 """
@@ -15,8 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +28,26 @@ import numpy as np
 from ..errors import BnrepairError, InputError
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
-from .savedmodel_graph import (FlatGraph, Site, canonical, choose_signature, flatten, no_bn_message,
-                               read_meta_graph, rewire_for_batch_statistics, split, subgraph)
+from .tf_runtime import import_tensorflow, resolve_device
+from .savedmodel_graph import (
+    VARIABLE_OPS,
+    FlatGraph,
+    Site,
+    canonical,
+    choose_signature,
+    flatten,
+    no_bn_message,
+    read_meta_graph,
+    rewire_for_batch_statistics,
+    split,
+    subgraph,
+)
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
-def import_tensorflow():
-    """TensorFlow, imported quietly, or a message saying which extra to install."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if "tensorflow" in sys.modules:
-            import tensorflow as tf
-        else:
-            from .keras import _native_stderr_silenced
-
-            with _native_stderr_silenced():
-                import tensorflow as tf
-
-                tf.config.list_physical_devices("GPU")
-    except ImportError as exc:
-        raise BnrepairError(f"SavedModels need TensorFlow ({exc}); install it with: pip install 'bnrepair[keras]'") \
-            from None
-    return tf
-
-
 def load(path: Path, signature: str = "serving_default", input_name: str | None = None, device: str = "auto",
-         **_ignored) -> "SavedModelRunner":
+         **_ignored) -> SavedModelRunner:
     return SavedModelRunner(Path(path), signature or "serving_default", input_name, device)
 
 
@@ -69,10 +66,8 @@ class SavedModelRunner:
 
     def __init__(self, source: Path, signature: str, input_name: str | None, device: str):
         tf = import_tensorflow()
-        from .keras import _resolve_device
-
         self.source = source
-        self.device = _resolve_device(tf, device)
+        self.device = resolve_device(tf, device)
         meta = read_meta_graph(source)
         self.signature = choose_signature(meta, signature, input_name, str(source))
         saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
@@ -80,7 +75,8 @@ class SavedModelRunner:
         self.reader = tf.train.load_checkpoint(str(checkpoint_prefix(source)))
         objects = _checkpointed_objects(meta, self.reader)
         self.keys = {**self.flat.checkpoint_keys(), **_captured_keys(meta, objects)}
-        model_nodes = self.flat.fanin(self.signature.outputs.values())
+        model_nodes = self.flat.fanin(self.signature.outputs.values(),
+                                      stop={split(t)[0] for t in self.signature.inputs.values()})
         sites, rejected = self.flat.find_bn(model_nodes)
         if not sites:
             raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
@@ -89,22 +85,16 @@ class SavedModelRunner:
         trainable = {key for key, _, flag in objects.values() if flag} if objects else _trainable_v1(meta, self.keys)
         self._sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
         self._vars = self._variables(model_nodes)
-        ranks, self._dtypes = self._probe()
-        self.graph = ModelGraph("savedmodel", str(source), [self._describe(i, s, ranks, trainable)
-                                                            for i, s in self._sites.items()],
+        self._ranks, self._dtypes = self._probe()
+        layers = [self._describe(i, s, trainable) for i, s in self._sites.items()]
+        self.graph = ModelGraph("savedmodel", str(source), layers,
                                 input_shape=self.signature.shape[1:] if self.signature.shape else None,
-                                channels_first=any(s.axis == 1 for s in sites), unbiased_var=False)
-        self._ranks = ranks
+                                channels_first=any(bn.axis == 1 and self._ranks[canonical(s.x)] > 2
+                                                   for bn, s in zip(layers, sites)),
+                                unbiased_var=False)
         self._functions: dict = {}
 
     # --- reading the file ------------------------------------------------------------------------------
-    def _key(self, var: str, site: Site) -> str:
-        key = self.keys.get(var)
-        if key is None or not self.reader.has_tensor(key):
-            raise InputError(f"{self.source}: BN op {site.node} reads variable {var}, which the checkpoint "
-                             "does not hold")
-        return key
-
     def _check_feeds(self, sites: list[Site]) -> None:
         """The calibration data feeds one input; BN inputs must not need the others."""
         needed = self.flat.fanin([s.x for s in sites], stop={self._input_node})
@@ -124,7 +114,7 @@ class SavedModelRunner:
         found = {}
         with tf.device(self.device):
             for name in sorted(model_nodes):
-                if self.flat.nodes[name].op not in ("VarHandleOp", "VariableV2", "Variable"):
+                if self.flat.nodes[name].op not in VARIABLE_OPS:
                     continue
                 key = self.keys.get(name)
                 if key is None or not self.reader.has_tensor(key):
@@ -153,12 +143,12 @@ class SavedModelRunner:
             raise InputError(f"{self.source}: the rank of the input of BN op(s) {', '.join(missing)} is unknown")
         return ranks, dtypes
 
-    def _describe(self, layer_id: str, site: Site, ranks: dict[str, int], trainable: set[str]) -> BNLayer:
-        mean_key, var_key = self._key(site.mean_var, site), self._key(site.var_var, site)
+    def _describe(self, layer_id: str, site: Site, trainable: set[str]) -> BNLayer:
+        mean_key, var_key = self.keys[site.mean_var], self.keys[site.var_var]
         mean, var = self.reader.get_tensor(mean_key), self.reader.get_tensor(var_key)
         affine = [self.keys.get(v) for v in (site.gamma_var, site.beta_var) if v is not None]
         return BNLayer(
-            id=layer_id, channels=int(np.size(mean)), axis=site.axis % ranks[canonical(site.x)], eps=site.eps,
+            id=layer_id, channels=int(np.size(mean)), axis=site.axis % self._ranks[canonical(site.x)], eps=site.eps,
             momentum=None, center=site.beta_var is not None, scale=site.gamma_var is not None,
             frozen=bool(affine) and not any(k in trainable for k in affine),
             mean=np.array(mean, np.float64).reshape(-1), var=np.array(var, np.float64).reshape(-1),
@@ -198,39 +188,23 @@ class SavedModelRunner:
                              tf.dtypes.as_dtype(self.signature.dtypes[self.signature.input_name]))
 
     # --- runner protocol ---------------------------------------------------------------------------------
-    def infer(self, inputs):
-        """The signature's outputs with the current statistics; ``inputs``: an array for the calibration
-        input, or a dict of every signature input."""
-        tf = import_tensorflow()
-        feeds = inputs if isinstance(inputs, dict) else {self.signature.input_name: inputs}
-        if set(feeds) != set(self.signature.inputs):
-            raise BnrepairError(f"signature {self.signature.name!r} takes inputs "
-                                f"{', '.join(sorted(self.signature.inputs))}; pass them all as a dict")
-        key = ("infer",)
-        if key not in self._functions:
-            names = sorted(self.signature.outputs)
-            graph_def, variables = self._program([self.signature.outputs[n] for n in names], False, sorted(feeds))
-
-            @tf.function(reduce_retracing=True, autograph=False)
-            def run(values):
-                outputs = tf.graph_util.import_graph_def(
-                    graph_def, input_map=self._input_map(values, variables),
-                    return_elements=[canonical(self.signature.outputs[n]) for n in names], name="model")
-                return dict(zip(names, outputs))
-
-            self._functions[key] = run
-        with tf.device(self.device):
-            return self._functions[key]({n: tf.convert_to_tensor(self.cast_input(v) if n == self.signature.input_name
-                                                                 else v) for n, v in feeds.items()})
+    def infer(self, inputs, mode: str = "eval") -> dict[str, np.ndarray]:
+        """The signature outputs that the calibration input alone determines, as numpy, sorted by name;
+        ``mode="train"``: BN ops normalise with batch statistics."""
+        return {name: t.numpy() for name, t in self._run(inputs, mode, [], outputs=True).items()}
 
     def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
-        tf = import_tensorflow()
-        key = (mode, tuple(ids))
-        if key not in self._functions:
-            self._functions[key] = self._capture_function(tf, mode, ids)
-        with tf.device(self.device):
-            results = self._functions[key](inputs)
+        shared = [i for i in ids if self.call_counts()[i] > 1]
+        if shared:
+            raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "
+                                "op in one forward pass; they cannot be recalibrated as one layer")
+        results = self._run(inputs, mode, ids, outputs=False)
         return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+
+    def call_counts(self) -> dict[str, int]:
+        """How many BN ops of the signature use each layer's moving statistics (from the graph alone)."""
+        uses = Counter(site.mean_var for site in self._sites.values())
+        return {layer_id: uses[site.mean_var] for layer_id, site in self._sites.items()}
 
     def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for layer_id, (mean, var) in stats.items():
@@ -261,20 +235,44 @@ class SavedModelRunner:
         return x.astype(dtype, copy=False)
 
     # --- capture -------------------------------------------------------------------------------------------
-    def _capture_function(self, tf, mode: str, ids: list[str]):
-        sites = [self._sites[i] for i in ids]
-        tensors = [canonical(s.x) for s in sites]
+    def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
+        tf = import_tensorflow()
+        key = (mode, tuple(ids), outputs)
+        if key not in self._functions:
+            self._functions[key] = self._trace(tf, mode, ids, outputs)
+        with tf.device(self.device):
+            return self._functions[key](inputs)
+
+    def _trace(self, tf, mode: str, ids: list[str], outputs: bool):
+        """One ``tf.function`` importing the graph: the signature outputs, or the moments of BN inputs."""
+        if outputs:
+            names = self._computable_outputs()
+            tensors = [canonical(self.signature.outputs[n]) for n in names]
+        else:
+            sites = [self._sites[i] for i in ids]
+            tensors = [canonical(s.x) for s in sites]
+            axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
         graph_def, variables = self._program(tensors, mode == "train", [self.signature.input_name])
-        axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
 
         @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
         def run(x):
-            outputs = tf.graph_util.import_graph_def(
+            results = tf.graph_util.import_graph_def(
                 graph_def, input_map=self._input_map({self.signature.input_name: x}, variables),
                 return_elements=tensors, name="model")
-            return {i: _moments(tf, t, axis) for i, t, axis in zip(ids, outputs, axes)}
+            if outputs:
+                return dict(zip(names, results))
+            return {i: _moments(tf, t, axis) for i, t, axis in zip(ids, results, axes)}
 
         return run
+
+    def _computable_outputs(self) -> list[str]:
+        others = {split(t)[0] for n, t in self.signature.inputs.items() if n != self.signature.input_name}
+        names = [name for name, tensor in sorted(self.signature.outputs.items())
+                 if not others & self.flat.fanin([tensor], stop={self._input_node})]
+        if not names:
+            raise BnrepairError(f"every output of signature {self.signature.name!r} needs inputs besides "
+                                f"{self.signature.input_name!r}")
+        return names
 
     def _aliases(self, key: str) -> list[str]:
         """``key`` and every other checkpoint entry that is the same variable saved twice.
@@ -382,6 +380,8 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
     """
     if dest.exists() and not (dest.is_dir() and (dest / "saved_model.pb").exists()):
         raise BnrepairError(f"{dest}: exists and is not a SavedModel; choose another -o/--output")
+    if source.resolve() in dest.resolve().parents:
+        raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_checkpoint_files)
@@ -428,5 +428,10 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
     os.replace(dest, aside / dest.name)
-    os.replace(tmp, dest)
-    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(aside / dest.name, dest)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -19,6 +19,7 @@ from ..errors import InputError
 
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
 FUSED_OPS = {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"}
+PLUMBING = VARIABLE_OPS | {"Identity", "IdentityN", "NoOp", "Placeholder", "Const", "ReadVariableOp"}
 # ops that hand a variable's value on unchanged (up to dtype and layout)
 PASS_THROUGH = {"Identity", "ReadVariableOp", "Snapshot", "StopGradient", "Cast", "Reshape", "ExpandDims",
                 "Squeeze"}
@@ -68,7 +69,7 @@ class Site:
     var_var: str
     eps: float
     axis: int
-    """channel axis of ``x``: 1 (channels first) or -1"""
+    """channel axis of ``x`` (negative: counted from the end)"""
     gamma_var: str | None = None
     beta_var: str | None = None
     mean_slot: tuple[str, int] | None = None
@@ -79,13 +80,14 @@ class Site:
 
 def read_meta_graph(path: Path):
     """The serving MetaGraphDef of the SavedModel at ``path``."""
+    from google.protobuf.message import DecodeError
     from tensorflow.core.protobuf import saved_model_pb2
 
     model = saved_model_pb2.SavedModel()
     try:
         model.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
-    except Exception as exc:  # protobuf raises its own DecodeError
-        raise InputError(f"{path}: saved_model.pb cannot be parsed ({type(exc).__name__})") from None
+    except (DecodeError, OSError) as exc:
+        raise InputError(f"{path}: saved_model.pb cannot be read ({exc})") from None
     graphs = list(model.meta_graphs)
     for wanted in (lambda tags: tags == {"serve"}, lambda tags: "serve" in tags, lambda tags: len(graphs) == 1):
         for meta in graphs:
@@ -344,10 +346,10 @@ def no_bn_message(graph: FlatGraph, keep: set[str], rejected: list[str], signatu
     if rejected:
         shown = "; ".join(rejected[:3]) + (f"; and {len(rejected) - 3} more" if len(rejected) > 3 else "")
         return f"cannot identify BatchNorm layers in signature {signature!r}: {shown}"
-    ops = Counter(graph.nodes[n].op for n in keep)
-    common = ", ".join(f"{op} x{count}" for op, count in ops.most_common(8))
+    ops = Counter(graph.nodes[n].op for n in keep if graph.nodes[n].op not in PLUMBING)
+    common = ", ".join(f"{op} x{count}" for op, count in ops.most_common(8)) or "none"
     return (f"cannot identify BatchNorm layers in signature {signature!r}: no FusedBatchNorm op and no "
-            f"rsqrt(moving_variance + eps) pattern among its {len(keep)} ops ({common})")
+            f"rsqrt(moving_variance + eps) pattern among its {len(keep)} ops (computing ops: {common})")
 
 
 def subgraph(flat: FlatGraph, keep: set[str], placeholders: dict[str, int]):
@@ -422,7 +424,7 @@ def rewire_for_batch_statistics(graph_def, sites: list[Site], kept: set[str], dt
         prefix = f"{site.node}/bnrepair"
         axes_node = add(f"{prefix}/axes", "Const", [], dtype=attr(type=tf.int32.as_datatype_enum),
                         value=attr(tensor=tf.make_tensor_proto(axes, tf.int32)))
-        reduce = dict(T=attr(type=x_type), Tidx=attr(type=tf.int32.as_datatype_enum), keep_dims=attr(b=True))
+        reduce = {"T": attr(type=x_type), "Tidx": attr(type=tf.int32.as_datatype_enum), "keep_dims": attr(b=True)}
         mean = add(f"{prefix}/mean", "Mean", [site.x, axes_node], **reduce)
         deviation = add(f"{prefix}/squared_deviation", "SquaredDifference", [site.x, mean], T=attr(type=x_type))
         variance = add(f"{prefix}/variance", "Mean", [deviation, axes_node], **reduce)

@@ -61,6 +61,7 @@ class TorchRunner:
                                 input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True)
         self._modules = [m for _, m in self.module.named_modules()]
         self._script_functions: dict = {}
+        self._scratch: dict = {}
 
     def _describe(self, layer_id: str, m, kind: str, lookalike: bool) -> BNLayer:
         mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
@@ -132,10 +133,17 @@ class TorchRunner:
     # --- capture ----------------------------------------------------------------------------------
     def _run(self, inputs, mode: str, ids: list[str]):
         """One forward pass, everything in ``eval()``: (outputs, [(layer id, count, mean, m2) per BN call])."""
-        with _all_eval(self._modules), self.torch.inference_mode():
-            if not ids:
-                return _call(self.module, inputs), []
-            return self._script_run(inputs, mode, ids) if self.scripted else self._eager_run(inputs, mode, ids)
+        try:
+            with _all_eval(self._modules), self.torch.inference_mode():
+                if not ids:
+                    return _call(self.module, inputs), []
+                return self._script_run(inputs, mode, ids) if self.scripted else self._eager_run(inputs, mode, ids)
+        except BnrepairError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
+                             f"{text}") from exc
 
     def _eager_run(self, inputs, mode: str, ids: list[str]):
         sink: list = []
@@ -144,7 +152,7 @@ class TorchRunner:
             for layer_id in ids:
                 m = self._by_id[layer_id]
                 patched.append((m, m.__dict__.get("forward")))
-                m.forward = _capture_forward(self.torch, m, layer_id, mode, sink)
+                m.forward = _capture_forward(self.torch, m, layer_id, mode, sink, self._scratch)
             return _call(self.module, inputs), sink
         finally:
             for m, previous in patched:
@@ -171,8 +179,8 @@ class TorchRunner:
         if missing:
             raise InputError(f"the forward pass never reached BN layer(s) {', '.join(missing)} in eval(); "
                              "leave them out with --skip")
-        host = self.torch.cat([t.reshape(-1).to(self.torch.float64) for _, _, mean, m2 in sink
-                               for t in (mean, m2)]).cpu().numpy()
+        host = self.torch.cat([t.reshape(-1) for _, _, mean, m2 in sink for t in (mean, m2)])
+        host = host.to("cpu", self.torch.float64).numpy()
         result: dict[str, Moments] = {}
         offset = 0
         for layer_id, count, mean, _ in sink:
@@ -183,8 +191,12 @@ class TorchRunner:
         return result
 
 
-def _capture_forward(torch, module, layer_id: str, mode: str, sink: list):
-    """A stand-in ``forward`` that records its input's moments and normalises as ``mode`` needs."""
+def _capture_forward(torch, module, layer_id: str, mode: str, sink: list, scratch: dict):
+    """A stand-in ``forward`` that records its input's moments and normalises as ``mode`` needs.
+
+    The centred copy of the input goes to one scratch buffer reused by every layer and batch: a
+    fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
+    """
     import torch.nn.functional as F
 
     original = module.forward
@@ -194,7 +206,10 @@ def _capture_forward(torch, module, layer_id: str, mode: str, sink: list):
         stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = (0, *range(2, x.dim()))
         mean = stats.mean(dims, keepdim=True)
-        centred = stats - mean
+        key = (stats.device, stats.dtype)
+        if key not in scratch or scratch[key].numel() < stats.numel():
+            scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
+        centred = torch.sub(stats, mean, out=scratch[key][:stats.numel()].view(stats.shape))
         m2 = centred.mul_(centred).sum(dims)
         count = x.numel() // x.shape[1]
         sink.append((layer_id, count, mean, m2))
@@ -230,6 +245,16 @@ def _call(module, inputs):
     if isinstance(inputs, tuple):
         return module(*inputs)
     return module(inputs)
+
+
+def _shapes(inputs) -> str:
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {_shapes(v)}" for k, v in inputs.items())
+    if isinstance(inputs, tuple):
+        return ", ".join(_shapes(v) for v in inputs)
+    if hasattr(inputs, "shape"):
+        return f"{tuple(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+    return type(inputs).__name__
 
 
 def _bn_modules(torch, module, scripted: bool, origin: str) -> list[tuple]:
@@ -288,7 +313,7 @@ def _resolve_device(torch, device: str, module, owned: bool):
         return here
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
+    return torch.device("cuda", torch.cuda.current_device()) if want == "cuda" else torch.device("cpu")
 
 
 def _input_shape(module):

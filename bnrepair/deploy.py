@@ -1,0 +1,359 @@
+"""Fold and export with proof: the result runs against the source on real batches before anything is written.
+
+The source runs in its own framework; the folded model in the same framework; the ONNX file in
+onnxruntime. Every output, and the output of every folded layer, must agree with the source within
+``atol + rtol * |source|`` element-wise (numpy's ``allclose`` rule), or nothing is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import BnrepairError, InputError
+from .report import _finite, _write_json
+from .writers import atomic_path, sha256
+
+DEFAULT_OPSET = 17
+VERIFY_SAMPLES = 64
+
+
+class VerificationError(BnrepairError):
+    """The folded or exported model does not compute what the source computes."""
+
+
+@dataclass
+class FoldRow:
+    bn: str
+    how: str
+    into: list[str]
+    """the weights the BN went into"""
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+
+
+@dataclass
+class Refusal:
+    bn: str
+    reason: str
+
+
+@dataclass
+class Check:
+    output: str
+    stage: str
+    """``fold`` (folded model in its framework) or ``onnx`` (onnxruntime), both against the source"""
+    max_abs: float
+    max_rel: float
+    """largest |difference| over the largest |source value| of that output"""
+
+
+@dataclass
+class DeployReport:
+    """What ``fold`` / ``export`` did and how closely the result matches the source."""
+
+    framework: str
+    source: str
+    output: str | None
+    folded: list[FoldRow]
+    refused: list[Refusal]
+    checks: list[Check]
+    samples: int
+    inputs: str
+    atol: float
+    rtol: float
+    opset: int | None = None
+    provider: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    seconds: float = 0.0
+    version: str = __version__
+    model = None
+    """the folded model in memory (a class attribute, not a field: kept out of JSON)"""
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    def write_json(self, path: Path) -> None:
+        _write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        worst = {stage: max((c.max_abs for c in self.checks if c.stage == stage), default=None)
+                 for stage in ("fold", "onnx")}
+        parts = [f"{stage} {value:.2g}" for stage, value in worst.items() if value is not None]
+        text = (f"Folded {len(self.folded)} of {len(self.folded) + len(self.refused)} BN layer(s); "
+                f"verified on {self.samples} samples ({self.inputs}): largest |Δ| {', '.join(parts) or '–'}")
+        if self.provider:
+            text += f" (onnxruntime {self.provider})"
+        return text + (f"; wrote {self.output}" if self.output else "")
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        if self.folded:
+            table = Table(title="Folded BN layers", title_justify="left")
+            for name in ("BN", "how", "into", "max |Δ|", "rel"):
+                table.add_column(name)
+            for row in self.folded:
+                table.add_row(row.bn, row.how, ", ".join(row.into), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
+            console.print(table)
+        if self.refused:
+            table = Table(title="Left in place", title_justify="left")
+            table.add_column("BN")
+            table.add_column("reason")
+            for refusal in self.refused:
+                table.add_row(refusal.bn, refusal.reason)
+            console.print(table)
+        table = Table(title="Outputs against the source", title_justify="left")
+        for name in ("output", "stage", "max |Δ|", "rel"):
+            table.add_column(name)
+        for check in self.checks:
+            table.add_row(check.output, check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
+        console.print(table)
+        console.print(self.summary(), highlight=False)
+
+
+@dataclass
+class Prepared:
+    """A verified result not yet on disk: ``write()`` puts it at ``report.output`` atomically."""
+
+    report: DeployReport
+    write: Callable[[], None]
+
+
+class Error:
+    """Running comparison of one output (or one folded layer) over batches."""
+
+    def __init__(self, atol: float, rtol: float):
+        self.atol, self.rtol = atol, rtol
+        self.abs = self.scale = 0.0
+        self.ok = True
+
+    def add(self, ref, got, what: str) -> None:
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        if ref.shape != got.shape:
+            raise VerificationError(f"verification failed: {what} has shape {got.shape}, the source {ref.shape}")
+        diff = np.abs(got - ref)
+        largest = float(np.max(diff)) if diff.size else 0.0
+        self.abs = max(self.abs, largest if np.isfinite(largest) else np.inf)
+        self.scale = max(self.scale, float(np.max(np.abs(ref))) if ref.size else 0.0)
+        self.ok &= bool(np.all(diff <= self.atol + self.rtol * np.abs(ref)))
+
+    @property
+    def rel(self) -> float:
+        return self.abs / self.scale if self.scale else float(self.abs > 0) * np.inf
+
+
+def adapter(framework: str):
+    if framework == "keras":
+        from .frameworks import keras_fold
+
+        return keras_fold
+    if framework == "torch":
+        from .frameworks import torch_fold
+
+        return torch_fold
+    raise InputError(f"folding and ONNX export work on Keras and torch models, not {framework}")
+
+
+def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None, samples: int = VERIFY_SAMPLES,
+            batch_size: int = 32, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-4,
+            opset: int = DEFAULT_OPSET, image_size=None, preprocess: str = "unit", input_index: int = 0,
+            source_path: Path | None = None) -> Prepared:
+    """Fold and/or convert ``runner``'s model, verify it against the source, and return it unwritten."""
+    started = time.perf_counter()
+    frame = adapter(runner.framework)
+    if to_onnx:
+        _check_opset(opset)
+    batches, described = verification_batches(runner, data, samples, batch_size, seed, image_size, preprocess,
+                                              input_index)
+    source = frame.source(runner)
+    reference = [frame.run(source, x) for x in batches]
+    model, folded, rows, refused, checks = source, None, [], [], []
+    if fold:
+        folded = frame.fold(runner, batches[0])
+        model = folded.model
+        rows, refused = _fold_rows(frame, source, folded, batches, atol, rtol)
+        checks += _compare("fold", reference, [frame.run(model, x) for x in batches],
+                           frame.output_names(model, batches[0]), atol, rtol)
+    report = DeployReport(runner.framework, runner.graph.source, str(output) if output else None, rows, refused,
+                          checks, sum(len(x) for x in batches), described, atol, rtol)
+    report.model = model
+    if source_path is not None and Path(source_path).is_file():
+        report.input_sha256 = sha256(source_path)
+    proto = None
+    if to_onnx:
+        proto = frame.to_onnx(model, batches[0], opset)
+        _label(proto, report)
+        session = onnx_session(proto.SerializeToString())
+        names = [o.name for o in session.get_outputs()]
+        got = [session.run(None, {session.get_inputs()[0].name: x}) for x in batches]
+        report.checks += _compare("onnx", reference, got, names, atol, rtol)
+        report.opset, report.provider = opset, session.get_providers()[0]
+    report.seconds = time.perf_counter() - started
+
+    def write() -> None:
+        if output is None:
+            return
+        if proto is not None:
+            with atomic_path(Path(output)) as tmp:
+                tmp.write_bytes(proto.SerializeToString())
+        else:
+            frame.save(model, Path(output), batches[0])
+        report.output_sha256 = sha256(output)
+
+    return Prepared(report, write)
+
+
+def verification_batches(runner, data, samples: int, batch_size: int, seed: int, image_size, preprocess: str,
+                         input_index: int) -> tuple[list[np.ndarray], str]:
+    """Up to ``samples`` inputs: from ``data`` when given, else uniform [0, 1) of the declared shape."""
+    if data is None:
+        shape = runner.graph.input_shape
+        if not shape or any(d is None for d in shape):
+            raise InputError(f"the model does not declare its full input shape ({shape}); give --data to "
+                             "verify on real samples")
+        x = np.random.default_rng(seed).random((samples, *shape), dtype=np.float32)
+        return [x[i:i + batch_size] for i in range(0, samples, batch_size)], "generated uniform [0, 1) inputs"
+    from .api import check_fits, image_spec
+    from .data import calibration
+
+    stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed, samples,
+                         False, input_index)
+    check_fits(runner.graph, stream)
+    batches, taken = [], 0
+    for batch in stream:
+        x = batch.inputs
+        if isinstance(x, dict) or isinstance(x, (tuple, list)):
+            raise InputError("verification takes batches of one input array; dict or tuple inputs are not supported")
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        batches.append(x[:samples - taken].astype(np.float32, copy=False))
+        taken += len(batches[-1])
+        if taken >= samples:
+            break
+    if not batches:
+        raise InputError("the calibration data yielded no samples to verify with")
+    return batches, "calibration data"
+
+
+def _fold_rows(frame, source, folded, batches, atol, rtol) -> tuple[list[FoldRow], list[Refusal]]:
+    """Per folded BN: the largest difference between its output in the source and the folded layer's."""
+    pairs = folded.probes
+    errors = {bn: Error(atol, rtol) for bn in pairs}
+    for x in batches:
+        before = frame.capture(source, {s for p in pairs.values() for s, _, _ in p}, x)
+        after = frame.capture(folded.model, {f for p in pairs.values() for _, _, f in p}, x)
+        for bn, probe in pairs.items():
+            for src, part, dst in probe:
+                ref = before[src] if part is None else np.take(before[src], range(part[1], part[2]), axis=part[0])
+                errors[bn].add(ref, after[dst], f"layer {dst}")
+    rows, refused = [], []
+    for d in folded.decisions:
+        if d.how is None:
+            refused.append(Refusal(d.bn, d.reason))
+        else:
+            error = errors[d.bn]
+            rows.append(FoldRow(d.bn, d.how, folded.tensors[d.bn], error.abs, error.rel))
+            if not error.ok:
+                raise _off(f"folded layer {d.bn}", error, "fold")
+    return rows, refused
+
+
+def _compare(stage: str, reference, results, names: list[str], atol, rtol) -> list[Check]:
+    count = len(reference[0])
+    if any(len(r) != count for r in results) or len(names) != count:
+        raise VerificationError(f"verification failed: the {stage} result has {len(results[0])} output(s), "
+                                f"the source {count}")
+    errors = [Error(atol, rtol) for _ in range(count)]
+    for ref, got in zip(reference, results):
+        for i in range(count):
+            errors[i].add(ref[i], got[i], f"output {names[i]} ({stage})")
+    checks = [Check(name, stage, e.abs, e.rel) for name, e in zip(names, errors)]
+    for name, error in zip(names, errors):
+        if not error.ok:
+            raise _off(f"output {name}", error, stage)
+    return checks
+
+
+def _off(what: str, error: Error, stage: str) -> VerificationError:
+    return VerificationError(f"verification failed ({stage}): {what} differs from the source by up to "
+                             f"{error.abs:.3g} (relative {error.rel:.3g}), beyond atol {error.atol:g} + "
+                             f"rtol {error.rtol:g} * |value|; nothing written")
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    from .frameworks.onnx import OPSET_MIN
+
+    newest = onnx.defs.onnx_opset_version()
+    if not OPSET_MIN <= opset <= newest:
+        raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the installed onnx), got {opset}")
+
+
+def _label(proto, report: DeployReport) -> None:
+    """Record provenance in ``metadata_props`` and check the model; ONNX cannot say which BN went where."""
+    import onnx
+
+    props = {"bnrepair.version": __version__, "bnrepair.source": Path(report.source).name,
+             "bnrepair.source_sha256": report.input_sha256 or "",
+             "bnrepair.folded": json.dumps({row.bn: row.into for row in report.folded}),
+             "bnrepair.refused": json.dumps({r.bn: r.reason for r in report.refused})}
+    onnx.helper.set_model_props(proto, props)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BnrepairError(f"ONNX export needs onnxruntime ({exc}); install it with: pip install "
+                            "'bnrepair[onnx]'") from None
+    return ort
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether onnxruntime's CUDA provider really starts here; probed once with ORT's logging silenced,
+    since a GPU build on a machine without a GPU (or without CUDA libraries) logs its fallback."""
+    ort = import_ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    probe.ir_version = helper.find_min_ir_version_for(probe.opset_import)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return session.get_providers()[0] == "CUDAExecutionProvider"
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(2)
+
+
+def onnx_session(model: bytes):
+    """An onnxruntime session on CUDA when it is usable, else on the CPU."""
+    ort = import_ort()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model, providers=providers)
+    except Exception as exc:
+        raise VerificationError(f"onnxruntime cannot load the exported model: {str(exc).splitlines()[0]}") from None
