@@ -26,7 +26,8 @@ def import_torch():
     try:
         import torch
     except ImportError as exc:
-        raise BnrepairError(f"PyTorch checkpoints need torch ({exc}); install it with: pip install 'bnrepair[torch]'") from None
+        raise BnrepairError(f"PyTorch checkpoints need torch ({exc}); "
+                            "install it with: pip install 'bnrepair[torch]'") from None
     return torch
 
 

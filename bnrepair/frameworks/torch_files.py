@@ -157,7 +157,8 @@ def _refusal(path: Path, exc: Exception) -> str:
     except Exception:  # legacy (non-zip) files: read the names from torch's message
         wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if not wanted:
-        return f"{path}: weights-only loading failed ({_first_line(exc)}); pass --trust-pickle only if you trust the file"
+        return (f"{path}: weights-only loading failed ({_first_line(exc)}); "
+                "pass --trust-pickle only if you trust the file")
     names = _names(sorted(set(wanted)))
     if any(name.startswith("torch.nn.modules.") for name in wanted):
         return (f"{path}: a full pickled module (it needs {names}); unpickling it runs code from the file: "
@@ -228,7 +229,8 @@ def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None
     try:
         module = build(**kwargs)
     except Exception as exc:
-        raise InputError(f"--arch {arch}: building the module failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise InputError(f"--arch {arch}: building the module failed: "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"--arch {arch}: returned a {type(module).__name__}, not a torch.nn.Module")
     prefix = _common_prefix(state)

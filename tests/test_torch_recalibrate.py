@@ -1,0 +1,275 @@
+"""The torch runner on in-memory modules: exact statistics, the update_bn calling conventions, nothing else touched.
+
+Restates torch's own ``update_bn`` tests and fvcore's PreciseBN tests for ``bnrepair.recalibrate``:
+population mean / variance of the BN input, uneven batches, prior buffers, ``(x,)`` vs ``(x, y)``,
+flags and momentum restored, parameters bit-identical; plus what update_bn gets wrong (Dropout).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bnrepair
+from bnrepair.errors import BnrepairError
+
+torch.manual_seed(0)
+
+
+def population(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased variance over every position but channel axis 1, in float64."""
+    x = x.detach().double()
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1).numpy()
+    return flat.mean(axis=1), flat.var(axis=1, ddof=1)
+
+
+def stats(bn) -> tuple[np.ndarray, np.ndarray]:
+    return bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+
+
+def batches(x, sizes, with_labels=True):
+    out, start = [], 0
+    for size in sizes:
+        xb = x[start:start + size]
+        out.append((xb, torch.zeros(len(xb))) if with_labels else (xb,))
+        start += size
+    assert start == len(x)
+    return out
+
+
+def linear_bn():
+    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def conv_bn():
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    return {"dense": torch.randn(100, 5, generator=g) * 3 + 2,
+            "image": torch.randn(100, 3, 8, 8, generator=g) * 2 - 1}
+
+
+@pytest.mark.parametrize("make,kind", [(linear_bn, "dense"), (conv_bn, "image")])
+def test_population_mean_and_variance_of_the_bn_input(make, kind, data):
+    model = make()
+    x = data[kind]
+    report = bnrepair.recalibrate(model, DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=16))
+    mean, var = population(model[0](x))
+    np.testing.assert_allclose(stats(model[1])[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats(model[1])[1], var, rtol=1e-5)
+    assert report.samples == 100 and report.framework == "torch" and report.output is None
+
+
+@pytest.mark.parametrize("make,kind", [(linear_bn, "dense"), (conv_bn, "image")])
+def test_uneven_batches_give_the_even_result(make, kind, data):
+    even, uneven = make(), make()
+    uneven.load_state_dict(even.state_dict())
+    x = data[kind]
+    bnrepair.recalibrate(even, batches(x, [20] * 5))
+    bnrepair.recalibrate(uneven, batches(x, [1, 33, 7, 58, 1]))  # batches of one included
+    for a, b in zip(stats(even[1]), stats(uneven[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_prior_buffers_do_not_matter(data):
+    fresh, garbage = linear_bn(), linear_bn()
+    garbage.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        garbage[1].running_mean.uniform_(-100, 100)
+        garbage[1].running_var.uniform_(0, 1e4)
+    for model in (fresh, garbage):
+        bnrepair.recalibrate(model, batches(data["dense"], [32, 32, 36]))
+    assert torch.equal(fresh[1].running_mean, garbage[1].running_mean)
+    assert torch.equal(fresh[1].running_var, garbage[1].running_var)
+
+
+def test_tuple_with_or_without_labels_and_bare_tensors_agree(data):
+    x = data["image"]
+    models = [conv_bn() for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    bnrepair.recalibrate(models[0], batches(x, [50, 50], with_labels=True))
+    bnrepair.recalibrate(models[1], batches(x, [50, 50], with_labels=False))
+    bnrepair.recalibrate(models[2], [x[:50], x[50:]])
+    for m in models[1:]:
+        assert torch.equal(m[1].running_mean, models[0][1].running_mean)
+        assert torch.equal(m[1].running_var, models[0][1].running_var)
+
+
+def test_flags_momentum_counters_and_parameters_are_left_as_they_were(data):
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=None), nn.Dropout(0.3),
+                          nn.Linear(8, 4), nn.BatchNorm1d(4, momentum=0.3))
+    model.train()
+    model[2].eval()
+    model[4].eval()
+    model[1].num_batches_tracked.fill_(7)
+    flags = [m.training for m in model.modules()]
+    params = copy.deepcopy(dict(model.named_parameters()))
+    counters = [model[1].num_batches_tracked.clone(), model[4].num_batches_tracked.clone()]
+    bnrepair.recalibrate(model, batches(data["dense"], [40, 40, 20]))
+    assert [m.training for m in model.modules()] == flags
+    assert model[1].momentum is None and model[4].momentum == 0.3
+    assert torch.equal(model[1].num_batches_tracked, counters[0])
+    assert torch.equal(model[4].num_batches_tracked, counters[1])
+    for name, p in model.named_parameters():
+        assert p.dtype == params[name].dtype and torch.equal(p.view(torch.uint8), params[name].view(torch.uint8))
+    assert "forward" not in model[1].__dict__ and "forward" not in model[4].__dict__
+
+
+def test_dropout_before_bn_gives_the_dropout_off_statistics(data):
+    """update_bn runs the model in train(), so Dropout inflates the variance it records; we do not."""
+    x = data["dense"]
+    ours = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.BatchNorm1d(16))
+    theirs = copy.deepcopy(ours)
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=25)
+    bnrepair.recalibrate(ours, loader)
+    torch.manual_seed(0)
+    torch.optim.swa_utils.update_bn(loader, theirs)
+    mean, var = population(ours[0](x))
+    np.testing.assert_allclose(stats(ours[2])[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats(ours[2])[1], var, rtol=1e-5)
+    assert np.median(stats(theirs[2])[1] / var) > 1.5  # Dropout(0.5) scales kept units by 2
+
+
+class LookAlike(nn.Module):
+    """torchvision's FrozenBatchNorm2d in miniature: every tensor a buffer."""
+
+    def __init__(self, n):
+        super().__init__()
+        for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)),
+                            ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+
+class Zoo(nn.Module):
+    """One of every BN kind, each fed straight from the input so its true statistics are known."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3) for _ in range(6)])
+        self.bns = nn.ModuleDict({
+            "sync": nn.SyncBatchNorm(4), "lazy": nn.LazyBatchNorm2d(), "plain": nn.BatchNorm2d(4, affine=False),
+            "cma": nn.BatchNorm2d(4, momentum=None), "frozen": LookAlike(4),
+            "untracked": nn.BatchNorm2d(4, track_running_stats=False)})
+        self.conv3d = nn.Conv3d(3, 2, (1, 3, 3))
+        self.bn3d = nn.BatchNorm3d(2)
+        self.conv1d = nn.Conv1d(3, 5, 3)
+        self.bn1d = nn.BatchNorm1d(5)
+
+    def inputs(self, x):
+        named = {name: conv(x) for name, conv in zip(self.bns, self.convs)}
+        named["bn3d"] = self.conv3d(x.unsqueeze(2))
+        named["bn1d"] = self.conv1d(x.flatten(2))  # (N, C, L): BatchNorm1d over N and L
+        return named
+
+    def forward(self, x):
+        outs = [self.bns[k](v) if k in self.bns else getattr(self, k)(v) for k, v in self.inputs(x).items()]
+        return torch.cat([o.flatten(2).mean(2) for o in outs], 1)
+
+
+def test_every_bn_kind_gets_its_population_statistics(data):
+    x = data["image"]
+    model = Zoo()
+    model(x[:2])  # materialise the lazy layer
+    report = bnrepair.recalibrate(model, batches(x, [30, 30, 40]))
+    runner = bnrepair.load(model)
+    kinds = {bn.id: bn for bn in runner.graph.bn_layers}
+    assert kinds["bns.untracked"].tracks_stats is False
+    assert {layer.id for layer in report.layers} == set(kinds) - {"bns.untracked"}
+    assert [layer.id for layer in report.layers if layer.frozen] == ["bns.frozen"]
+    assert kinds["bns.sync"].kind == "SyncBatchNorm" and kinds["bns.lazy"].kind == "BatchNorm2d"
+    assert kinds["bns.cma"].momentum is None and kinds["bns.plain"].scale is False
+    with torch.no_grad():
+        inputs = model.inputs(x)
+    for name, value in inputs.items():
+        bn = model.bns[name] if name in model.bns else getattr(model, name)
+        if name == "untracked":
+            continue
+        mean, var = population(value)
+        np.testing.assert_allclose(stats(bn)[0], mean, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(stats(bn)[1], var, rtol=1e-5, err_msg=name)
+
+
+def test_unmaterialised_lazy_layer_is_a_clear_error():
+    with pytest.raises(BnrepairError, match="LazyBatchNorm that is not materialised"):
+        bnrepair.recalibrate(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()), [torch.randn(4, 3, 8, 8)])
+
+
+def test_eval_mode_does_not_depend_on_batch_size(data):
+    x = data["image"]
+    a = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5))
+    b = copy.deepcopy(a)
+    ra = bnrepair.recalibrate(a, batches(x, [10] * 10), mode="eval")
+    rb = bnrepair.recalibrate(b, batches(x, [64, 36]), mode="eval")
+    assert ra.converged and rb.converged
+    for layer in (1, 4):
+        for sa, sb in zip(stats(a[layer]), stats(b[layer])):
+            np.testing.assert_allclose(sa, sb, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+def test_torchscript_capture_matches_eager(compile_with, data):
+    """Graph instrumentation of a ScriptModule measures what forward patching measures on the eager twin."""
+    x = data["image"]
+    eager = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(216, 7),
+                          nn.Dropout(0.5), nn.BatchNorm1d(7))
+    with pytest.warns(DeprecationWarning):
+        compiled = (torch.jit.script(copy.deepcopy(eager)) if compile_with == "script"
+                    else torch.jit.trace(copy.deepcopy(eager).eval(), x[:4]))
+    compiled.train()
+    for mode in ("train", "eval"):
+        bnrepair.recalibrate(eager, batches(x, [33, 33, 33, 1]), mode=mode)
+        bnrepair.recalibrate(compiled, batches(x, [33, 33, 33, 1]), mode=mode)
+        for i in ("1", "6"):
+            for a, b in zip(stats(getattr(eager, i)), stats(getattr(compiled, i))):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert compiled.training and int(getattr(compiled, "1").num_batches_tracked) == 0
+
+
+def test_dict_batches_are_keyword_arguments_and_tuples_positional(data):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, features, shift=0.0):
+            return self.bn(self.fc(features) + shift)
+
+    x = data["dense"]
+    by_name, by_position = TwoInputs(), TwoInputs()
+    by_position.load_state_dict(by_name.state_dict())
+    bnrepair.recalibrate(by_name, [{"features": x[:60], "shift": 10.0}, {"features": x[60:], "shift": 10.0}])
+    bnrepair.recalibrate(by_position, [((x[:60], torch.tensor(10.0)), "label"), ((x[60:], torch.tensor(10.0)), None)])
+    mean, var = population(by_name.fc(x) + 10.0)
+    for model in (by_name, by_position):
+        np.testing.assert_allclose(stats(model.bn)[0], mean, rtol=1e-5)
+        np.testing.assert_allclose(stats(model.bn)[1], var, rtol=1e-5)
+
+
+def test_numpy_float64_arrays_are_cast_and_streamed():
+    model = conv_bn()
+    x = np.random.default_rng(2).normal(0.5, 2.0, (70, 3, 8, 8))
+    bnrepair.recalibrate(model, x, batch_size=16)
+    mean, var = population(model[0](torch.from_numpy(x).float()))
+    np.testing.assert_allclose(stats(model[1])[0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats(model[1])[1], var, rtol=1e-5)
+
+
+def test_device_choice_for_an_in_memory_module():
+    model = linear_bn()
+    assert str(bnrepair.load(model).device) == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BnrepairError, match="no CUDA device"):
+        bnrepair.recalibrate(model, [torch.randn(4, 5)], device="cuda")
