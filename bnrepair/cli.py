@@ -287,6 +287,9 @@ def diagnose(
              "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
              "--signature": None if signature == "serving_default" else signature, "--input": input_name}
     words = [str(checkpoint)] + [w for flag, value in given.items() if value is not None for w in (flag, str(value))]
+    words += [flag for flag, on in (("--trust-pickle", trust_pickle), ("--trust-code", trust_code),
+                                    ("--unsafe", unsafe)) if on]
+    words += [w for name in safe_global or [] for w in ("--safe-global", name)]
     fix = "bnrepair recalibrate " + shlex.join(words)
     report = run_diagnose(
         checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,

@@ -1,0 +1,41 @@
+"""inspect and diagnose on the real torch fixtures, through the same runner protocol as Keras."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bnrepair.cli import app
+
+import make_torch  # noqa: E402  (fixtures/, on sys.path through conftest)
+import synthetic  # noqa: E402
+
+cli = CliRunner()
+ARCH = ["--arch", f"{make_torch.ARCH}:build"]
+# fixture, data domain, flags, expected cause
+CASES = [("stale_ema.pt", "a", ARCH, "stale"), ("never_updated.pt", "a", ARCH, "never_updated"),
+         ("frozen_bn.pt", "b", ["--trust-pickle"], "domain_shift"),
+         ("homogeneous.pt", "b", ["--trust-code"], "domain_shift"), ("healthy.pt", "a", ARCH, "healthy")]
+
+
+@pytest.mark.parametrize("name,domain,flags,cause", CASES, ids=[c[0] + "-" + c[1] for c in CASES])
+def test_torch_fixture_verdicts_and_exit_codes(tmp_path, name, domain, flags, cause):
+    out = tmp_path / "d.json"
+    result = cli.invoke(app, ["diagnose", str(make_torch.OUT / name), "--data",
+                              str(synthetic.folder(domain, "heldout")), "--json", str(out), *flags])
+    assert result.exit_code == (0 if cause == "healthy" else 1), result.output
+    report = json.loads(out.read_text())
+    assert report["verdicts"][0]["cause"] == cause
+    acc = report["outputs"]["accuracy"]
+    assert acc["recalibrated"] >= acc["training"] - 0.02
+    if cause == "healthy":
+        assert abs(report["outputs"]["expected_gain"]) <= 0.02
+    else:
+        assert report["outputs"]["expected_gain"] > 0.3 and report["layers"][0]["problem"]
+        assert " ".join(flags) in report["verdicts"][0]["fix"]
+
+
+def test_inspect_torch_flags_never_updated_without_data():
+    result = cli.invoke(app, ["inspect", str(make_torch.OUT / "never_updated.pt"), *ARCH])
+    assert result.exit_code == 1 and "updates never ran" in result.output
+    assert cli.invoke(app, ["inspect", str(make_torch.OUT / "healthy.pt"), *ARCH]).exit_code == 0
