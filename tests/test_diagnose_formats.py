@@ -1,4 +1,4 @@
-"""inspect and diagnose on the real torch fixtures, through the same runner protocol as Keras."""
+"""inspect and diagnose on the real torch and SavedModel fixtures, through the same runner protocol as Keras."""
 
 import json
 
@@ -12,16 +12,21 @@ import synthetic  # noqa: E402
 
 cli = CliRunner()
 ARCH = ["--arch", f"{make_torch.ARCH}:build"]
+SAVEDMODEL = synthetic.ROOT.parent / "savedmodel"
 # fixture, data domain, flags, expected cause
-CASES = [("stale_ema.pt", "a", ARCH, "stale"), ("never_updated.pt", "a", ARCH, "never_updated"),
-         ("frozen_bn.pt", "b", ["--trust-pickle"], "domain_shift"),
-         ("homogeneous.pt", "b", ["--trust-code"], "domain_shift"), ("healthy.pt", "a", ARCH, "healthy")]
+CASES = [(make_torch.OUT / "stale_ema.pt", "a", ARCH, "stale"),
+         (make_torch.OUT / "never_updated.pt", "a", ARCH, "never_updated"),
+         (make_torch.OUT / "frozen_bn.pt", "b", ["--trust-pickle"], "domain_shift"),
+         (make_torch.OUT / "homogeneous.pt", "b", ["--trust-code"], "domain_shift"),
+         (make_torch.OUT / "healthy.pt", "a", ARCH, "healthy"),
+         (SAVEDMODEL / "keras3_export", "a", [], "stale"),
+         (SAVEDMODEL / "tf1_slim", "a", ["--input", "images"], "never_updated")]
 
 
-@pytest.mark.parametrize("name,domain,flags,cause", CASES, ids=[c[0] + "-" + c[1] for c in CASES])
-def test_torch_fixture_verdicts_and_exit_codes(tmp_path, name, domain, flags, cause):
+@pytest.mark.parametrize("path,domain,flags,cause", CASES, ids=[c[0].name + "-" + c[1] for c in CASES])
+def test_verdicts_and_exit_codes(tmp_path, path, domain, flags, cause):
     out = tmp_path / "d.json"
-    result = cli.invoke(app, ["diagnose", str(make_torch.OUT / name), "--data",
+    result = cli.invoke(app, ["diagnose", str(path), "--data",
                               str(synthetic.folder(domain, "heldout")), "--json", str(out), *flags])
     assert result.exit_code == (0 if cause == "healthy" else 1), result.output
     report = json.loads(out.read_text())
