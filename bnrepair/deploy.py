@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from .report import _finite, _write_json
 from .writers import atomic_path, sha256
 
 DEFAULT_OPSET = 17
+OPSET_MIN = 13
+"""the Softmax, Clip and Pad semantics the Keras emitter writes"""
 VERIFY_SAMPLES = 64
 
 
@@ -89,7 +91,8 @@ class DeployReport:
                  for stage in ("fold", "onnx")}
         parts = [f"{stage} {value:.2g}" for stage, value in worst.items() if value is not None]
         text = (f"Folded {len(self.folded)} of {len(self.folded) + len(self.refused)} BN layer(s); "
-                f"verified on {self.samples} samples ({self.inputs}): largest |Δ| {', '.join(parts) or '–'}")
+                if self.folded or self.refused else "")
+        text += f"verified on {self.samples} samples ({self.inputs}): largest |Δ| {', '.join(parts)}"
         if self.provider:
             text += f" (onnxruntime {self.provider})"
         return text + (f"; wrote {self.output}" if self.output else "")
@@ -139,7 +142,8 @@ class Error:
     def add(self, ref, got, what: str) -> None:
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
         if ref.shape != got.shape:
-            raise VerificationError(f"verification failed: {what} has shape {got.shape}, the source {ref.shape}")
+            raise VerificationError(f"verification failed: {what} has shape {got.shape}, the source {ref.shape}; "
+                                    "nothing written")
         diff = np.abs(got - ref)
         largest = float(np.max(diff)) if diff.size else 0.0
         self.abs = max(self.abs, largest if np.isfinite(largest) else np.inf)
@@ -148,7 +152,7 @@ class Error:
 
     @property
     def rel(self) -> float:
-        return self.abs / self.scale if self.scale else float(self.abs > 0) * np.inf
+        return self.abs / self.scale if self.scale else (np.inf if self.abs else 0.0)
 
 
 def adapter(framework: str):
@@ -174,9 +178,29 @@ def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None
         _check_opset(opset)
     batches, described = verification_batches(runner, data, samples, batch_size, seed, image_size, preprocess,
                                               input_index)
+    with frame.precise():
+        report, model, proto = _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol,
+                                         opset, source_path)
+    report.seconds = time.perf_counter() - started
+
+    def write() -> None:
+        if output is None:
+            return
+        if proto is not None:
+            with atomic_path(Path(output)) as tmp:
+                tmp.write_bytes(proto.SerializeToString())
+        else:
+            frame.save(model, Path(output), batches[0])
+        report.output_sha256 = sha256(output)
+
+    return Prepared(report, write)
+
+
+def _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol, opset, source_path):
+    """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
     source = frame.source(runner)
     reference = [frame.run(source, x) for x in batches]
-    model, folded, rows, refused, checks = source, None, [], [], []
+    model, rows, refused, checks = source, [], [], []
     if fold:
         folded = frame.fold(runner, batches[0])
         model = folded.model
@@ -197,19 +221,7 @@ def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None
         got = [session.run(None, {session.get_inputs()[0].name: x}) for x in batches]
         report.checks += _compare("onnx", reference, got, names, atol, rtol)
         report.opset, report.provider = opset, session.get_providers()[0]
-    report.seconds = time.perf_counter() - started
-
-    def write() -> None:
-        if output is None:
-            return
-        if proto is not None:
-            with atomic_path(Path(output)) as tmp:
-                tmp.write_bytes(proto.SerializeToString())
-        else:
-            frame.save(model, Path(output), batches[0])
-        report.output_sha256 = sha256(output)
-
-    return Prepared(report, write)
+    return report, model, proto
 
 
 def verification_batches(runner, data, samples: int, batch_size: int, seed: int, image_size, preprocess: str,
@@ -231,7 +243,7 @@ def verification_batches(runner, data, samples: int, batch_size: int, seed: int,
     batches, taken = [], 0
     for batch in stream:
         x = batch.inputs
-        if isinstance(x, dict) or isinstance(x, (tuple, list)):
+        if isinstance(x, (dict, tuple, list)):
             raise InputError("verification takes batches of one input array; dict or tuple inputs are not supported")
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         batches.append(x[:samples - taken].astype(np.float32, copy=False))
@@ -291,15 +303,13 @@ def _off(what: str, error: Error, stage: str) -> VerificationError:
 def _check_opset(opset: int) -> None:
     import onnx
 
-    from .frameworks.onnx import OPSET_MIN
-
     newest = onnx.defs.onnx_opset_version()
     if not OPSET_MIN <= opset <= newest:
         raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the installed onnx), got {opset}")
 
 
 def _label(proto, report: DeployReport) -> None:
-    """Record provenance in ``metadata_props`` and check the model; ONNX cannot say which BN went where."""
+    """Provenance in ``metadata_props`` (the graph keeps no trace of a folded BN), then ``onnx.checker``."""
     import onnx
 
     props = {"bnrepair.version": __version__, "bnrepair.source": Path(report.source).name,
@@ -352,7 +362,9 @@ def cuda_usable() -> bool:
 def onnx_session(model: bytes):
     """An onnxruntime session on CUDA when it is usable, else on the CPU."""
     ort = import_ort()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable() else ["CPUExecutionProvider"]
+    providers = ["CPUExecutionProvider"]
+    if cuda_usable():  # full float32, as the source is run: no TF32 in convs and matmuls
+        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
     try:
         return ort.InferenceSession(model, providers=providers)
     except Exception as exc:

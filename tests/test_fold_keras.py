@@ -41,7 +41,10 @@ def zoo_2d():
     """One branch per 2-D pattern, all from one input, one output each."""
     keras.utils.set_random_seed(0)
     x = keras.Input((8, 8, 4), name="image")
-    bn = lambda name: L.BatchNormalization(name=name)  # noqa: E731
+
+    def bn(name):
+        return L.BatchNormalization(name=name)
+
     outs = [
         bn("bn_conv")(L.Conv2D(6, 3, padding="same", use_bias=True, name="conv_b")(x)),
         bn("bn_dw")(L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(x)),
@@ -91,7 +94,7 @@ def case(request):
 
 
 def test_each_pattern_folds_and_each_refusal_is_refused(case):
-    model, x, report, (folded, refused, _) = case
+    _, _, report, (folded, refused, _) = case
     assert {row.bn: row.how for row in report.folded} == folded
     reasons = {r.bn: r.reason for r in report.refused}
     assert set(reasons) == set(refused)
@@ -136,7 +139,7 @@ def test_onnx_of_every_layer_kind_matches_keras(case, tmp_path, fold):
 
 
 def test_save_and_reload_h5_and_keras(case, tmp_path):
-    model, x, report, (_, refused, _) = case
+    model, x, _, (_, refused, _) = case
     for suffix in (".h5", ".keras"):
         path = tmp_path / f"folded{suffix}"
         bnrepair.fold(model, path, data=x, batch_size=8)

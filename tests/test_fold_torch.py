@@ -89,7 +89,7 @@ def outputs(module, x):
 
 
 def test_each_pattern_folds_and_each_refusal_is_refused(zoo):
-    module, x, report, pristine = zoo
+    module, _, report, pristine = zoo
     assert {row.bn: row.how for row in report.folded} == FOLDED
     reasons = {r.bn: r.reason for r in report.refused}
     assert set(reasons) == set(REFUSED)
@@ -131,7 +131,7 @@ def test_bn_without_running_stats_is_left_in_place():
 
 
 def test_pt2_keeps_the_fold_and_a_dynamic_batch(zoo, tmp_path):
-    module, x, _, _ = zoo
+    x = zoo[1]
     simple = randomised(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
                                       nn.Linear(216, 5), nn.BatchNorm1d(5)))
     bnrepair.fold(simple, tmp_path / "simple.pt2", data=x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,6 +276,21 @@ def layer_at(model, name: str):
     for part in name.split("/"):
         model = model.get_layer(part)
     return model
+
+
+@contextmanager
+def precise():
+    """Full float32 while verifying (TensorFlow runs GPU matmuls and convs in TF32 by default), and no
+    retracing warnings from Keras's per-call grouped-conv functions while models run eagerly."""
+    _, tf = import_keras()
+    before, level = tf.config.experimental.tensor_float_32_execution_enabled(), tf.get_logger().level
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    tf.get_logger().setLevel("ERROR")
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
+        tf.get_logger().setLevel(level)
 
 
 def run(model, x) -> list[np.ndarray]:

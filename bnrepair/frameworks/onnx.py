@@ -24,7 +24,6 @@ MERGE_OPS = {"Add": "Sum", "Maximum": "Max", "Minimum": "Min", "Average": "Mean"
              "Subtract": "Sub"}
 ACTIVATIONS = {"linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "elu", "selu", "softplus", "softsign",
                "silu", "swish", "gelu", "hard_sigmoid", "hard_silu", "hard_swish", "leaky_relu", "exponential"}
-OPSET_MIN = 13
 HANDLERS = {
     "InputLayer": None,
     **dict.fromkeys(("Conv1D", "Conv2D", "Conv3D"), "emit_conv"),
@@ -44,8 +43,8 @@ HANDLERS = {
 
 
 def load(path, **_options):
-    raise InputError(f"{path}: ONNX files are what bnrepair exports; recalibrating an ONNX model is not "
-                     "supported yet: recalibrate the Keras or torch checkpoint it came from")
+    raise InputError(f"{path}: ONNX models are what bnrepair writes, not yet something it reads: use the Keras "
+                     "or torch checkpoint the model came from")
 
 
 @dataclass
@@ -220,8 +219,14 @@ class Emitter:
         if cls in IDENTITY_LAYERS:
             return x
         if cls in MERGE_OPS:
-            perm = x.perm
-            return Value(self.node(MERGE_OPS[cls], [self.layout(a, perm).name for a in args], name), perm, out_shape)
+            names = [self.layout(a, x.perm).name for a in args]
+            if MERGE_OPS[cls] in ("Mul", "Sub"):  # binary in ONNX
+                out = names[0]
+                for other in names[1:]:
+                    out = self.node(MERGE_OPS[cls], [out, other], name)
+            else:
+                out = self.node(MERGE_OPS[cls], names, name)
+            return Value(out, x.perm, out_shape)
         value = getattr(self, HANDLERS[cls])(name, layer, x, args)
         return Value(value.name, value.perm, out_shape)
 

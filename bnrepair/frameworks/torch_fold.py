@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,19 @@ def _params(m, kind: str) -> Params:
 
 
 # --- running, probing, writing -------------------------------------------------------------------------
+@contextmanager
+def precise():
+    """Full float32 while verifying: cuDNN convolutions run in TF32 by default on recent GPUs."""
+    import torch
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def run(model, x) -> list[np.ndarray]:
     import torch
 
