@@ -16,7 +16,7 @@ def plot_evidence(report, path: Path) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise BnrepairError("--plot needs matplotlib: pip install matplotlib") from None
+        raise BnrepairError("--plot needs matplotlib: pip install 'bnrepair[plot]'") from None
     layers = report.layers
     depth = range(len(layers))
     colours = ["tab:red" if e.problem else "tab:blue" for e in layers]
