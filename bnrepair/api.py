@@ -16,7 +16,7 @@ import numpy as np
 from . import frameworks
 from .data import Cached, ImageSpec, calibration
 from .data.sources import ArraySource, ImageFolder
-from .diagnose import compare, decay, inspect_layers, verdicts
+from .diagnosis import compare, decay, inspect_layers, verdicts
 from .errors import InputError
 from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, DeployReport, adapter, prepare
 from .metrics import as_scores

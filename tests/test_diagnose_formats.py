@@ -44,3 +44,24 @@ def test_inspect_torch_flags_never_updated_without_data():
     result = cli.invoke(app, ["inspect", str(make_torch.OUT / "never_updated.pt"), *ARCH])
     assert result.exit_code == 1 and "updates never ran" in result.output
     assert cli.invoke(app, ["inspect", str(make_torch.OUT / "healthy.pt"), *ARCH]).exit_code == 0
+
+
+def test_inspect_finds_reused_and_unreached_torch_bn_from_the_graph_alone():
+    import torch
+    from torch import nn
+
+    import bnrepair
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn, self.spare = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(self.lin(self.bn(x)))
+
+    model = Shared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {(f.code, f.layer) for f in bnrepair.inspect(model).flags}
+    assert {("reused", "bn"), ("unreached", "spare")} <= flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -75,7 +75,7 @@ def test_plot_has_one_bar_per_layer_and_shows_the_difference(tmp_path):
     data = synthetic.folder("a", "heldout")
     pictures = {}
     for name in ("healthy.keras", "never_updated.keras"):
-        report = bnrepair.api.diagnose(str(FIXTURES / name), str(data), samples=128)
+        report = bnrepair.diagnose(str(FIXTURES / name), str(data), samples=128)
         path = tmp_path / f"{name}.png"
         assert plot_evidence(report, path) == len(report.layers) == len(bnrepair.load(FIXTURES / name).graph.bn_layers)
         with Image.open(path) as img:
@@ -110,7 +110,7 @@ def test_inspect_runs_no_computation_on_data():
 
     keras.layers.BatchNormalization.call = watching
     try:
-        report = bnrepair.api.inspect(FIXTURES / "stale_ema.h5")
+        report = bnrepair.inspect(FIXTURES / "stale_ema.h5")
         assert report.layers and eager_calls == []
         model = keras.models.load_model(FIXTURES / "stale_ema.h5", compile=False)
         model(np.zeros((1, *model.inputs[0].shape[1:]), np.float32))
@@ -123,7 +123,7 @@ def test_reused_bn_layer_is_flagged():
     inp_a, inp_b = keras.Input((3,)), keras.Input((3,))
     bn = keras.layers.BatchNormalization(name="shared_bn")
     model = keras.Model([inp_a, inp_b], keras.layers.Add()([bn(inp_a), bn(inp_b)]))
-    report = bnrepair.api.inspect(model)
+    report = bnrepair.inspect(model)
     assert any(f.code == "reused" and f.layer == "shared_bn" for f in report.flags)
 
 

@@ -11,6 +11,7 @@ flags are restored after every batch, so the module is only ever seen as the use
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,18 @@ class TorchRunner:
 
     def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
         return self._to_host(self._run(inputs, mode, ids)[1], ids)
+
+    def call_counts(self) -> dict[str, int] | None:
+        """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
+        None when fx cannot trace the module (data-dependent control flow, TorchScript)."""
+        if self.scripted:
+            return None
+        try:
+            graph = trace(self.torch, self.module, set(self._by_id)).graph
+        except Exception:
+            return None
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        return {layer_id: calls.get(layer_id, 0) for layer_id in self._by_id}
 
     def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         torch = self.torch
@@ -190,6 +203,16 @@ class TorchRunner:
             offset += 2 * channels
             result[layer_id] = result[layer_id].merge(m) if layer_id in result else m
         return result
+
+
+def trace(torch, module, leaves: set[str]):
+    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules kept as single calls."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualified_name: str) -> bool:
+            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+
+    return torch.fx.GraphModule(module, Tracer().trace(module))
 
 
 def _capture_forward(torch, module, layer_id: str, mode: str, sink: list, scratch: dict):

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import InputError
 from ..folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ..writers import atomic_path
+from .torch import trace
 
 ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
                         "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softmax",
@@ -70,16 +71,11 @@ def fold(runner, example) -> Folded:
 
 
 def _trace(torch, module, bn_ids: set[str]):
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualified_name: str) -> bool:
-            return qualified_name in bn_ids or super().is_leaf_module(m, qualified_name)
-
     try:
-        graph = Tracer().trace(module)
+        return trace(torch, module, bn_ids)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot fold: torch.fx cannot trace the module ({message})") from None
-    return torch.fx.GraphModule(module, graph)
 
 
 def _describe(torch, gm, bn_ids: set[str]) -> tuple[dict[str, Op], dict]:
