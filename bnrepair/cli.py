@@ -26,6 +26,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True)
+out = Console(highlight=False)
 
 
 def user_errors(command):
@@ -209,9 +210,9 @@ def recalibrate(
     if json_path:
         report.write_json(json_path)
     if not quiet:
-        report.render(Console())
+        report.render(out)
         if report.export is not None:
-            report.export.render(Console())
+            report.export.render(out)
 
 
 @app.command(epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")
@@ -239,7 +240,7 @@ def inspect(
     if json_path:
         report.write_json(json_path)
     if not quiet:
-        report.render(Console())
+        report.render(out)
     raise typer.Exit(1 if report.problems else 0)
 
 
@@ -304,7 +305,7 @@ def diagnose(
 
         plot_evidence(report, plot)
     if not quiet:
-        report.render(Console())
+        report.render(out)
     raise typer.Exit(0 if report.healthy else 1)
 
 
@@ -326,7 +327,7 @@ def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet,
     if json_path:
         report.write_json(json_path)
     if not quiet:
-        report.render(Console())
+        report.render(out)
 
 
 @app.command(epilog=EXIT_CODES)
