@@ -22,7 +22,7 @@ from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, DeployReport, adapter, prepar
 from .metrics import as_scores
 from .recalibrate import Progress, run
 from .report import DiagnoseReport, InspectReport, Report
-from .writers import check_output, default_output, sha256
+from .writers import check_output, default_output, removed_on_failure, sha256
 
 
 def load(model, **options):
@@ -45,6 +45,8 @@ def image_spec(graph, image_size=None, preprocess: str = "unit") -> ImageSpec:
             size = (h, w)
     if image_size:
         size = tuple(int(v) for v in image_size)
+        if min(size) < 1:
+            raise InputError(f"--image-size {size[0]} {size[1]}: height and width must be positive")
     return ImageSpec(size=size, channels=channels, preprocess=preprocess, channels_first=graph.channels_first)
 
 
@@ -77,8 +79,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         output = check_output(source, Path(output) if output else default_output(source))
-    onnx_path = export_target(source, export, fold)
+    onnx_path = export_target(source, export, fold, output)
     runner = load(model, device=device, **load_options)
+    if onnx_path is not None:
+        adapter(runner)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
@@ -88,13 +92,15 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     pending = None if onnx_path is None else prepare(runner, onnx_path, fold=fold, to_onnx=True, data=stream,
                                                       batch_size=batch_size, seed=seed, source_path=source)
     if source is not None:
-        runner.save(output, [bn.id for bn in outcome.layers])
         report.input, report.output = str(source), str(output)
         report.input_sha256 = sha256(source) if source.is_file() else None
-        report.output_sha256 = sha256(output) if output.is_file() else None
-    if pending is not None:
-        pending.write()
-        report.export = pending.report
+        runner.save(output, [bn.id for bn in outcome.layers])
+    with removed_on_failure(output if source is not None else None):
+        if source is not None:
+            report.output_sha256 = sha256(output) if output.is_file() else None
+        if pending is not None:
+            pending.write()
+            report.export = pending.report
     return report
 
 
@@ -123,6 +129,8 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     """
     import time
 
+    if not threshold > 0:  # NaN would call every layer healthy
+        raise InputError(f"--threshold must be a positive number, got {threshold}")
     started = time.perf_counter()
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
@@ -156,13 +164,17 @@ def source_like(model, data) -> bool:
     return isinstance(model, (str, Path)) and isinstance(data, (str, Path))
 
 
-def export_target(source: Path | None, export, fold: bool) -> Path | None:
+def export_target(source: Path | None, export, fold: bool, output: Path | None) -> Path | None:
     """The ONNX path of ``recalibrate(..., export=...)``, checked before any work is done."""
     if export is None:
         if fold:
             raise InputError("--fold folds BN into the exported ONNX model: give --export PATH too")
         return None
-    return onnx_output(source, export)
+    export = onnx_output(source, export)
+    if output is not None and export.resolve() == output.resolve():
+        raise InputError(f"{export}: --export and -o/--output name the same file; the ONNX model would replace "
+                         "the recalibrated checkpoint")
+    return export
 
 
 def onnx_output(source: Path | None, output) -> Path:
@@ -187,7 +199,7 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
     if output is not None:
         output = check_output(source, Path(output))
     runner = load(model, device=device, **load_options)
-    frame = adapter(runner.framework)
+    frame = adapter(runner)
     if output is None and source is not None:
         suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
         output = check_output(source, default_output(source, "folded").with_suffix(suffix))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,10 +19,24 @@ from .errors import BnrepairError
 EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
 130 interrupted (nothing written); 1 unexpected internal error."""
 
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """A mistake in a command's options or arguments (out of range, unknown, missing) is bad input like any
+    other: one line on stderr and exit 2, instead of click's usage text in a panel."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter.__base__ as exc:  # click's UsageError (newer typer vendors click)
+            print_error(exc.format_message())
+            raise typer.Exit(exc.exit_code) from None
+
+
 app = typer.Typer(
     name="bnrepair",
     help="Repair BatchNorm statistics in saved checkpoints (Keras .h5/.keras, TensorFlow SavedModel, "
     "PyTorch .pt; ONNX export).\n\n" + EXIT_CODES,
+    cls=OneLineUsageErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,19 +46,37 @@ err = Console(stderr=True)
 out = Console(highlight=False)
 
 
+def print_error(message: str) -> None:
+    """One line on stderr, even when the message quotes an exception's multi-line text; plain text, not
+    markup (a path may hold [brackets])."""
+    from rich.markup import escape
+
+    line = re.sub(r"\s*\n\s*", " ", message.strip())
+    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def user_errors(command):
-    """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130."""
+    """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130.
+
+    SIGTERM (``kill``, ``timeout``, a job scheduler) interrupts like Ctrl-C, so temporary files are
+    removed on the way out instead of being left behind by the default handler.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        in_main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
         try:
             return command(*args, **kwargs)
         except BnrepairError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -110,7 +145,18 @@ ImageSize = Annotated[Optional[tuple[int, int]], typer.Option("--image-size", he
                                                               "[default: the model's declared input size].")]
 Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.")]
-JsonPath = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")]
+def writable_folder(path: Optional[Path]) -> Optional[Path]:
+    """--json and --plot are written after the work: their folders are checked before any of it starts."""
+    from .writers import check_output
+
+    try:
+        return path if path is None else check_output(None, path)
+    except BnrepairError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+JsonPath = Annotated[Optional[Path], typer.Option("--json", callback=writable_folder,
+                                                  help="Also write the report as JSON here.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.")]
 CustomObjects = Annotated[Optional[Path], typer.Option("--custom-objects", help="Keras: a .py file whose Keras "
                                                        "classes are needed to load the model (it is run).")]
@@ -138,6 +184,15 @@ def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, t
                 signature=signature, input_name=input_name)
 
 
+def apart_from_input(checkpoint: Path, *reports: Optional[Path]) -> None:
+    """--json / --plot must neither replace the checkpoint nor land inside a SavedModel folder."""
+    from .writers import check_output
+
+    for path in reports:
+        if path is not None:
+            check_output(checkpoint, path)
+
+
 def calibration_source(data, data_fn, preprocess):
     """--data or --data-fn (exactly one), checked before any framework is imported."""
     from .data.preprocess import PREPROCESS
@@ -149,7 +204,13 @@ def calibration_source(data, data_fn, preprocess):
         raise BnrepairError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
     if data is not None and not data.exists():
         raise BnrepairError(f"{data}: no such file or folder")
-    return call_spec(data_fn, "--data-fn")() if data_fn else data
+    if data_fn is None:
+        return data
+    make = call_spec(data_fn, "--data-fn")
+    try:
+        return make()
+    except Exception as exc:  # the user's code: its failure is bad input, not ours
+        raise BnrepairError(f"--data-fn {data_fn}: calling it failed: {type(exc).__name__}: {exc}") from None
 
 
 @app.command(epilog=EXIT_CODES)
@@ -195,6 +256,7 @@ def recalibrate(
     """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
     from .api import recalibrate as run_recalibrate
 
+    apart_from_input(checkpoint, json_path)
     source = calibration_source(data, data_fn, preprocess)
     progress = None if quiet else RichProgress(err)
     try:
@@ -235,6 +297,7 @@ def inspect(
     """List every BN layer with its settings and stored statistics, and flag what looks wrong (no data)."""
     from .api import inspect as run_inspect
 
+    apart_from_input(checkpoint, json_path)
     report = run_inspect(checkpoint, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
                                                     trust_code, safe_global, signature, input_name))
     if json_path:
@@ -251,7 +314,7 @@ def diagnose(
     data: Data = None,
     threshold: Annotated[float, typer.Option(help="A channel is off when its mean shift (in data std) or "
                                              "|ln variance ratio| exceeds this.")] = 0.5,
-    plot: Annotated[Optional[Path], typer.Option(help="Draw per-layer mean shift and variance ratio to this "
+    plot: Annotated[Optional[Path], typer.Option(callback=writable_folder, help="Draw per-layer mean shift and variance ratio to this "
                                                  "PNG.")] = None,
     mode: Mode = "train",
     batch_size: BatchSize = 32,
@@ -282,6 +345,7 @@ def diagnose(
 
     from .api import diagnose as run_diagnose
 
+    apart_from_input(checkpoint, json_path, plot)
     source = calibration_source(data, data_fn, preprocess)
     given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,

@@ -155,16 +155,21 @@ class Error:
         return self.abs / self.scale if self.scale else (np.inf if self.abs else 0.0)
 
 
-def adapter(framework: str):
-    if framework == "keras":
+def adapter(runner):
+    """The fold / ONNX module for ``runner``'s framework; checked before any work is done (the pipeline
+    would otherwise recalibrate first), refusing, with the file named, what cannot be folded or exported."""
+    if runner.framework == "keras":
         from .frameworks import keras_fold
 
         return keras_fold
-    if framework == "torch":
+    if runner.framework == "torch" and not getattr(runner, "scripted", False):
         from .frameworks import torch_fold
 
         return torch_fold
-    raise InputError(f"folding and ONNX export work on Keras and torch models, not {framework}")
+    kind = "TorchScript" if runner.framework == "torch" else runner.framework
+    raise InputError(f"{runner.graph.source}: folding and ONNX export work on Keras models and torch modules, "
+                     f"not {kind}; use the checkpoint it came from (a .keras/.h5 file, or the state_dict with "
+                     "--arch)")
 
 
 def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None, samples: int = VERIFY_SAMPLES,
@@ -173,14 +178,21 @@ def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None
             source_path: Path | None = None) -> Prepared:
     """Fold and/or convert ``runner``'s model, verify it against the source, and return it unwritten."""
     started = time.perf_counter()
-    frame = adapter(runner.framework)
+    frame = adapter(runner)
+    if not (atol >= 0 and rtol >= 0):
+        raise InputError(f"--atol and --rtol must be >= 0, got {atol:g} and {rtol:g}")
     if to_onnx:
-        _check_opset(opset)
+        _check_opset(opset, frame)
     batches, described = verification_batches(runner, data, samples, batch_size, seed, image_size, preprocess,
                                               input_index)
     with frame.precise():
-        report, model, proto = _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol,
-                                         opset, source_path)
+        try:
+            report, model, proto = _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol,
+                                             opset, source_path)
+        except BnrepairError as exc:  # the model's own problems: name its file, as every bad-input message does
+            if source_path is None:
+                raise
+            raise type(exc)(f"{source_path}: {exc}") from None
     report.seconds = time.perf_counter() - started
 
     def write() -> None:
@@ -199,7 +211,14 @@ def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None
 def _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol, opset, source_path):
     """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
     source = frame.source(runner)
-    reference = [frame.run(source, x) for x in batches]
+    try:
+        reference = [frame.run(source, x) for x in batches]
+    except (RuntimeError, TypeError, ValueError) as exc:  # several inputs, or data of another shape
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"the model does not run on one input batch of shape {batches[0].shape}: {text}") from None
+    if not all(np.isfinite(out).all() for outputs in reference for out in outputs):
+        raise InputError("the model's own outputs hold NaN or infinite values on the verification inputs, so "
+                         "nothing can be verified; `bnrepair inspect` flags BN statistics that cause this")
     model, rows, refused, checks = source, [], [], []
     if fold:
         folded = frame.fold(runner, batches[0])
@@ -300,12 +319,14 @@ def _off(what: str, error: Error, stage: str) -> VerificationError:
                              f"rtol {error.rtol:g} * |value|; nothing written")
 
 
-def _check_opset(opset: int) -> None:
+def _check_opset(opset: int, frame) -> None:
+    """Up to the newest opset that the installed onnx, onnxruntime and the framework's exporter all take."""
     import onnx
 
-    newest = onnx.defs.onnx_opset_version()
+    newest = min(onnx.defs.onnx_opset_version(), frame.max_opset(), ort_max_opset())
     if not OPSET_MIN <= opset <= newest:
-        raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the installed onnx), got {opset}")
+        raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the newest the installed onnx, "
+                         f"onnxruntime and exporter all support), got {opset}")
 
 
 def _label(proto, report: DeployReport) -> None:
@@ -339,13 +360,7 @@ def cuda_usable() -> bool:
     ort = import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
-    probe.ir_version = helper.find_min_ir_version_for(probe.opset_import)
+    probe = _probe(DEFAULT_OPSET)
     options = ort.SessionOptions()
     options.log_severity_level = 4
     ort.set_default_logger_severity(4)
@@ -357,6 +372,33 @@ def cuda_usable() -> bool:
         return False
     finally:
         ort.set_default_logger_severity(2)
+
+
+def _probe(opset: int):
+    """The smallest model of ``opset`` (an Identity), at the lowest IR version that opset needs."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    probe.ir_version = helper.find_min_ir_version_for(probe.opset_import)
+    return probe
+
+
+@functools.cache
+def ort_max_opset() -> int:
+    """The newest opset onnxruntime loads, probed (it publishes no such number); onnx may know newer ones."""
+    import onnx
+
+    ort = import_ort()
+    for opset in range(onnx.defs.onnx_opset_version(), OPSET_MIN, -1):
+        try:
+            ort.InferenceSession(_probe(opset).SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return OPSET_MIN
 
 
 def onnx_session(model: bytes):

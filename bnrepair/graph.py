@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import BnrepairError
+
 
 @dataclass
 class BNLayer:
@@ -57,6 +59,11 @@ class ModelGraph:
 
     def select(self, layers: str | None = None, skip: str | None = None) -> list[BNLayer]:
         """The layers to recalibrate: ``layers`` and ``skip`` are regexes searched in the id."""
+        for option, pattern in (("--layers", layers), ("--skip", skip)):
+            try:
+                re.compile(pattern or "")
+            except re.error as exc:
+                raise BnrepairError(f"{option} {pattern!r}: not a valid regular expression ({exc})") from None
         chosen = []
         for bn in self.bn_layers:
             if not bn.tracks_stats:

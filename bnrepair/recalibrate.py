@@ -55,11 +55,12 @@ def pooled_moments(runner, data, mode: str, ids: list[str], progress: Progress, 
         seen += batch.size
         progress.advance(batch.size)
     progress.end_pass()
+    origin = getattr(data, "origin", "calibration data")
     if seen < 2:
-        raise InputError(f"need at least 2 calibration samples, got {seen}")
+        raise InputError(f"{origin}: need at least 2 calibration samples, got {seen}")
     for layer_id, m in totals.items():
         if not m.is_finite():
-            raise InputError(f"BN layer {layer_id}: the data gives NaN or infinite activations "
+            raise InputError(f"{origin}: BN layer {layer_id}: the data gives NaN or infinite activations "
                              "(check the data's scaling with --preprocess)")
     return totals, seen
 
@@ -76,6 +77,8 @@ def run(runner, data, mode: str = "train", tol: float = 1e-4, layers: str | None
         skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None) -> Outcome:
     if mode not in MODES:
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not tol >= 0:  # NaN too: no pass would ever count as converged
+        raise BnrepairError(f"--tol must be a number >= 0, got {tol}")
     chosen = runner.graph.select(layers, skip)
     if not chosen:
         raise BnrepairError("no BN layer left to recalibrate (check --layers / --skip)")

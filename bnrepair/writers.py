@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +23,15 @@ def default_output(source: Path, tag: str = "recalibrated") -> Path:
 def check_output(source: Path | None, output: Path) -> Path:
     output = Path(output)
     if source is not None and output.resolve() == Path(source).resolve():
-        raise BnrepairError(f"{output}: output would overwrite the input; choose another -o/--output")
+        raise BnrepairError(f"{output}: output would overwrite the input; choose another path")
+    if source is not None and Path(source).resolve() in output.resolve().parents:  # a SavedModel folder
+        raise BnrepairError(f"{output}: output would lie inside the input {source}; choose another path")
     if not output.parent.exists():
         raise BnrepairError(f"{output}: folder {output.parent} does not exist")
+    if output.is_dir() and not (source is not None and Path(source).is_dir()):  # a SavedModel is written as a dir
+        raise BnrepairError(f"{output}: is a folder; give the output file's name")
+    if not os.access(output.parent, os.W_OK):
+        raise BnrepairError(f"{output}: folder {output.parent} is not writable")
     return output
 
 
@@ -41,7 +48,10 @@ def atomic_path(dest: Path, suffix: str = ""):
     The file gets the permissions a plain ``open(dest, "w")`` would give (mkstemp's are 0600).
     """
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise BnrepairError(f"{dest}: cannot write in {dest.parent} ({exc.strerror})") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -52,6 +62,20 @@ def atomic_path(dest: Path, suffix: str = ""):
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def removed_on_failure(path: Path | None):
+    """Steps after ``path`` is in place (its digest, an export): if one fails or is interrupted, ``path`` goes
+    too, so the run leaves nothing behind, as one that stopped before writing would."""
+    try:
+        yield
+    except BaseException:
+        if path is not None and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path is not None:
+            path.unlink(missing_ok=True)
         raise
 
 

@@ -6,6 +6,7 @@ stream can shuffle indices and never hold more than a few batches in memory.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class ImageFolder:
                 if self.spec.size is not None and im.size != (self.spec.size[1], self.spec.size[0]):
                     im = im.resize((self.spec.size[1], self.spec.size[0]), Image.BILINEAR)
                 pixels = np.asarray(im, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: cannot decode image ({exc})") from None
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
@@ -77,8 +78,11 @@ class ArraySource:
     def __init__(self, x: np.ndarray, labels: np.ndarray | None = None, origin: str = "array"):
         if x.ndim < 2:
             raise InputError(f"{origin}: expected an array of samples (N, ...), got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.number):
-            raise InputError(f"{origin}: expected a numeric array, got dtype {x.dtype}")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise InputError(f"{origin}: expected a real numeric array, got dtype {x.dtype}")
+        if labels is not None and (labels.shape != x.shape[:1] or not np.issubdtype(labels.dtype, np.integer)):
+            raise InputError(f"{origin}: labels 'y' must be one integer class per sample, shape ({len(x)},); "
+                             f"got shape {labels.shape}, dtype {labels.dtype}")
         self.x, self.labels, self.origin = x, labels, origin
         self.classes: list[str] = []
 
@@ -99,7 +103,7 @@ class ArraySource:
                 return cls(npz[key], labels, origin=str(path))
         except InputError:
             raise
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"{path}: cannot read array ({exc})") from None
 
     def __len__(self) -> int:

@@ -40,6 +40,7 @@ class Calibration:
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         self.source = source
+        self.origin = str(getattr(source, "origin", getattr(source, "root", "data")))
         self.batch_size = batch_size
         self.seed = seed
         self.skip_bad = skip_bad
@@ -49,8 +50,7 @@ class Calibration:
         if samples is not None:
             order = order[:samples]
         if len(order) < 2:
-            raise InputError(f"{getattr(source, 'origin', getattr(source, 'root', 'data'))}: "
-                             f"need at least 2 calibration samples, got {len(order)}")
+            raise InputError(f"{self.origin}: need at least 2 calibration samples, got {len(order)}")
         self.order = order
         self.bad: set[int] = set()
 
@@ -79,13 +79,14 @@ class Calibration:
             return None
         shapes = {x.shape for x in xs}
         if len(shapes) > 1:
-            raise InputError(f"{getattr(self.source, 'root', 'data')}: samples differ in shape "
+            raise InputError(f"{self.origin}: samples differ in shape "
                              f"{sorted(shapes)}; give --image-size H W")
         labels = self.source.labels[kept] if self.has_labels else None
         return Batch(np.stack(xs), labels)
 
     def __iter__(self) -> Iterator[Batch]:
         chunks = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        kept = 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="bnrepair-data") as pool:
             pending: deque = deque()
             for chunk in chunks:
@@ -93,11 +94,16 @@ class Calibration:
                 if len(pending) > self.prefetch:
                     batch = pending.popleft().result()
                     if batch is not None:
+                        kept += batch.size
                         yield batch
             while pending:
                 batch = pending.popleft().result()
                 if batch is not None:
+                    kept += batch.size
                     yield batch
+        if kept < 2:  # --skip-bad left too few
+            raise InputError(f"{self.origin}: need at least 2 calibration samples, got {kept} "
+                             f"({len(self.bad)} undecodable image(s) skipped)")
 
 
 class IterableCalibration:
@@ -123,15 +129,29 @@ class IterableCalibration:
 
     def __iter__(self) -> Iterator[Batch]:
         count = 0
-        for item in self.batches:
+        batches = iter(self.batches)
+        while True:
+            try:
+                item = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # the user's loader failed; its traceback stays chained for API callers
+                raise InputError(f"calibration data: reading a batch failed: {type(exc).__name__}: {exc}") from exc
             if isinstance(item, (tuple, list)):
-                batch = Batch(item[self.input_index])
-            else:
-                batch = Batch(item)
-            count += batch.size
+                if not -len(item) <= self.input_index < len(item):
+                    raise InputError(f"--input-index {self.input_index}: the batches are tuples of {len(item)}")
+                item = item[self.input_index]
+            batch = Batch(item)
+            try:
+                count += batch.size
+            except (AttributeError, IndexError, TypeError, StopIteration):
+                raise InputError("calibration data: a batch must be an array or tensor (N, ...), or a tuple or dict "
+                                 f"of them; got {type(item).__name__}") from None
             yield batch
-        if self._count is None and count == 0:
-            raise InputError("calibration data yielded no batches")
+        if count == 0:
+            raise InputError("calibration data yielded no batches" if self._count is None else
+                             "calibration data yielded no batches on its second pass: a generator runs only once; "
+                             "give a list or a re-iterable (a DataLoader, a tf.data.Dataset)")
         self._count = count
 
 
@@ -140,6 +160,7 @@ class Cached:
 
     def __init__(self, stream):
         self.batches = list(stream)
+        self.origin = getattr(stream, "origin", "calibration data")
         self.seed = getattr(stream, "seed", None)
         self.bad = getattr(stream, "bad", set())
         self.has_labels = all(b.labels is not None for b in self.batches) and bool(self.batches)

@@ -34,9 +34,13 @@ def detect(path: Path) -> str:
         raise InputError(f"{path}: empty file")
     if h5py.is_hdf5(path) or head.startswith(b"\x89HDF"):
         return "keras"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+    if zipfile.is_zipfile(path) or head.startswith(b"PK\x03\x04"):  # a zip cut short has lost its directory
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            raise InputError(f"{path}: damaged or truncated zip archive (not completely written or copied?)") \
+                from None
         if "config.json" in names and "metadata.json" in names:
             return "keras"
         if any(n.endswith("data.pkl") or n.endswith("constants.pkl") or "/code/" in n for n in names):

@@ -18,7 +18,7 @@ from ..errors import BnrepairError, InputError
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
 from . import keras_files
-from .tf_runtime import import_tensorflow, resolve_device
+from .tf_runtime import data_misfit, import_tensorflow, resolve_device
 
 
 def import_keras():
@@ -61,7 +61,8 @@ def load(path: Path, custom_objects: Path | None = None, unsafe: bool = False, d
     kind = keras_files.file_kind(path)
     objects = load_custom_objects(custom_objects)
     try:
-        model = keras.models.load_model(path, custom_objects=objects, compile=False, safe_mode=not unsafe)
+        with keras_files.keras_name(path, kind) as readable:
+            model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "safe_mode" in str(exc) or "Lambda" in str(exc):
@@ -162,8 +163,13 @@ class KerasRunner:
         if key not in self._functions:
             self._functions[key] = self._capture_function(ids, outputs, inputs)
         _, tf = import_keras()
-        with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
-            results = self._functions[key](inputs)
+        try:
+            with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
+                results = self._functions[key](inputs)
+        except BnrepairError:
+            raise
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+            raise data_misfit(exc, inputs) from exc
         if outputs:
             return tf.nest.map_structure(lambda t: t.numpy(), results)
         return results

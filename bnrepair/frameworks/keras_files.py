@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..errors import InputError
 from ..writers import atomic_path
 
 KERAS_WEIGHTS = "model.weights.h5"
+SUFFIXES = {"h5": (".h5", ".hdf5"), "keras": (".keras",)}
 
 
 def file_kind(path: Path) -> str:
@@ -46,6 +48,19 @@ def file_kind(path: Path) -> str:
                              "save the whole model with model.save()")
         return "h5"
     raise InputError(f"{path}: not a Keras .h5 or .keras file")
+
+
+@contextmanager
+def keras_name(path: Path, kind: str):
+    """``path`` under a name Keras reads as ``kind``: Keras picks its reader by suffix, bnrepair by contents,
+    so ``model.ckpt`` or an HDF5 model named ``.keras`` is read through a link with the right suffix."""
+    if path.name.endswith(SUFFIXES[kind]):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="bnrepair-") as folder:
+        link = Path(folder) / f"model{SUFFIXES[kind][0]}"
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def check_dataset(f: h5py.File, path: str, expected: np.ndarray, origin: str) -> None:

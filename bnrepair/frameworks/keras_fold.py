@@ -9,6 +9,7 @@ was gained, deserialized by Keras itself; every weight is copied over and the fo
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections import defaultdict
@@ -193,8 +194,8 @@ def fold(runner, example=None) -> Folded:
                    {name: _params(layers[name], ops[name].kind) for name in targets})
     _edit(data["config"], "", {d.bn for d in accepted}, targets)
     classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers(include_self=True)}
-    try:
-        folded = keras.saving.deserialize_keras_object(data, custom_objects=classes)
+    try:  # safe_mode off: the config comes from the model already loaded (its Lambda code runs already)
+        folded = keras.saving.deserialize_keras_object(data, custom_objects=classes, safe_mode=False)
     except Exception as exc:
         raise InputError(f"Keras could not rebuild the model without its folded BN layers: {exc}") from None
     updates = {name: {_weight_attr(ops[name].kind): p.weight, "bias": p.bias} for name, p in params.items()}
@@ -338,10 +339,23 @@ def _recording(call, name: str, found: dict, keras):
 def save(model, dest: Path, example=None) -> None:
     """``.h5`` or ``.keras``, written in a temporary folder beside ``dest`` and moved into place."""
     dest = Path(dest)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-        path = Path(tmp) / dest.name
-        model.save(path)
-        os.replace(path, dest)
+    legacy = logging.getLogger("absl")  # Keras warns on every .h5 save that the format is legacy: asked for here
+    level = legacy.level
+    legacy.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
+            path = Path(tmp) / dest.name
+            model.save(path)
+            os.replace(path, dest)
+    finally:
+        legacy.setLevel(level)
+
+
+def max_opset() -> int:
+    """The emitter writes every opset the installed onnx knows (the result is verified in onnxruntime anyway)."""
+    import onnx
+
+    return onnx.defs.onnx_opset_version()
 
 
 def to_onnx(model, example, opset: int):

@@ -18,9 +18,11 @@ saved as stored except the recalibrated moving mean / variance.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ import numpy as np
 from ..errors import BnrepairError, InputError
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
-from .tf_runtime import import_tensorflow, resolve_device
+from .tf_runtime import data_misfit, import_tensorflow, resolve_device
 from .savedmodel_graph import (
     VARIABLE_OPS,
     FlatGraph,
@@ -59,6 +61,34 @@ def checkpoint_prefix(path: Path) -> Path:
     return prefix
 
 
+@contextmanager
+def readable_checkpoint(source: Path):
+    """TensorFlow reports a damaged or truncated variables checkpoint from whichever read meets the damage
+    (an OpError, or IndexError for data cut short): the user's file to fix, in one line."""
+    tf = import_tensorflow()
+    try:
+        yield
+    except (tf.errors.OpError, IndexError) as exc:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", str(exc)).strip().split("\n")[0] or type(exc).__name__
+        raise InputError(f"{source}: damaged or truncated variables checkpoint ({reason})") from None
+
+
+class CheckpointReader:
+    """``tf.train.load_checkpoint`` of a SavedModel, every read guarded by ``readable_checkpoint``."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        with readable_checkpoint(source):
+            self.reader = import_tensorflow().train.load_checkpoint(str(checkpoint_prefix(source)))
+
+    def has_tensor(self, key: str) -> bool:
+        return self.reader.has_tensor(key)
+
+    def get_tensor(self, key: str):
+        with readable_checkpoint(self.source):
+            return self.reader.get_tensor(key)
+
+
 class SavedModelRunner:
     """The runner protocol for a SavedModel signature (see DESIGN.md: infer, collect, set_stats, save)."""
 
@@ -72,7 +102,7 @@ class SavedModelRunner:
         self.signature = choose_signature(meta, signature, input_name, str(source))
         saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
         self.flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
-        self.reader = tf.train.load_checkpoint(str(checkpoint_prefix(source)))
+        self.reader = CheckpointReader(source)
         objects = _checkpointed_objects(meta, self.reader)
         self.keys = {**self.flat.checkpoint_keys(), **_captured_keys(meta, objects)}
         model_nodes = self.flat.fanin(self.signature.outputs.values(),
@@ -240,8 +270,11 @@ class SavedModelRunner:
         key = (mode, tuple(ids), outputs)
         if key not in self._functions:
             self._functions[key] = self._trace(tf, mode, ids, outputs)
-        with tf.device(self.device):
-            return self._functions[key](inputs)
+        try:
+            with tf.device(self.device):
+                return self._functions[key](inputs)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+            raise data_misfit(exc, inputs) from exc
 
     def _trace(self, tf, mode: str, ids: list[str], outputs: bool):
         """One ``tf.function`` importing the graph: the signature outputs, or the moments of BN inputs."""
@@ -400,15 +433,16 @@ def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
 
 def _rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
     tf = import_tensorflow()
-    reader = tf.train.load_checkpoint(str(source))
-    dtypes = reader.get_variable_to_dtype_map()
+    with readable_checkpoint(source):
+        dtypes = tf.train.load_checkpoint(str(source)).get_variable_to_dtype_map()
     keys = sorted(dtypes)
     unknown = sorted(set(values) - set(keys))
     if unknown:
         raise BnrepairError(f"{source}: checkpoint has no entries {', '.join(unknown)}")
     with tf.device("/CPU:0"):
-        stored = tf.raw_ops.RestoreV2(prefix=str(source), tensor_names=keys, shape_and_slices=[""] * len(keys),
-                                      dtypes=[dtypes[k] for k in keys])
+        with readable_checkpoint(source):
+            stored = tf.raw_ops.RestoreV2(prefix=str(source), tensor_names=keys,
+                                          shape_and_slices=[""] * len(keys), dtypes=[dtypes[k] for k in keys])
         tensors = [tf.constant(np.asarray(values[k]).astype(dtypes[k].as_numpy_dtype).reshape(t.shape), dtypes[k])
                    if k in values else t for k, t in zip(keys, stored)]
         dest.parent.mkdir(parents=True, exist_ok=True)

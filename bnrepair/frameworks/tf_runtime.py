@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 
-from ..errors import BnrepairError
+from ..errors import BnrepairError, InputError
 
 
 @contextmanager
@@ -45,6 +46,8 @@ def import_tensorflow():
 
 
 def resolve_device(tf, device: str) -> str:
+    if device not in ("auto", "cpu", "gpu", "cuda"):
+        raise BnrepairError(f"--device must be auto, cpu or gpu, got {device!r}")
     gpus = tf.config.list_physical_devices("GPU")
     if device in ("gpu", "cuda"):
         if not gpus:
@@ -52,6 +55,19 @@ def resolve_device(tf, device: str) -> str:
         return "/GPU:0"
     if device == "cpu" or not gpus:
         return "/CPU:0"
-    if device != "auto":
-        raise BnrepairError(f"--device must be auto, cpu or gpu, got {device!r}")
     return "/GPU:0"
+
+
+def data_misfit(exc: Exception, inputs) -> InputError:
+    """A calibration batch the model cannot take, in one line of TensorFlow's message: for an error raised
+    inside a traced call ("in user code:", a stack, then the error; Keras adds a heading and the call's
+    arguments), the error itself; else the first line, without the dump of the batch."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    reason = lines[0].split(" Received args:")[0] if lines else type(exc).__name__
+    if reason.startswith("in user code:"):
+        at = max((i for i, line in enumerate(lines) if re.match(r"\w+(Error|Exception): ", line)),
+                 default=len(lines) - 1)
+        heading = "Exception encountered when calling" in lines[at] and at + 1 < len(lines)
+        reason = lines[at + heading]
+    shape = f"{tuple(inputs.shape)} {inputs.dtype}" if hasattr(inputs, "shape") else type(inputs).__name__
+    return InputError(f"the model's forward pass failed on a calibration batch ({shape}): {reason}")

@@ -81,6 +81,9 @@ def read(path: Path, arch: str | None = None, arch_kwargs: str | None = None, ke
     if isinstance(content, torch.nn.Module):
         return Checkpoint(path, "module", content, content, zipped=zipped)
     if _is_state_dict(content):
+        if key is not None:
+            raise InputError(f"{path}: --key {key!r}: the file is a bare state_dict, not a checkpoint dict; "
+                             "leave --key out")
         module, prefix = _module_from_state(content, arch, arch_kwargs, f"{path}")
         return Checkpoint(path, "state_dict", module, content, prefix=prefix, zipped=zipped)
     if isinstance(content, Mapping):
@@ -154,6 +157,8 @@ def _refusal(path: Path, exc: Exception) -> str:
 
     try:
         wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except pickle.UnpicklingError as damage:  # the archive's pickle itself is broken: no flag would help
+        return f"{path}: damaged torch file, its pickle cannot be read ({_first_line(damage)})"
     except Exception:  # legacy (non-zip) files: read the names from torch's message
         wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if not wanted:

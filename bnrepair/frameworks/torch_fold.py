@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,10 +34,18 @@ SUFFIXES = (".pt2",)
 
 def source(runner):
     """An ``eval()`` copy of the runner's module: what the source computes at inference."""
-    if runner.scripted:
-        raise InputError("TorchScript modules cannot be folded or exported here: load the state_dict with "
-                         "--arch instead")
     return copy.deepcopy(runner.module).eval()
+
+
+def max_opset() -> int:
+    """The newest opset ``torch.onnx.export`` writes (it fails on newer ones only after tracing)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private module: without it, a newer opset still fails with one line, only later
+        import onnx
+
+        return onnx.defs.onnx_opset_version()
+    return ONNX_MAX_OPSET
 
 
 def fold(runner, example) -> Folded:
@@ -253,7 +263,7 @@ def to_onnx(model, example, opset: int):
     names = output_names(model, example)
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_output_discarded():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
                               output_names=names, dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
@@ -261,3 +271,21 @@ def to_onnx(model, example, opset: int):
     except Exception as exc:
         raise InputError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from None
     return onnx.load_from_string(buffer.getvalue())
+
+
+@contextmanager
+def _native_output_discarded():
+    """The exporter switches its C++ log on by itself and, when it fails, prints the whole traced graph on the
+    process's stdout, past any Python redirect: the error it raises is all the user needs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "w") as sink:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            yield
+    finally:
+        for fd, duplicate in saved.items():
+            os.dup2(duplicate, fd)
+            os.close(duplicate)
