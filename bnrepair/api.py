@@ -79,6 +79,9 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         output = check_output(source, Path(output) if output else default_output(source))
+        if source.is_file() and output.suffix.lower() != source.suffix.lower():
+            raise InputError(f"{output}: the repaired checkpoint has the input's format; name it *{source.suffix} "
+                             "(use --export for ONNX)")
     onnx_path = export_target(source, export, fold, output)
     runner = load(model, device=device, **load_options)
     if onnx_path is not None:

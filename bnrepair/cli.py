@@ -384,6 +384,7 @@ Opset = Annotated[int, typer.Option(help="ONNX opset.")]
 def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
            arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
     """Shared by fold and export: data (optional here), load options, the report."""
+    apart_from_input(checkpoint, json_path)
     source = calibration_source(data, data_fn, preprocess) if data is not None or data_fn else None
     report = run(checkpoint, output, data=source, preprocess=preprocess,
                  **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,

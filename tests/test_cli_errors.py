@@ -291,3 +291,16 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase):
     assert process.returncode == 130, stderr
     assert stderr.strip() == "interrupted; nothing was written"
     assert list(out.iterdir()) == []
+
+
+def test_repaired_checkpoint_keeps_the_input_suffix(tmp_path):
+    """A Keras file written as ``x.onnx`` would load nowhere: the format follows the input's name."""
+    from bnrepair.cli import app
+    from typer.testing import CliRunner
+
+    source = Path(__file__).resolve().parent.parent / "fixtures" / "keras" / "stale_ema.h5"
+    np.save(tmp_path / "x.npy", np.zeros((4, 32, 32, 3), np.float32))
+    result = CliRunner().invoke(app, ["recalibrate", str(source), "-d", str(tmp_path / "x.npy"),
+                                      "-o", str(tmp_path / "r.onnx")])
+    assert result.exit_code == 2 and "name it *.h5" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

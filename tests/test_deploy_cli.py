@@ -149,9 +149,10 @@ def test_savedmodel_and_torchscript_sources_are_refused_naming_the_file(tmp_path
 
 
 def test_outputs_that_would_clobber_something_are_refused(tmp_path):
-    """--export onto -o silently replaced the repaired checkpoint; a folder as output failed after all the work."""
+    """--export onto -o silently replaced the repaired checkpoint (now refused already because the repaired
+    checkpoint keeps the input's suffix); a folder as output failed after all the work."""
     refused(tmp_path, ["recalibrate", KERAS, "--data", CALIB, "-o", tmp_path / "fixed.onnx", "--export",
-                       tmp_path / "fixed.onnx"], "name the same file")
+                       tmp_path / "fixed.onnx"], "name it *.h5")
     (tmp_path / "model.keras").mkdir()
     refused(tmp_path, ["fold", KERAS, "-o", tmp_path / "model.keras"], "is a folder")
     (tmp_path / "model.onnx").mkdir()

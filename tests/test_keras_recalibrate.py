@@ -2,6 +2,7 @@
 
 import json
 import zipfile
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -254,8 +255,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path):
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, message in cases:
-        result = cli.invoke(app, ["recalibrate", *args, "-o", str(tmp_path / "out.h5")] if "-o" not in args
-                            else ["recalibrate", *args])
+        output = str(tmp_path / f"out{Path(args[0]).suffix}")
+        result = cli.invoke(app, ["recalibrate", *args, "-o", output] if "-o" not in args else ["recalibrate", *args])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (message, result.output)
         assert "Traceback" not in result.output
