@@ -334,3 +334,28 @@ def test_non_finite_activations_are_a_clear_error(files, tmp_path):
                               "-o", str(tmp_path / "o.h5")])
     assert result.exit_code == 2 and "NaN or infinite activations" in result.output
     assert not (tmp_path / "o.h5").exists()
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "fixtures" / "keras"
+
+
+@pytest.mark.parametrize("name", ["tf_keras_v2.h5", "nested.keras", "nested.h5", "channels_first.h5",
+                                  "channels_first.keras", "dropout_bn.h5"])
+def test_shipped_format_fixtures_change_only_their_statistics(tmp_path, name):
+    """Keras 2 (tf_keras: ``:0`` names, optimizer_weights, training_config), nested and channels_first files
+    written by the fixture script, recalibrated from the image folder through the CLI."""
+    source, output = SHIPPED / name, tmp_path / f"out{Path(name).suffix}"
+    calib = SHIPPED.parent / "data" / "a" / "calib"
+    result = cli.invoke(app, ["recalibrate", str(source), "--data", str(calib), "-o", str(output), "-q"])
+    assert result.exit_code == 0, result.output
+    runner = bnrepair.load(source)
+    changed = {loc for bn in runner.graph.bn_layers for loc in bn.locations.values()}
+    with open_weights(source) as fin, open_weights(output) as fout:
+        old, new = h5_contents(fin), h5_contents(fout)
+        if name == "tf_keras_v2.h5":
+            assert "optimizer_weights" in fin and "training_config" in fin.attrs
+            assert all(loc.endswith(":0") for loc in changed)
+    assert {path for path in old if old[path] != new[path]} == changed
+    for bn in bnrepair.load(output).graph.bn_layers:
+        assert not np.allclose(bn.var, runner.graph.layer(bn.id).var)
+    keras.models.load_model(output, compile=False)
