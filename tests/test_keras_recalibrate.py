@@ -359,3 +359,17 @@ def test_shipped_format_fixtures_change_only_their_statistics(tmp_path, name):
     for bn in bnrepair.load(output).graph.bn_layers:
         assert not np.allclose(bn.var, runner.graph.layer(bn.id).var)
     keras.models.load_model(output, compile=False)
+
+
+def test_bn_layer_called_twice_pools_both_calls():
+    """A shared BN layer's moving averages see every call during training; recalibration pools them too."""
+    a, b = keras.Input((3,), name="a"), keras.Input((3,), name="b")
+    bn = keras.layers.BatchNormalization(name="shared_bn")
+    model = keras.Model({"a": a, "b": b}, keras.layers.Add()([bn(a), bn(b)]))
+    rng = np.random.default_rng(0)
+    xa, xb = rng.normal(0, 1, (40, 3)).astype(np.float32), rng.normal(5, 3, (40, 3)).astype(np.float32)
+    batches = [{"a": xa[i:i + 16], "b": xb[i:i + 16]} for i in range(0, 40, 16)]
+    bnrepair.recalibrate(model, batches, mode="eval")
+    expected = Moments.from_array(np.concatenate([xa, xb]).astype(np.float64), -1)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), expected.mean, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), expected.variance(False), rtol=1e-5)

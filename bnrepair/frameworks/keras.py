@@ -8,6 +8,7 @@ averages are never touched and every other layer (Dropout!) runs in inference mo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -156,7 +157,11 @@ class KerasRunner:
 
     def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
         results = self._run(inputs, mode, ids, outputs=False)
-        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+        pooled = {}
+        for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
+            calls = [Moments.of(*(t.numpy() for t in call)) for call in results[layer_id]]
+            pooled[layer_id] = functools.reduce(Moments.merge, calls)
+        return pooled
 
     def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
         key = (mode, tuple(ids), outputs)
@@ -230,13 +235,11 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
     _, tf = import_keras()
 
     def call(inputs, training=None, mask=None, **kwargs):
-        if layer_id in sink:
-            raise BnrepairError(f"BN layer {layer_id} is called twice in one forward pass; "
-                                "its statistics cannot be recalibrated as one layer")
         x = tf.cast(inputs, tf.float32)
         axis = layer.axis % len(x.shape)
         if mode == "train" and len(x.shape) == 4 and axis in (1, 3) and layer.epsilon >= _FUSED_MIN_EPSILON:
-            out, sink[layer_id] = _fused_train_call(layer, x, axis)
+            out, moments = _fused_train_call(layer, x, axis)
+            sink.setdefault(layer_id, []).append(moments)
             return tf.cast(out, inputs.dtype)
         axes = [i for i in range(len(x.shape)) if i != axis]
         mean = tf.reduce_mean(x, axis=axes)
@@ -245,7 +248,7 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
         centred = x - tf.reshape(mean, shape)
         m2 = tf.reduce_sum(tf.square(centred), axis=axes)
         count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
-        sink[layer_id] = (count, mean, m2)
+        sink.setdefault(layer_id, []).append((count, mean, m2))
         if mode != "train":
             return original_call(inputs, training=False, mask=mask, **kwargs)
         var = m2 / tf.cast(count, tf.float32)
