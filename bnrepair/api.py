@@ -107,8 +107,6 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     return report
 
 
-
-
 def inspect(model, **load_options) -> InspectReport:
     """What the checkpoint's stored statistics and settings say, without any data."""
     runner = load(model, **load_options)

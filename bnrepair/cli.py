@@ -314,8 +314,8 @@ def diagnose(
     data: Data = None,
     threshold: Annotated[float, typer.Option(help="A channel is off when its mean shift (in data std) or "
                                              "|ln variance ratio| exceeds this.")] = 0.5,
-    plot: Annotated[Optional[Path], typer.Option(callback=writable_folder, help="Draw per-layer mean shift and variance ratio to this "
-                                                 "PNG.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(callback=writable_folder, help="Draw per-layer mean shift and "
+                                                 "variance ratio to this PNG.")] = None,
     mode: Mode = "train",
     batch_size: BatchSize = 32,
     seed: Seed = 0,

@@ -43,7 +43,8 @@ class Outcome:
     change_per_pass: list[float] = field(default_factory=list)
 
 
-def pooled_moments(runner, data, mode: str, ids: list[str], progress: Progress, index: int = 0) -> tuple[dict[str, Moments], int]:
+def pooled_moments(runner, data, mode: str, ids: list[str], progress: Progress,
+                   index: int = 0) -> tuple[dict[str, Moments], int]:
     """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples."""
     totals = {i: Moments(0, np.zeros(()), np.zeros(())) for i in ids}
     seen = 0

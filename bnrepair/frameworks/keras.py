@@ -118,7 +118,8 @@ class KerasRunner:
             if not layer.built:
                 raise InputError(f"{source or 'model'}: layer {layer.name} is not built; call the model once first")
         self._by_id = dict(zip(_unique_ids(self._bn), self._bn))
-        self.graph = ModelGraph("keras", str(source or "memory"), [self._describe(i, l) for i, l in self._by_id.items()],
+        layers = [self._describe(layer_id, layer) for layer_id, layer in self._by_id.items()]
+        self.graph = ModelGraph("keras", str(source or "memory"), layers,
                                 input_shape=_input_shape(model), channels_first=_channels_first(model),
                                 unbiased_var=False)
         self._functions: dict = {}
