@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import BnrepairError, InputError
+from .errors import BnrepairError, InputError, first_line
 from .report import _finite, _write_json
 from .writers import atomic_path, sha256
 
@@ -214,7 +214,7 @@ def _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rt
     try:
         reference = [frame.run(source, x) for x in batches]
     except (RuntimeError, TypeError, ValueError) as exc:  # several inputs, or data of another shape
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         raise InputError(f"the model does not run on one input batch of shape {batches[0].shape}: {text}") from None
     if not all(np.isfinite(out).all() for outputs in reference for out in outputs):
         raise InputError("the model's own outputs hold NaN or infinite values on the verification inputs, so "
@@ -341,7 +341,7 @@ def _label(proto, report: DeployReport) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise VerificationError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise VerificationError(f"the exported model fails onnx.checker: {first_line(exc)}") from None
 
 
 def import_ort():
@@ -410,4 +410,4 @@ def onnx_session(model: bytes):
     try:
         return ort.InferenceSession(model, providers=providers)
     except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot load the exported model: {str(exc).splitlines()[0]}") from None
+        raise VerificationError(f"onnxruntime cannot load the exported model: {first_line(exc)}") from None

@@ -9,3 +9,9 @@ class BnrepairError(Exception):
 
 class InputError(BnrepairError):
     """A checkpoint or data file that cannot be used as given."""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library's error in one line (our messages are one line): its first line, or its type when empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

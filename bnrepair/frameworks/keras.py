@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BnrepairError, InputError
+from ..errors import BnrepairError, InputError, first_line
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
 from . import keras_files
@@ -65,7 +65,7 @@ def load(path: Path, custom_objects: Path | None = None, unsafe: bool = False, d
         with keras_files.keras_name(path, kind) as readable:
             model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         if "safe_mode" in str(exc) or "Lambda" in str(exc):
             message += " (the file holds Python code; pass --unsafe only if you trust it)"
         raise InputError(f"{path}: Keras could not load the model: {message}") from None

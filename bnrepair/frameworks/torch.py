@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BnrepairError, InputError
+from ..errors import BnrepairError, InputError, first_line
 from ..graph import BNLayer, ModelGraph
 from ..moments import Moments
 from . import torch_files
@@ -155,7 +155,7 @@ class TorchRunner:
         except BnrepairError:
             raise
         except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
                              f"{text}") from exc
 

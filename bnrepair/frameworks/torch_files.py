@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..hooks import call_spec
 from ..writers import atomic_path
 
@@ -128,7 +128,7 @@ def _read_torchscript(path: Path) -> Checkpoint:
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:  # TorchScript raises RuntimeError or its own C++ error types
-        raise InputError(f"{path}: cannot load the TorchScript archive ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot load the TorchScript archive ({first_line(exc)})") from None
     return Checkpoint(path, "torchscript", module, extra_files=extra)
 
 
@@ -143,11 +143,11 @@ def _unpickle(path: Path, trust_pickle: bool, safe_globals) -> Any:
         if not trust_pickle:
             raise InputError(_refusal(path, exc)) from None
     except Exception as exc:
-        raise InputError(f"{path}: cannot read the torch file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot read the torch file ({first_line(exc)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InputError(f"{path}: unpickling failed ({type(exc).__name__}: {_first_line(exc)}); "
+        raise InputError(f"{path}: unpickling failed ({type(exc).__name__}: {first_line(exc)}); "
                          "the classes it names must be importable") from None
 
 
@@ -158,11 +158,11 @@ def _refusal(path: Path, exc: Exception) -> str:
     try:
         wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except pickle.UnpicklingError as damage:  # the archive's pickle itself is broken: no flag would help
-        return f"{path}: damaged torch file, its pickle cannot be read ({_first_line(damage)})"
+        return f"{path}: damaged torch file, its pickle cannot be read ({first_line(damage)})"
     except Exception:  # legacy (non-zip) files: read the names from torch's message
         wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if not wanted:
-        return (f"{path}: weights-only loading failed ({_first_line(exc)}); "
+        return (f"{path}: weights-only loading failed ({first_line(exc)}); "
                 "pass --trust-pickle only if you trust the file")
     names = _names(sorted(set(wanted)))
     if any(name.startswith("torch.nn.modules.") for name in wanted):
@@ -235,7 +235,7 @@ def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None
         module = build(**kwargs)
     except Exception as exc:
         raise InputError(f"--arch {arch}: building the module failed: "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from None
+                         f"{type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"--arch {arch}: returned a {type(module).__name__}, not a torch.nn.Module")
     prefix = _common_prefix(state)
@@ -280,7 +280,3 @@ def _names(keys) -> str:
     shown = ", ".join(keys[:8])
     return shown + (f", … (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

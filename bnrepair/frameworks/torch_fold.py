@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ..writers import atomic_path
 from .torch import trace
@@ -84,7 +84,7 @@ def _trace(torch, module, bn_ids: set[str]):
     try:
         return trace(torch, module, bn_ids)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         raise InputError(f"cannot fold: torch.fx cannot trace the module ({message})") from None
 
 
@@ -239,7 +239,7 @@ def save(model, dest: Path, example) -> None:
     try:
         program = torch.export.export(model, (_tensor(model, example),), dynamic_shapes=({0: batch},))
     except Exception as exc:
-        raise InputError(f"torch.export failed on the folded module: {str(exc).strip().splitlines()[0]}") from None
+        raise InputError(f"torch.export failed on the folded module: {first_line(exc)}") from None
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:
         torch.export.save(program, f)
 
@@ -269,7 +269,7 @@ def to_onnx(model, example, opset: int):
                               output_names=names, dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
                               training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True)
     except Exception as exc:
-        raise InputError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from None
+        raise InputError(f"torch.onnx.export failed: {first_line(exc)}") from None
     return onnx.load_from_string(buffer.getvalue())
 
 
