@@ -96,7 +96,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                                                       batch_size=batch_size, seed=seed, source_path=source)
     if source is not None:
         report.input, report.output = str(source), str(output)
-        report.input_sha256 = sha256(source) if source.is_file() else None
+        if pending is not None:  # the export already hashed the input: a checkpoint can be gigabytes
+            report.input_sha256 = pending.report.input_sha256
+        else:
+            report.input_sha256 = sha256(source) if source.is_file() else None
         runner.save(output, [bn.id for bn in outcome.layers])
     with removed_on_failure(output if source is not None else None):
         if source is not None:
