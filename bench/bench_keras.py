@@ -29,8 +29,8 @@ import numpy as np
 import bnrepair
 from bnrepair.frameworks.keras import import_keras
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fixtures"))
-import synthetic
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fixtures import synthetic  # noqa: E402
 
 keras, tf = import_keras()
 

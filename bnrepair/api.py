@@ -8,60 +8,46 @@ re-iterable of batches.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import frameworks
-from .data import Cached, ImageSpec, calibration
-from .data.sources import ArraySource, ImageFolder
-from .diagnosis import compare, decay, inspect_layers, verdicts
+from .data import Cached, calibration, check_fits, check_path, check_preprocess, image_spec
+from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, prepare
+from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
 from .errors import InputError
-from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, DeployReport, adapter, prepare
 from .metrics import as_scores
-from .recalibrate import Progress, run
-from .report import DiagnoseReport, InspectReport, Report
+from .options import LoadOptions
+from .protocols import Progress, Runner
+from .recalibration import run
+from .report import DeployReport, DiagnoseReport, InspectReport, Report
 from .writers import check_output, default_output, removed_on_failure, sha256
 
 
-def load(model, **options):
-    """A runner for a checkpoint path or an in-memory model (see DESIGN.md, runner protocol)."""
-    if hasattr(model, "graph") and hasattr(model, "collect"):
+def load(model, options: LoadOptions | None = None, *, device: str = "auto", **load_options) -> Runner:
+    """A runner (``protocols.Runner``) for a checkpoint path or an in-memory model.
+
+    Load options come as a ``LoadOptions`` or as its fields by keyword (``arch="net.py:build"``); one that
+    does not apply to the file's format is refused.
+    """
+    options = LoadOptions.of(options, **load_options)
+    if isinstance(model, Runner):
         return model
     if isinstance(model, (str, Path)):
-        return frameworks.load(Path(model), **options)
-    return frameworks.wrap(model, **options)
+        return frameworks.load(Path(model), options, device)
+    if options.given():
+        raise InputError(f"load options ({', '.join(options.given())}) apply to checkpoint files, not to a model "
+                         "in memory")
+    return frameworks.wrap(model, device)
 
 
-def image_spec(graph, image_size=None, preprocess: str = "unit") -> ImageSpec:
-    """How images must be decoded for this model: its declared input size, channels and layout."""
-    shape = graph.input_shape
-    channels, size = 3, None
-    if shape is not None and len(shape) == 3:
-        c, h, w = shape if graph.channels_first else (shape[2], shape[0], shape[1])
-        channels = c or 3
-        if h and w:
-            size = (h, w)
-    if image_size:
-        size = tuple(int(v) for v in image_size)
-        if min(size) < 1:
-            raise InputError(f"--image-size {size[0]} {size[1]}: height and width must be positive")
-    return ImageSpec(size=size, channels=channels, preprocess=preprocess, channels_first=graph.channels_first)
-
-
-def check_fits(graph, data) -> None:
-    """Fail early, naming the file, when the samples cannot be the model's input."""
-    shape = graph.input_shape
-    source = getattr(data, "source", None)
-    if shape is None or source is None:
-        return
-    if isinstance(source, ImageFolder) and len(shape) != 3:
-        raise InputError(f"{source.root}: image folder given, but the model takes inputs of shape {shape}")
-    if isinstance(source, ArraySource):
-        got = source.sample_shape
-        if len(got) != len(shape) or any(want is not None and want != have for want, have in zip(shape, got)):
-            raise InputError(f"{source.origin}: samples have shape {got}, the model takes {shape}")
+def _checked_request(data, preprocess: str) -> None:
+    """What can be refused before a framework is imported and a model loaded."""
+    check_preprocess(preprocess)
+    check_path(data)
 
 
 def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: int = 32, seed: int = 0,
@@ -83,9 +69,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
             raise InputError(f"{output}: the repaired checkpoint has the input's format; name it *{source.suffix} "
                              "(use --export for ONNX)")
     onnx_path = export_target(source, export, fold, output)
+    _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
     if onnx_path is not None:
-        adapter(runner)
+        runner.fold_backend()  # refuses a format that cannot be exported before the recalibration runs
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
@@ -113,7 +100,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
 def inspect(model, **load_options) -> InspectReport:
     """What the checkpoint's stored statistics and settings say, without any data."""
     runner = load(model, **load_options)
-    calls = runner.call_counts() if hasattr(runner, "call_counts") else None
+    calls = runner.call_counts()
     return InspectReport(runner.framework, runner.graph.source, runner.graph.bn_layers,
                          inspect_layers(runner.graph, calls), decays=[decay(runner.graph, bn)
                                                                       for bn in runner.graph.bn_layers])
@@ -131,11 +118,10 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     in ``mode`` exactly as ``recalibrate`` would do it, whose predictions give the expected gain.
     Nothing is written.
     """
-    import time
-
     if not threshold > 0:  # NaN would call every layer healthy
         raise InputError(f"--threshold must be a positive number, got {threshold}")
     started = time.perf_counter()
+    _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
@@ -154,13 +140,13 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     command = fix_command or (f"bnrepair recalibrate {model} --data {data}" if source_like(model, data)
                               else "bnrepair.recalibrate(model, data)")
     labels = np.concatenate([b.labels for b in cached]) if cached.has_labels else None
-    return DiagnoseReport.of(runner, evidence, verdicts(runner.graph, evidence, command),
-                             inspect_layers(runner.graph), inference, training, after, labels, len(cached),
-                             threshold, mode, recalibrated.passes + consistent.passes + 3,
-                             time.perf_counter() - started)
+    return DiagnoseReport(runner.framework, runner.graph.source, len(cached), threshold, mode,
+                          recalibrated.passes + consistent.passes + 3, time.perf_counter() - started, evidence,
+                          verdicts(runner.graph, evidence, command), inspect_layers(runner.graph),
+                          output_evidence(inference, training, after, labels))
 
 
-def as_scores_of(runner, data, mode: str) -> np.ndarray:
+def as_scores_of(runner: Runner, data, mode: str) -> np.ndarray:
     return np.concatenate([as_scores(runner.infer(runner.cast_input(b.inputs), mode)) for b in data])
 
 
@@ -202,8 +188,10 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
     source = Path(model) if isinstance(model, (str, Path)) else None
     if output is not None:
         output = check_output(source, Path(output))
+    if data is not None:
+        _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
-    frame = adapter(runner)
+    frame = runner.fold_backend()
     if output is None and source is not None:
         suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
         output = check_output(source, default_output(source, "folded").with_suffix(suffix))
@@ -226,6 +214,8 @@ def export(model, output, *, fold: bool = False, opset: int = DEFAULT_OPSET, dat
     with ``fold``; verified in onnxruntime against the source before anything is written."""
     source = Path(model) if isinstance(model, (str, Path)) else None
     output = onnx_output(source, output)
+    if data is not None:
+        _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
     pending = prepare(runner, output, fold=fold, to_onnx=True, data=data, samples=samples, batch_size=batch_size,
                       seed=seed, atol=atol, rtol=rtol, opset=opset, image_size=image_size, preprocess=preprocess,

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from . import __version__
 from .errors import BnrepairError
+from .version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
 130 interrupted (nothing written); 1 unexpected internal error."""
@@ -85,8 +85,14 @@ class RichProgress:
     """Samples streamed per pass, with throughput, on stderr."""
 
     def __init__(self, console: Console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
@@ -179,9 +185,11 @@ InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                  signature, input_name) -> dict:
-    return dict(custom_objects=custom_objects, unsafe=unsafe, arch=arch, arch_kwargs=arch_kwargs, key=key,
-                trust_pickle=trust_pickle, trust_code=trust_code, safe_globals=safe_global or [],
-                signature=signature, input_name=input_name)
+    """The load flags as the API's ``options``: one typed ``LoadOptions``."""
+    from .options import LoadOptions
+
+    return {"options": LoadOptions(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
+                                   tuple(safe_global or ()), signature, input_name)}
 
 
 def apart_from_input(checkpoint: Path, *reports: Optional[Path]) -> None:
@@ -193,24 +201,13 @@ def apart_from_input(checkpoint: Path, *reports: Optional[Path]) -> None:
             check_output(checkpoint, path)
 
 
-def calibration_source(data, data_fn, preprocess):
-    """--data or --data-fn (exactly one), checked before any framework is imported."""
-    from .data.preprocess import PREPROCESS
-    from .hooks import call_spec
+def calibration_source(data, data_fn):
+    """--data or --data-fn, exactly one of them."""
+    from .user_code import data_from
 
     if (data is None) == (data_fn is None):
         raise BnrepairError("give calibration data with --data PATH or --data-fn MODULE:CALLABLE (one of them)")
-    if preprocess not in PREPROCESS:
-        raise BnrepairError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
-    if data is not None and not data.exists():
-        raise BnrepairError(f"{data}: no such file or folder")
-    if data_fn is None:
-        return data
-    make = call_spec(data_fn, "--data-fn")
-    try:
-        return make()
-    except Exception as exc:  # the user's code: its failure is bad input, not ours
-        raise BnrepairError(f"--data-fn {data_fn}: calling it failed: {type(exc).__name__}: {exc}") from None
+    return data if data_fn is None else data_from(data_fn)
 
 
 @app.command(epilog=EXIT_CODES)
@@ -257,7 +254,7 @@ def recalibrate(
     from .api import recalibrate as run_recalibrate
 
     apart_from_input(checkpoint, json_path)
-    source = calibration_source(data, data_fn, preprocess)
+    source = calibration_source(data, data_fn)
     progress = None if quiet else RichProgress(err)
     try:
         report = run_recalibrate(
@@ -346,7 +343,7 @@ def diagnose(
     from .api import diagnose as run_diagnose
 
     apart_from_input(checkpoint, json_path, plot)
-    source = calibration_source(data, data_fn, preprocess)
+    source = calibration_source(data, data_fn)
     given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,
              "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
@@ -385,7 +382,7 @@ def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet,
            arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
     """Shared by fold and export: data (optional here), load options, the report."""
     apart_from_input(checkpoint, json_path)
-    source = calibration_source(data, data_fn, preprocess) if data is not None or data_fn else None
+    source = calibration_source(data, data_fn) if data is not None or data_fn else None
     report = run(checkpoint, output, data=source, preprocess=preprocess,
                  **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
                                 safe_global, "serving_default", None), **options)

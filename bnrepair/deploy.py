@@ -11,14 +11,16 @@ import functools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .data import calibration, check_fits, image_spec
 from .errors import BnrepairError, InputError, first_line
-from .report import _finite, _write_json
+from .protocols import FoldBackend, Runner
+from .report import Check, DeployReport, FoldRow, Refusal
+from .version import __version__
 from .writers import atomic_path, sha256
 
 DEFAULT_OPSET = 17
@@ -29,98 +31,6 @@ VERIFY_SAMPLES = 64
 
 class VerificationError(BnrepairError):
     """The folded or exported model does not compute what the source computes."""
-
-
-@dataclass
-class FoldRow:
-    bn: str
-    how: str
-    into: list[str]
-    """the weights the BN went into"""
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-
-
-@dataclass
-class Refusal:
-    bn: str
-    reason: str
-
-
-@dataclass
-class Check:
-    output: str
-    stage: str
-    """``fold`` (folded model in its framework) or ``onnx`` (onnxruntime), both against the source"""
-    max_abs: float
-    max_rel: float
-    """largest |difference| over the largest |source value| of that output"""
-
-
-@dataclass
-class DeployReport:
-    """What ``fold`` / ``export`` did and how closely the result matches the source."""
-
-    framework: str
-    source: str
-    output: str | None
-    folded: list[FoldRow]
-    refused: list[Refusal]
-    checks: list[Check]
-    samples: int
-    inputs: str
-    atol: float
-    rtol: float
-    opset: int | None = None
-    provider: str | None = None
-    input_sha256: str | None = None
-    output_sha256: str | None = None
-    seconds: float = 0.0
-    version: str = __version__
-    model = None
-    """the folded model in memory (a class attribute, not a field: kept out of JSON)"""
-
-    def to_dict(self) -> dict:
-        return _finite(asdict(self))
-
-    def write_json(self, path: Path) -> None:
-        _write_json(path, self.to_dict())
-
-    def summary(self) -> str:
-        worst = {stage: max((c.max_abs for c in self.checks if c.stage == stage), default=None)
-                 for stage in ("fold", "onnx")}
-        parts = [f"{stage} {value:.2g}" for stage, value in worst.items() if value is not None]
-        text = (f"Folded {len(self.folded)} of {len(self.folded) + len(self.refused)} BN layer(s); "
-                if self.folded or self.refused else "")
-        text += f"verified on {self.samples} samples ({self.inputs}): largest |Δ| {', '.join(parts)}"
-        if self.provider:
-            text += f" (onnxruntime {self.provider})"
-        return text + (f"; wrote {self.output}" if self.output else "")
-
-    def render(self, console) -> None:
-        from rich.table import Table
-
-        if self.folded:
-            table = Table(title="Folded BN layers", title_justify="left")
-            for name in ("BN", "how", "into", "max |Δ|", "rel"):
-                table.add_column(name)
-            for row in self.folded:
-                table.add_row(row.bn, row.how, ", ".join(row.into), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
-            console.print(table)
-        if self.refused:
-            table = Table(title="Left in place", title_justify="left")
-            table.add_column("BN")
-            table.add_column("reason")
-            for refusal in self.refused:
-                table.add_row(refusal.bn, refusal.reason)
-            console.print(table)
-        table = Table(title="Outputs against the source", title_justify="left")
-        for name in ("output", "stage", "max |Δ|", "rel"):
-            table.add_column(name)
-        for check in self.checks:
-            table.add_row(check.output, check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
-        console.print(table)
-        console.print(self.summary(), highlight=False)
 
 
 @dataclass
@@ -155,30 +65,13 @@ class Error:
         return self.abs / self.scale if self.scale else (np.inf if self.abs else 0.0)
 
 
-def adapter(runner):
-    """The fold / ONNX module for ``runner``'s framework; checked before any work is done (the pipeline
-    would otherwise recalibrate first), refusing, with the file named, what cannot be folded or exported."""
-    if runner.framework == "keras":
-        from .frameworks import keras_fold
-
-        return keras_fold
-    if runner.framework == "torch" and not getattr(runner, "scripted", False):
-        from .frameworks import torch_fold
-
-        return torch_fold
-    kind = "TorchScript" if runner.framework == "torch" else runner.framework
-    raise InputError(f"{runner.graph.source}: folding and ONNX export work on Keras models and torch modules, "
-                     f"not {kind}; use the checkpoint it came from (a .keras/.h5 file, or the state_dict with "
-                     "--arch)")
-
-
-def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None, samples: int = VERIFY_SAMPLES,
+def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None, samples: int = VERIFY_SAMPLES,
             batch_size: int = 32, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-4,
             opset: int = DEFAULT_OPSET, image_size=None, preprocess: str = "unit", input_index: int = 0,
             source_path: Path | None = None) -> Prepared:
     """Fold and/or convert ``runner``'s model, verify it against the source, and return it unwritten."""
     started = time.perf_counter()
-    frame = adapter(runner)
+    frame = runner.fold_backend()
     if not (atol >= 0 and rtol >= 0):
         raise InputError(f"--atol and --rtol must be >= 0, got {atol:g} and {rtol:g}")
     if to_onnx:
@@ -208,9 +101,9 @@ def prepare(runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None
     return Prepared(report, write)
 
 
-def _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol, opset, source_path):
+def _verified(frame: FoldBackend, runner: Runner, output, batches, described, fold, to_onnx, atol, rtol, opset, source_path):
     """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
-    source = frame.source(runner)
+    source = frame.source(runner.model)
     try:
         reference = [frame.run(source, x) for x in batches]
     except (RuntimeError, TypeError, ValueError) as exc:  # several inputs, or data of another shape
@@ -221,7 +114,7 @@ def _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rt
                          "nothing can be verified; `bnrepair inspect` flags BN statistics that cause this")
     model, rows, refused, checks = source, [], [], []
     if fold:
-        folded = frame.fold(runner, batches[0])
+        folded = frame.fold(runner.model, {bn.id for bn in runner.graph.bn_layers}, batches[0])
         model = folded.model
         rows, refused = _fold_rows(frame, source, folded, batches, atol, rtol)
         checks += _compare("fold", reference, [frame.run(model, x) for x in batches],
@@ -253,9 +146,6 @@ def verification_batches(runner, data, samples: int, batch_size: int, seed: int,
                              "verify on real samples")
         x = np.random.default_rng(seed).random((samples, *shape), dtype=np.float32)
         return [x[i:i + batch_size] for i in range(0, samples, batch_size)], "generated uniform [0, 1) inputs"
-    from .api import check_fits, image_spec
-    from .data import calibration
-
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed, samples,
                          False, input_index)
     check_fits(runner.graph, stream)

@@ -1,8 +1,9 @@
 """Checks and verdicts on BN statistics: pure numpy over the internal graph and collected moments.
 
 ``inspect_layers`` needs no data: it reads the stored statistics and settings. ``compare`` sets
-the stored statistics against what the calibration data produces, and ``verdicts`` names the
-causes of DESIGN.md's table with the evidence that supports each.
+the stored statistics against what the calibration data produces, ``verdicts`` names the cause
+(never updated, stale moving averages, statistics of other data; ``docs/architecture.md`` lists
+them) with the evidence that supports each, and ``output_evidence`` compares predictions.
 
 Definitions (per channel; σ²_data is the data's variance, ε the layer's eps):
   mean shift       |μ_data − μ_stored| / sqrt(σ²_data + ε)
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import metrics
 from .graph import BNLayer, ModelGraph
 
 SHARE_OFF = 0.1
@@ -180,3 +182,25 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
         found.append(Verdict("domain_shift", "frozen BN statistics from another data set / domain shift",
                              evidence, fix_command + "   (calibrate on data of the domain you deploy to)"))
     return found
+
+
+def output_evidence(inference: np.ndarray, training: np.ndarray, after: np.ndarray,
+                    labels: np.ndarray | None) -> dict:
+    """Output-level evidence: inference vs training-mode predictions and, with labels, the accuracy of each
+    and after a recalibration (the expected gain), plus a note when ranking survives a broken scale."""
+    outputs = {"agreement_inference_vs_training": metrics.agreement(inference, training),
+               "output_change_inference_vs_training": metrics.relative_change(training, inference)}
+    if labels is None:
+        return outputs
+    accuracy = {name: metrics.accuracy(scores, labels)
+                for name, scores in (("inference", inference), ("training", training), ("recalibrated", after))}
+    outputs["accuracy"] = accuracy
+    outputs["expected_gain"] = accuracy["recalibrated"] - accuracy["inference"]
+    ranking = metrics.ranking_quality(inference, labels)
+    classes = max(inference.shape[1], 2)
+    if ranking is not None:
+        outputs["ranking"] = {"metric": ranking[0], "value": ranking[1]}
+        if accuracy["inference"] < 1.5 / classes and ranking[1] > 0.8:
+            outputs["scale_note"] = (f"accuracy is near chance while {ranking[0]} is {ranking[1]:.2f}: "
+                                     "the model still ranks well, its output scale is off")
+    return outputs

@@ -1,4 +1,5 @@
-"""What a recalibration changed, per BN layer, as a table for people and JSON for pipelines."""
+"""Every report bnrepair gives: recalibrate, inspect, diagnose, fold / export; a table for people, JSON for
+pipelines. Reports hold results; the computations that produce them live in the core modules."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .recalibrate import Outcome
+from .recalibration import Outcome
+from .version import __version__
 
 
 @dataclass
@@ -187,29 +188,6 @@ class DiagnoseReport:
     outputs: dict
     version: str = __version__
 
-    @classmethod
-    def of(cls, runner, evidence, verdicts, flags, inference, training, after, labels, samples, threshold,
-           mode, passes, seconds) -> "DiagnoseReport":
-        from . import metrics
-
-        outputs = {"agreement_inference_vs_training": metrics.agreement(inference, training),
-                   "output_change_inference_vs_training": metrics.relative_change(training, inference)}
-        if labels is not None:
-            accuracy = {name: metrics.accuracy(scores, labels)
-                        for name, scores in (("inference", inference), ("training", training),
-                                             ("recalibrated", after))}
-            outputs["accuracy"] = accuracy
-            outputs["expected_gain"] = accuracy["recalibrated"] - accuracy["inference"]
-            ranking = metrics.ranking_quality(inference, labels)
-            classes = max(inference.shape[1], 2)
-            if ranking is not None:
-                outputs["ranking"] = {"metric": ranking[0], "value": ranking[1]}
-                if accuracy["inference"] < 1.5 / classes and ranking[1] > 0.8:
-                    outputs["scale_note"] = (f"accuracy is near chance while {ranking[0]} is {ranking[1]:.2f}: "
-                                             "the model still ranks well, its output scale is off")
-        return cls(runner.framework, runner.graph.source, samples, threshold, mode, passes, seconds, evidence,
-                   verdicts, flags, outputs)
-
     @property
     def healthy(self) -> bool:
         return all(v.cause == "healthy" for v in self.verdicts)
@@ -261,6 +239,99 @@ class DiagnoseReport:
                 console.print(f"  - {line}", highlight=False)
             if verdict.fix:
                 console.print(f"  fix: {verdict.fix}", highlight=False, soft_wrap=True)
+
+
+@dataclass
+class FoldRow:
+    bn: str
+    how: str
+    into: list[str]
+    """the weights the BN went into"""
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+
+
+@dataclass
+class Refusal:
+    bn: str
+    reason: str
+
+
+@dataclass
+class Check:
+    output: str
+    stage: str
+    """``fold`` (folded model in its framework) or ``onnx`` (onnxruntime), both against the source"""
+    max_abs: float
+    max_rel: float
+    """largest |difference| over the largest |source value| of that output"""
+
+
+@dataclass
+class DeployReport:
+    """What ``fold`` / ``export`` did and how closely the result matches the source."""
+
+    framework: str
+    source: str
+    output: str | None
+    folded: list[FoldRow]
+    refused: list[Refusal]
+    checks: list[Check]
+    samples: int
+    inputs: str
+    atol: float
+    rtol: float
+    opset: int | None = None
+    provider: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    seconds: float = 0.0
+    version: str = __version__
+    model = None
+    """the folded model in memory (a class attribute, not a field: kept out of JSON)"""
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    def write_json(self, path: Path) -> None:
+        _write_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        worst = {stage: max((c.max_abs for c in self.checks if c.stage == stage), default=None)
+                 for stage in ("fold", "onnx")}
+        parts = [f"{stage} {value:.2g}" for stage, value in worst.items() if value is not None]
+        text = (f"Folded {len(self.folded)} of {len(self.folded) + len(self.refused)} BN layer(s); "
+                if self.folded or self.refused else "")
+        text += f"verified on {self.samples} samples ({self.inputs}): largest |Δ| {', '.join(parts)}"
+        if self.provider:
+            text += f" (onnxruntime {self.provider})"
+        return text + (f"; wrote {self.output}" if self.output else "")
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        if self.folded:
+            table = Table(title="Folded BN layers", title_justify="left")
+            for name in ("BN", "how", "into", "max |Δ|", "rel"):
+                table.add_column(name)
+            for row in self.folded:
+                table.add_row(row.bn, row.how, ", ".join(row.into), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
+            console.print(table)
+        if self.refused:
+            table = Table(title="Left in place", title_justify="left")
+            table.add_column("BN")
+            table.add_column("reason")
+            for refusal in self.refused:
+                table.add_row(refusal.bn, refusal.reason)
+            console.print(table)
+        table = Table(title="Outputs against the source", title_justify="left")
+        for name in ("output", "stage", "max |Δ|", "rel"):
+            table.add_column(name)
+        for check in self.checks:
+            table.add_row(check.output, check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
+        console.print(table)
+        console.print(self.summary(), highlight=False)
+
 
 
 def _write_json(path: Path, data: dict) -> None:

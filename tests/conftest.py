@@ -1,11 +1,11 @@
-"""Shared test set-up: the fixture scripts' helpers (``synthetic``, ``make_keras``, ...) import as modules,
-so tests read the shipped data and judge the models exactly the way the scripts that built them did; the
-repository root is importable too, as the pickled torch fixture's classes (``fixtures.torch.arch``) need."""
+"""Shared test set-up: the repository root is importable, so tests use the fixture scripts' own helpers
+(``from fixtures import synthetic, make_keras``) and judge the models exactly the way the scripts that built
+them did; the pickled torch fixture's classes (``fixtures.torch.arch``) import from there too. Only the root
+goes on the path: ``fixtures/keras`` and ``fixtures/torch`` must never shadow the real packages."""
 
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT / "fixtures", ROOT):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .preprocess import scale_pixels
+from .preprocess import check_preprocess, scale_pixels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -27,6 +27,9 @@ class ImageSpec:
     channels: int = 3
     preprocess: str = "unit"
     channels_first: bool = False
+
+    def __post_init__(self):
+        check_preprocess(self.preprocess)
 
 
 class ImageFolder:
@@ -118,6 +121,12 @@ class ArraySource:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+
+def check_path(data) -> None:
+    """A data path that does not exist, refused before any model is loaded."""
+    if isinstance(data, (str, Path)) and not Path(data).exists():
+        raise InputError(f"{data}: no such file or folder")
 
 
 def open_source(data, spec: ImageSpec):

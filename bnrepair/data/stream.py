@@ -116,6 +116,7 @@ class IterableCalibration:
     def __init__(self, batches: Iterable, input_index: int = 0):
         self.batches = batches
         self.input_index = input_index
+        self.origin = "calibration data"
         self.seed = None
         self.bad: set[int] = set()
         self._count: int | None = None

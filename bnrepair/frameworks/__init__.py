@@ -1,23 +1,32 @@
-"""Pick the framework a checkpoint belongs to from its contents, importing only that framework.
+"""The registry: which framework wing a checkpoint path or an in-memory model belongs to.
 
-Each framework module exposes ``load(path, **options) -> runner`` and a runner class built from an
-in-memory model. ``bnrepair --help`` and a Keras user's run never import torch, and vice versa.
+A wing is a sub-package (``keras/``, ``torch/``, ``savedmodel/``) with the same entry points in its
+``__init__``: ``load(path, options, device)`` and ``wrap(model, device)`` return a ``protocols.Runner``,
+and ``claims(model)`` says whether an in-memory model is the wing's without importing its framework.
+Only the chosen wing's framework is ever imported: ``bnrepair --help`` and a Keras user's run never
+import torch, and vice versa. ``docs/architecture.md`` says how to add a wing.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
 import zipfile
 from pathlib import Path
 
 import h5py
 
 from ..errors import InputError
+from ..options import LoadOptions
+
+TITLES = {"keras": "a Keras file", "torch": "a PyTorch checkpoint", "savedmodel": "a TensorFlow SavedModel",
+          "onnx": "an ONNX model"}
+"""Every format the registry recognises, by wing name, as messages name a file of that format."""
+WINGS = ("keras", "torch", "savedmodel")
+"""The formats with a wing; an ONNX file is recognised but has none yet."""
 
 
 def detect(path: Path) -> str:
-    """``keras``, ``torch``, ``savedmodel`` or ``onnx``, from what the file holds (not its suffix)."""
+    """The wing name for ``path``, from what the file holds (not its suffix)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -53,28 +62,26 @@ def detect(path: Path) -> str:
     raise InputError(f"{path}: unrecognised checkpoint format (expected .h5, .keras, .pt, SavedModel or .onnx)")
 
 
-def module(framework: str):
-    try:
-        return importlib.import_module(f"{__name__}.{framework}")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith(__name__):
-            raise InputError(f"{framework} checkpoints are not supported yet") from None
-        raise
+def wing(name: str):
+    """The wing package ``name`` (imports none of its framework)."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
-def load(path: Path, **options):
-    return module(detect(path)).load(Path(path), **options)
+def load(path: Path, options: LoadOptions, device: str = "auto"):
+    """A runner for the checkpoint at ``path``; options of another format are refused first."""
+    path = Path(path)
+    name = detect(path)
+    if name not in WINGS:
+        raise InputError(f"{path}: ONNX models are what bnrepair writes, not yet something it reads: use the Keras "
+                         "or torch checkpoint the model came from")
+    options.check_applies(name, path, TITLES[name])
+    return wing(name).load(path, options, device)
 
 
-def wrap(model, **options):
-    """A runner for a model already in memory (a ``keras.Model`` or a ``torch.nn.Module``)."""
-    if "keras" in sys.modules and isinstance(model, sys.modules["keras"].Model):
-        from .keras import KerasRunner
-
-        return KerasRunner(model, device=options.get("device", "auto"))
-    if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
-        from .torch import TorchRunner
-
-        return TorchRunner(model, **options)
+def wrap(model, device: str = "auto"):
+    """A runner for a model already in memory (a ``keras.Model``, a ``torch.nn.Module``)."""
+    for name in WINGS:
+        if wing(name).claims(model):
+            return wing(name).wrap(model, device)
     raise InputError(f"cannot recalibrate a {type(model).__name__}: pass a keras.Model, a torch.nn.Module "
                      "or a checkpoint path")

@@ -1,0 +1,41 @@
+"""How calibration data must look for a given model, and an early check that it does.
+
+Both read only the model's ``ModelGraph`` (declared input shape and layout), so they run before any batch
+is decoded and serve every command that reads data: recalibrate, diagnose, and verification in deploy.
+"""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from ..graph import ModelGraph
+from .sources import ArraySource, ImageFolder, ImageSpec
+
+
+def image_spec(graph: ModelGraph, image_size=None, preprocess: str = "unit") -> ImageSpec:
+    """How images must be decoded for this model: its declared input size, channels and layout."""
+    shape = graph.input_shape
+    channels, size = 3, None
+    if shape is not None and len(shape) == 3:
+        c, h, w = shape if graph.channels_first else (shape[2], shape[0], shape[1])
+        channels = c or 3
+        if h and w:
+            size = (h, w)
+    if image_size:
+        size = tuple(int(v) for v in image_size)
+        if min(size) < 1:
+            raise InputError(f"--image-size {size[0]} {size[1]}: height and width must be positive")
+    return ImageSpec(size=size, channels=channels, preprocess=preprocess, channels_first=graph.channels_first)
+
+
+def check_fits(graph: ModelGraph, data) -> None:
+    """Fail early, naming the file, when the samples cannot be the model's input."""
+    shape = graph.input_shape
+    source = getattr(data, "source", None)
+    if shape is None or source is None:
+        return
+    if isinstance(source, ImageFolder) and len(shape) != 3:
+        raise InputError(f"{source.root}: image folder given, but the model takes inputs of shape {shape}")
+    if isinstance(source, ArraySource):
+        got = source.sample_shape
+        if len(got) != len(shape) or any(want is not None and want != have for want, have in zip(shape, got)):
+            raise InputError(f"{source.origin}: samples have shape {got}, the model takes {shape}")

@@ -1,0 +1,188 @@
+"""A SavedModel's variables checkpoint: reading it safely, the variables it holds, rewriting it patched.
+
+TF2 checkpoints carry an object graph that names each variable; TF1 ones are plain saver keys. The writer
+copies the SavedModel folder and rewrites only the checkpoint, every tensor restored and saved as stored
+except the recalibrated moving mean / variance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BnrepairError, InputError
+from ..tf_runtime import import_tensorflow
+from .graph import split
+
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+def checkpoint_prefix(path: Path) -> Path:
+    prefix = Path(path) / "variables" / "variables"
+    if not prefix.with_name("variables.index").is_file():
+        raise InputError(f"{path}: SavedModel without a variables checkpoint (variables/variables.index); "
+                         "a graph with constants only has no BN statistics to patch")
+    return prefix
+
+
+@contextmanager
+def readable_checkpoint(source: Path):
+    """TensorFlow reports a damaged or truncated variables checkpoint from whichever read meets the damage
+    (an OpError, or IndexError for data cut short): the user's file to fix, in one line."""
+    tf = import_tensorflow()
+    try:
+        yield
+    except (tf.errors.OpError, IndexError) as exc:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", str(exc)).strip().split("\n")[0] or type(exc).__name__
+        raise InputError(f"{source}: damaged or truncated variables checkpoint ({reason})") from None
+
+
+class CheckpointReader:
+    """``tf.train.load_checkpoint`` of a SavedModel, every read guarded by ``readable_checkpoint``."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        with readable_checkpoint(source):
+            self.reader = import_tensorflow().train.load_checkpoint(str(checkpoint_prefix(source)))
+
+    def has_tensor(self, key: str) -> bool:
+        return self.reader.has_tensor(key)
+
+    def get_tensor(self, key: str):
+        with readable_checkpoint(self.source):
+            return self.reader.get_tensor(key)
+
+
+def same_bytes(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == object:
+        return a.tolist() == b.tolist()
+    return a.tobytes() == b.tobytes()
+
+
+def checkpointed_objects(meta, reader) -> dict[int, tuple[str, str, bool]]:
+    """TF2: object node id -> (checkpoint key, variable name, trainable) for every saved variable.
+
+    The checkpoint's object graph and the SavedModel's list the same objects under the same ids
+    (trainability is only in the latter; taken where the names agree). Empty for TF1 checkpoints."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    if not reader.has_tensor(OBJECT_GRAPH_KEY):
+        return {}
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+    saved = meta.object_graph_def.nodes
+    found = {}
+    for index, node in enumerate(graph.nodes):
+        for attribute in node.attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                variable = saved[index].variable if index < len(saved) else None
+                trainable = bool(variable is not None and variable.name == attribute.full_name and variable.trainable)
+                found[index] = (attribute.checkpoint_key, attribute.full_name, trainable)
+    return found
+
+
+def captured_keys(meta, objects: dict[int, tuple[str, str, bool]]) -> dict[str, str]:
+    """TF2: variable node -> checkpoint key, for the variables a top-level function call captures.
+
+    A SavedModel function's captured inputs are the call's last inputs, in the order of its
+    ``bound_inputs`` (object ids): the mapping the Python loader itself uses. It beats the saver's
+    view where Keras 3 saves wrapper copies of variables instead of the ones the signature reads."""
+    functions = meta.object_graph_def.concrete_functions
+    keys = {}
+    for node in meta.graph_def.node:
+        bound = functions[node.attr["f"].func.name].bound_inputs if node.attr["f"].func.name in functions else []
+        if not bound:
+            continue
+        for tensor, obj in zip([i for i in node.input if not i.startswith("^")][-len(bound):], bound):
+            if obj in objects:
+                keys[split(tensor)[0]] = objects[obj][0]
+    return keys
+
+
+def trainable_v1(meta, keys: dict[str, str]) -> set[str]:
+    """TF1: checkpoint keys of the variables in the ``trainable_variables`` collection."""
+    from tensorflow.core.framework import variable_pb2
+
+    nodes = set()
+    for raw in meta.collection_def["trainable_variables"].bytes_list.value:
+        definition = variable_pb2.VariableDef()
+        definition.ParseFromString(raw)
+        nodes.add(split(definition.variable_name)[0])
+    return {key for node, key in keys.items() if node in nodes}
+
+
+# --- writer --------------------------------------------------------------------------------------------
+def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
+    """Copy the SavedModel at ``source`` to ``dest`` with the checkpoint entries in ``values`` replaced.
+
+    Every file but the variables checkpoint is copied as is; the checkpoint is restored tensor by tensor
+    in its stored dtypes and saved again (``RestoreV2`` / ``SaveV2``), then read back and compared to the
+    input, tensor by tensor. Built in a temporary folder beside ``dest`` and renamed into place.
+    """
+    if dest.exists() and not (dest.is_dir() and (dest / "saved_model.pb").exists()):
+        raise BnrepairError(f"{dest}: exists and is not a SavedModel; choose another -o/--output")
+    if source.resolve() in dest.resolve().parents:
+        raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_checkpoint_files)
+        _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
+    if Path(folder).name != "variables":
+        return []
+    return [n for n in names if n == "variables.index" or n.startswith("variables.data-")]
+
+
+def _rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
+    tf = import_tensorflow()
+    with readable_checkpoint(source):
+        dtypes = tf.train.load_checkpoint(str(source)).get_variable_to_dtype_map()
+    keys = sorted(dtypes)
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise BnrepairError(f"{source}: checkpoint has no entries {', '.join(unknown)}")
+    with tf.device("/CPU:0"):
+        with readable_checkpoint(source):
+            stored = tf.raw_ops.RestoreV2(prefix=str(source), tensor_names=keys,
+                                          shape_and_slices=[""] * len(keys), dtypes=[dtypes[k] for k in keys])
+        tensors = [tf.constant(np.asarray(values[k]).astype(dtypes[k].as_numpy_dtype).reshape(t.shape), dtypes[k])
+                   if k in values else t for k, t in zip(keys, stored)]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tf.raw_ops.SaveV2(prefix=str(dest), tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
+    written = tf.train.load_checkpoint(str(dest))
+    if set(written.get_variable_to_dtype_map()) != set(keys):
+        raise BnrepairError(f"{dest}: the rewritten checkpoint lost or gained entries")
+    for key, tensor in zip(keys, tensors):
+        if not same_bytes(written.get_tensor(key), tensor.numpy()):
+            raise BnrepairError(f"{dest}: entry {key} did not read back as written")
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``; an existing ``dest`` SavedModel is set aside first and removed after."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    os.replace(dest, aside / dest.name)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(aside / dest.name, dest)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -1,0 +1,304 @@
+"""TensorFlow SavedModels (TF2 and TF1): find BN in the saved graph, measure BN inputs, patch the checkpoint.
+
+No model code is needed and nothing is converted: the signature's own graph (functions inlined, see
+``savedmodel_graph``) is imported into a ``tf.function`` that returns every BN input reduced on the
+device to per-channel (count, mean, M2). Variables are read from the SavedModel's checkpoint into
+``tf.Variable``s that the imported graph reads through ``input_map``, so ``set_stats`` is an assign
+and eval-mode passes see the new statistics. In ``train`` mode the graph is rewired so that BN
+normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``).
+
+Statistics follow the Keras convention (biased variance, ``unbiased_var=False``) for every SavedModel,
+TF1 included: TF's fused training op feeds its moving average a Bessel-corrected batch variance, a
+factor n/(n-1) that pooling over a whole calibration set makes negligible.
+
+The writer copies the directory and rewrites only the variables checkpoint, every tensor restored and
+saved as stored except the recalibrated moving mean / variance.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BnrepairError, InputError
+from ...graph import BNLayer, ModelGraph
+from ...moments import Moments
+from ..tf_runtime import data_misfit, import_tensorflow, resolve_device
+from .checkpoint import CheckpointReader, captured_keys, checkpointed_objects, same_bytes, trainable_v1, write_patched
+from .graph import (
+    VARIABLE_OPS,
+    FlatGraph,
+    Site,
+    canonical,
+    choose_signature,
+    flatten,
+    no_bn_message,
+    read_meta_graph,
+    rewire_for_batch_statistics,
+    split,
+    subgraph,
+)
+
+
+class SavedModelRunner:
+    """``protocols.Runner`` for a SavedModel signature."""
+
+    framework = "savedmodel"
+
+    def __init__(self, source: Path, signature: str, input_name: str | None, device: str):
+        tf = import_tensorflow()
+        self.source = source
+        self.device = resolve_device(tf, device)
+        meta = read_meta_graph(source)
+        self.signature = choose_signature(meta, signature, input_name, str(source))
+        saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
+        self.flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
+        self.reader = CheckpointReader(source)
+        objects = checkpointed_objects(meta, self.reader)
+        self.keys = {**self.flat.checkpoint_keys(), **captured_keys(meta, objects)}
+        model_nodes = self.flat.fanin(self.signature.outputs.values(),
+                                      stop={split(t)[0] for t in self.signature.inputs.values()})
+        sites, rejected = self.flat.find_bn(model_nodes)
+        if not sites:
+            raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
+        self._check_feeds(sites)
+        self._names = {key: name for key, name, _ in objects.values()}
+        trainable = {key for key, _, flag in objects.values() if flag} if objects else trainable_v1(meta, self.keys)
+        self._sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
+        self._vars = self._variables(model_nodes)
+        self._ranks, self._dtypes = self._probe()
+        layers = [self._describe(i, s, trainable) for i, s in self._sites.items()]
+        self.graph = ModelGraph("savedmodel", str(source), layers,
+                                input_shape=self.signature.shape[1:] if self.signature.shape else None,
+                                channels_first=any(bn.axis == 1 and self._ranks[canonical(s.x)] > 2
+                                                   for bn, s in zip(layers, sites)),
+                                unbiased_var=False)
+        self._functions: dict = {}
+
+    # --- reading the file ------------------------------------------------------------------------------
+    def _check_feeds(self, sites: list[Site]) -> None:
+        """The calibration data feeds one input; BN inputs must not need the others."""
+        needed = self.flat.fanin([s.x for s in sites], stop={self._input_node})
+        others = {split(t)[0]: n for n, t in self.signature.inputs.items() if n != self.signature.input_name}
+        used = sorted(name for node, name in others.items() if node in needed)
+        if used:
+            raise InputError(f"{self.source}: BN layers depend on signature input(s) {', '.join(used)}, but the "
+                             f"calibration data feeds only {self.signature.input_name!r} (--input)")
+
+    @property
+    def _input_node(self) -> str:
+        return split(self.signature.input_tensor)[0]
+
+    def _variables(self, model_nodes: set[str]) -> dict:
+        """A ``tf.Variable`` on the device for every variable node the signature reads."""
+        tf = import_tensorflow()
+        found = {}
+        with tf.device(self.device):
+            for name in sorted(model_nodes):
+                if self.flat.nodes[name].op not in VARIABLE_OPS:
+                    continue
+                key = self.keys.get(name)
+                if key is None or not self.reader.has_tensor(key):
+                    raise InputError(f"{self.source}: the signature reads variable {name}, which the checkpoint "
+                                     "does not hold")
+                found[name] = tf.Variable(self.reader.get_tensor(key), name=name.replace(":", "_"))
+        return found
+
+    def _probe(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Rank and dtype of every BN input and statistic slot, by importing the graph once (no run)."""
+        tf = import_tensorflow()
+        sites = list(self._sites.values())
+        tensors = [s.x for s in sites] + [self.flat.nodes[slot[0]].input[slot[1]]
+                                          for s in sites if not s.fused for slot in (s.mean_slot, s.var_slot)]
+        graph_def, _ = self._program(tensors, False, [self.signature.input_name])
+        ranks, dtypes = {}, {}
+        with tf.Graph().as_default() as probe:
+            tf.graph_util.import_graph_def(graph_def, name="")
+            for tensor in tensors:
+                t = probe.get_tensor_by_name(canonical(tensor))
+                dtypes[canonical(tensor)] = t.dtype.as_datatype_enum
+                if t.shape.rank is not None:
+                    ranks[canonical(tensor)] = t.shape.rank
+        missing = [s.node for s in sites if canonical(s.x) not in ranks]
+        if missing:
+            raise InputError(f"{self.source}: the rank of the input of BN op(s) {', '.join(missing)} is unknown")
+        return ranks, dtypes
+
+    def _describe(self, layer_id: str, site: Site, trainable: set[str]) -> BNLayer:
+        mean_key, var_key = self.keys[site.mean_var], self.keys[site.var_var]
+        mean, var = self.reader.get_tensor(mean_key), self.reader.get_tensor(var_key)
+        affine = [self.keys.get(v) for v in (site.gamma_var, site.beta_var) if v is not None]
+        return BNLayer(
+            id=layer_id, channels=int(np.size(mean)), axis=site.axis % self._ranks[canonical(site.x)], eps=site.eps,
+            momentum=None, center=site.beta_var is not None, scale=site.gamma_var is not None,
+            frozen=bool(affine) and not any(k in trainable for k in affine),
+            mean=np.array(mean, np.float64).reshape(-1), var=np.array(var, np.float64).reshape(-1),
+            locations={"mean": mean_key, "var": var_key}, producer=site.producer[0], producer_kind=site.producer[1],
+            kind="FusedBatchNorm" if site.fused else "batch_normalization")
+
+    # --- graphs to run ---------------------------------------------------------------------------------
+    def _program(self, fetches: list[str], train: bool, feeds: list[str]):
+        """The GraphDef computing ``fetches`` from the signature inputs ``feeds``, and its variable nodes."""
+        tf = import_tensorflow()
+        stops = {split(self.signature.inputs[n])[0]: n for n in feeds}
+        keep = self.flat.fanin(fetches, stop=set(stops))
+        variables = sorted(keep & set(self._vars))
+        placeholders = {name: self.signature.dtypes[feed] for name, feed in stops.items()}
+        for name in variables:
+            node = self.flat.nodes[name]
+            placeholders[name] = tf.resource.as_datatype_enum if node.op == "VarHandleOp" else node.attr["dtype"].type
+        graph_def = subgraph(self.flat, keep, placeholders)
+        if train:
+            graph_def = rewire_for_batch_statistics(graph_def, list(self._sites.values()), keep, self._dtypes,
+                                                    self._ranks)
+        return graph_def, variables
+
+    def _input_map(self, feeds: dict, variables: list[str]) -> dict:
+        tf = import_tensorflow()
+        mapping = {canonical(self.signature.inputs[name]): value for name, value in feeds.items()}
+        for name in variables:
+            var = self._vars[name]
+            # identity captures the eager handle into the function being traced
+            resource = self.flat.nodes[name].op == "VarHandleOp"
+            mapping[f"{name}:0"] = tf.identity(var.handle) if resource else var.read_value()
+        return mapping
+
+    def _input_spec(self, tf):
+        shape = self.signature.shape
+        return tf.TensorSpec(None if shape is None else (None,) + tuple(shape[1:]),
+                             tf.dtypes.as_dtype(self.signature.dtypes[self.signature.input_name]))
+
+    # --- runner protocol ---------------------------------------------------------------------------------
+    def infer(self, inputs, mode: str = "eval") -> dict[str, np.ndarray]:
+        """The signature outputs that the calibration input alone determines, as numpy, sorted by name;
+        ``mode="train"``: BN ops normalise with batch statistics."""
+        return {name: t.numpy() for name, t in self._run(inputs, mode, [], outputs=True).items()}
+
+    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
+        shared = [i for i in ids if self.call_counts()[i] > 1]
+        if shared:
+            raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "
+                                "op in one forward pass; they cannot be recalibrated as one layer")
+        results = self._run(inputs, mode, ids, outputs=False)
+        return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
+
+    def call_counts(self) -> dict[str, int]:
+        """How many BN ops of the signature use each layer's moving statistics (from the graph alone)."""
+        uses = Counter(site.mean_var for site in self._sites.values())
+        return {layer_id: uses[site.mean_var] for layer_id, site in self._sites.items()}
+
+    def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        for layer_id, (mean, var) in stats.items():
+            site = self._sites[layer_id]
+            for node, value in ((site.mean_var, mean), (site.var_var, var)):
+                variable = self._vars[node]
+                variable.assign(np.asarray(value).astype(variable.dtype.as_numpy_dtype).reshape(variable.shape))
+            bn = self.graph.layer(layer_id)
+            bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
+
+    model = None
+    """no in-memory model: the graph is run from the saved file"""
+
+    def fold_backend(self):
+        raise InputError(f"{self.source}: folding and ONNX export work on Keras models and torch modules, not a "
+                         "savedmodel; use the checkpoint it came from (a .keras/.h5 file)")
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        """Copy the SavedModel to ``output`` with only ``changed`` layers' statistics replaced."""
+        values = {}
+        for layer_id in changed:
+            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
+            for node, stat in ((site.mean_var, "mean"), (site.var_var, "var")):
+                for key in self._aliases(bn.locations[stat]):
+                    values[key] = self._vars[node].numpy()
+        write_patched(self.source, Path(output), values)
+
+    def cast_input(self, x):
+        tf = import_tensorflow()
+        dtype = tf.dtypes.as_dtype(self.signature.dtypes[self.signature.input_name]).as_numpy_dtype
+        x = np.asarray(x)
+        if np.issubdtype(dtype, np.integer) and np.issubdtype(x.dtype, np.floating) and not np.all(x == np.round(x)):
+            raise InputError(f"signature input {self.signature.input_name!r} takes {np.dtype(dtype).name} values, "
+                             "but the data are fractional; choose --preprocess raw")
+        return x.astype(dtype, copy=False)
+
+    # --- capture -------------------------------------------------------------------------------------------
+    def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
+        tf = import_tensorflow()
+        key = (mode, tuple(ids), outputs)
+        if key not in self._functions:
+            self._functions[key] = self._trace(tf, mode, ids, outputs)
+        try:
+            with tf.device(self.device):
+                return self._functions[key](inputs)
+        except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+            raise data_misfit(exc, inputs) from exc
+
+    def _trace(self, tf, mode: str, ids: list[str], outputs: bool):
+        """One ``tf.function`` importing the graph: the signature outputs, or the moments of BN inputs."""
+        if outputs:
+            names = self._computable_outputs()
+            tensors = [canonical(self.signature.outputs[n]) for n in names]
+        else:
+            sites = [self._sites[i] for i in ids]
+            tensors = [canonical(s.x) for s in sites]
+            axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
+        graph_def, variables = self._program(tensors, mode == "train", [self.signature.input_name])
+
+        @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
+        def run(x):
+            results = tf.graph_util.import_graph_def(
+                graph_def, input_map=self._input_map({self.signature.input_name: x}, variables),
+                return_elements=tensors, name="model")
+            if outputs:
+                return dict(zip(names, results))
+            return {i: _moments(tf, t, axis) for i, t, axis in zip(ids, results, axes)}
+
+        return run
+
+    def _computable_outputs(self) -> list[str]:
+        others = {split(t)[0] for n, t in self.signature.inputs.items() if n != self.signature.input_name}
+        names = [name for name, tensor in sorted(self.signature.outputs.items())
+                 if not others & self.flat.fanin([tensor], stop={self._input_node})]
+        if not names:
+            raise BnrepairError(f"every output of signature {self.signature.name!r} needs inputs besides "
+                                f"{self.signature.input_name!r}")
+        return names
+
+    def _aliases(self, key: str) -> list[str]:
+        """``key`` and every other checkpoint entry that is the same variable saved twice.
+
+        Keras 3's ``model.export`` tracks each variable under two objects (``variables/N`` and
+        ``_all_variables/M``): same name, same stored bytes. Both must change, or a reload of the
+        other object serves the stale statistics."""
+        names = self._names
+        if key not in names:
+            return [key]
+        stored = self.reader.get_tensor(key)
+        return [other for other, name in names.items()
+                if other == key or (name == names[key] and same_bytes(self.reader.get_tensor(other), stored))]
+
+
+def _moments(tf, x, axis: int):
+    """Per-channel (count, mean, M2) of ``x`` over every axis but ``axis``, two-pass, in float32."""
+    x = tf.cast(x, tf.float32)
+    axes = [i for i in range(x.shape.rank) if i != axis]
+    mean = tf.reduce_mean(x, axis=axes)
+    shape = [1] * x.shape.rank
+    shape[axis] = -1
+    m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axis=axes)
+    count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
+    return count, mean, m2
+
+
+def _unique_ids(sites: list[Site], keys: dict[str, str], names: dict[str, str]) -> list[str]:
+    """Each BN's own name: the scope of its moving mean (``conv1/BatchNorm``, ``bn1``), else its op name."""
+    scopes = []
+    for site in sites:
+        key = keys.get(site.mean_var, "")
+        scopes.append(names.get(key, key).rpartition("/")[0])
+    return [scope if scope and scopes.count(scope) == 1 else site.node for scope, site in zip(scopes, sites)]
+
+

@@ -1,0 +1,282 @@
+"""PyTorch checkpoint files: which kind a file is, loading it safely, writing it back with only BN buffers changed.
+
+Kinds are told apart by contents, never by suffix: a TorchScript archive (``code/`` inside the zip; it
+runs code, so it needs ``--trust-code``), or a ``torch.save`` pickle holding a bare state_dict, a
+training checkpoint dict with a state_dict under some key, or a full pickled module (``--trust-pickle``).
+Pickles are read with ``weights_only=True`` first, so nothing from an untrusted file runs; a file that
+needs more says which globals and which flag. Writing loads nothing anew: the object read is saved
+again with only the BN tensors overwritten in place, so every other entry keeps its values, dtype,
+prefix and storage sharing.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...errors import InputError, first_line
+from ...user_code import call_spec
+from ...writers import atomic_path
+
+STATE_PREFIXES = ("module.", "_orig_mod.")
+"""Wrappers that prefix state_dict keys: DataParallel / DDP and torch.compile."""
+
+
+@dataclass
+class Checkpoint:
+    """What was read from a file, and how to put the repaired BN buffers back into it."""
+
+    path: Path
+    kind: str
+    """``state_dict``, ``checkpoint`` (a dict holding one), ``module`` (pickled) or ``torchscript``"""
+    module: Any
+    content: Any = None
+    """the object ``torch.load`` returned, written back as it is apart from BN buffers"""
+    key: str | None = None
+    prefix: str = ""
+    zipped: bool = True
+    extra_files: dict = field(default_factory=dict)
+
+    def location(self, name: str) -> str:
+        """Where a module state name (``layer1.bn1.running_mean``) lives in the file."""
+        return f"{self.key}/{self.prefix}{name}" if self.key is not None else self.prefix + name
+
+    @property
+    def state(self):
+        """The state_dict in the file (None for modules, which are saved whole)."""
+        if self.kind == "state_dict":
+            return self.content
+        if self.kind == "checkpoint" and isinstance(self.content[self.key], Mapping):
+            return self.content[self.key]
+        return None
+
+
+def is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
+
+
+def read(path: Path, arch: str | None = None, arch_kwargs: str | None = None, key: str | None = None,
+         trust_pickle: bool = False, trust_code: bool = False, safe_globals=()) -> Checkpoint:
+    import torch
+
+    path = Path(path)
+    if is_torchscript(path):
+        if not trust_code:
+            raise InputError(f"{path}: TorchScript archive: loading it runs the code it holds; "
+                             "pass --trust-code if you trust the file")
+        return _read_torchscript(path)
+    content = _unpickle(path, trust_pickle, safe_globals)
+    zipped = zipfile.is_zipfile(path)
+    if isinstance(content, torch.nn.Module):
+        return Checkpoint(path, "module", content, content, zipped=zipped)
+    if _is_state_dict(content):
+        if key is not None:
+            raise InputError(f"{path}: --key {key!r}: the file is a bare state_dict, not a checkpoint dict; "
+                             "leave --key out")
+        module, prefix = _module_from_state(content, arch, arch_kwargs, f"{path}")
+        return Checkpoint(path, "state_dict", module, content, prefix=prefix, zipped=zipped)
+    if isinstance(content, Mapping):
+        key = _choose_key(content, key, path)
+        value = content[key]
+        if isinstance(value, torch.nn.Module):
+            return Checkpoint(path, "checkpoint", value, content, key=key, zipped=zipped)
+        module, prefix = _module_from_state(value, arch, arch_kwargs, f"{path} [{key!r}]")
+        return Checkpoint(path, "checkpoint", module, content, key=key, prefix=prefix, zipped=zipped)
+    raise InputError(f"{path}: holds a {type(content).__name__}, not a state_dict, a checkpoint dict or a module")
+
+
+def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None:
+    """Save ``checkpoint`` to ``output`` atomically; ``buffers`` maps module state names to new values.
+
+    State-dict files get those tensors overwritten in place (dtype and storage kept); modules and
+    TorchScript archives already hold the new buffers and are saved whole (extra files kept).
+    """
+    import torch
+
+    state = checkpoint.state
+    if state is not None:
+        with torch.no_grad():
+            for name, value in buffers.items():
+                state[checkpoint.prefix + name].copy_(value)
+    with atomic_path(Path(output)) as tmp:
+        if checkpoint.kind == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(checkpoint.module, str(tmp), _extra_files=checkpoint.extra_files)
+        else:
+            torch.save(checkpoint.content, tmp, _use_new_zipfile_serialization=checkpoint.zipped)
+
+
+def _read_torchscript(path: Path) -> Checkpoint:
+    import torch
+
+    with zipfile.ZipFile(path) as z:
+        extra = {n.split("/extra/", 1)[1]: "" for n in z.namelist() if "/extra/" in n}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # TorchScript raises RuntimeError or its own C++ error types
+        raise InputError(f"{path}: cannot load the TorchScript archive ({first_line(exc)})") from None
+    return Checkpoint(path, "torchscript", module, extra_files=extra)
+
+
+def _unpickle(path: Path, trust_pickle: bool, safe_globals) -> Any:
+    import torch
+
+    allowed = [(_import_global(name), name) for name in safe_globals]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise InputError(_refusal(path, exc)) from None
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the torch file ({first_line(exc)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"{path}: unpickling failed ({type(exc).__name__}: {first_line(exc)}); "
+                         "the classes it names must be importable") from None
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why weights-only loading refused the file, the globals it wants and the flags that allow them."""
+    import torch
+
+    try:
+        wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except pickle.UnpicklingError as damage:  # the archive's pickle itself is broken: no flag would help
+        return f"{path}: damaged torch file, its pickle cannot be read ({first_line(damage)})"
+    except Exception:  # legacy (non-zip) files: read the names from torch's message
+        wanted = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    if not wanted:
+        return (f"{path}: weights-only loading failed ({first_line(exc)}); "
+                "pass --trust-pickle only if you trust the file")
+    names = _names(sorted(set(wanted)))
+    if any(name.startswith("torch.nn.modules.") for name in wanted):
+        return (f"{path}: a full pickled module (it needs {names}); unpickling it runs code from the file: "
+                "pass --trust-pickle if you trust it")
+    return (f"{path}: weights-only loading refused globals {names}; allow plain-data ones with "
+            "--safe-global NAME (once per name), or pass --trust-pickle if you trust the file (runs code)")
+
+
+def _import_global(name: str):
+    """The object ``--safe-global mod.Name`` names (importing its module is the user's explicit choice)."""
+    import importlib
+
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[split:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise InputError(f"--safe-global {name}: cannot import it (expected module.Name)")
+
+
+def _is_state_dict(value) -> bool:
+    import torch
+
+    return (isinstance(value, Mapping) and len(value) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()))
+
+
+def _choose_key(content: Mapping, key: str | None, path: Path) -> str:
+    """The entry holding the model: ``--key``, or the only state_dict / module among the entries."""
+    import torch
+
+    candidates = [k for k, v in content.items() if _is_state_dict(v) or isinstance(v, torch.nn.Module)]
+    if key is not None:
+        if key not in candidates:
+            found = f"entries holding one: {', '.join(map(str, candidates))}" if candidates else "none does"
+            raise InputError(f"{path}: --key {key!r} does not hold a state_dict or module ({found})")
+        return key
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        keys = ", ".join(map(str, list(content)[:12]))
+        raise InputError(f"{path}: no entry of this checkpoint dict holds a state_dict (entries: {keys})")
+    raise InputError(f"{path}: several entries hold a state_dict ({', '.join(map(str, candidates))}); "
+                     "choose one with --key")
+
+
+def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None, where: str):
+    """Build ``--arch`` and load ``state`` into it strictly; returns the module and the stripped prefix."""
+    import torch
+
+    if not arch:
+        raise InputError(f"{where}: a state_dict holds weights only; give --arch MODULE:CALLABLE or "
+                         "FILE.py:CALLABLE that builds the module")
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--arch-kwargs: not valid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise InputError("--arch-kwargs: expected a JSON object of keyword arguments")
+    build = call_spec(arch, "--arch")
+    try:
+        module = build(**kwargs)
+    except Exception as exc:
+        raise InputError(f"--arch {arch}: building the module failed: "
+                         f"{type(exc).__name__}: {first_line(exc)}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"--arch {arch}: returned a {type(module).__name__}, not a torch.nn.Module")
+    prefix = _common_prefix(state)
+    try:
+        result = module.load_state_dict(_stripped(state, prefix), strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"{where}: does not fit --arch {arch}: {' '.join(str(exc).split())}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(f"{where}: does not fit --arch {arch}: missing keys {_names(result.missing_keys)}; "
+                         f"unexpected keys {_names(result.unexpected_keys)}")
+    return module, prefix
+
+
+def _common_prefix(state: Mapping) -> str:
+    """``module.``, ``_orig_mod.`` (or both) when every key carries it."""
+    prefix = ""
+    while True:
+        for p in STATE_PREFIXES:
+            if all(k.startswith(prefix + p) for k in state):
+                prefix += p
+                break
+        else:
+            return prefix
+
+
+def _stripped(state: Mapping, prefix: str) -> Mapping:
+    """``state`` without ``prefix``, its ``_metadata`` (BN versions) renamed to match."""
+    if not prefix:
+        return state
+    out = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((k[len(prefix):] if k.startswith(prefix) else "", v)
+                                    for k, v in metadata.items() if k.startswith(prefix) or k == prefix[:-1])
+    return out
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    if not keys:
+        return "(none)"
+    shown = ", ".join(keys[:8])
+    return shown + (f", … (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+

@@ -1,0 +1,290 @@
+"""torch: fold BN modules into their conv / linear neighbours in a traced copy of the module.
+
+The module graph comes from ``torch.fx`` (BN modules, look-alikes included, kept as leaves) with
+shapes from one example batch, so ranks and concat axes are known. Folded BN nodes are removed from
+the graph and their modules deleted; the result is a ``GraphModule`` that runs like the original,
+can be handed back in memory, saved as ``.pt2`` (``torch.export``) or exported to ONNX. The user's
+module is never touched: the work happens on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InputError, first_line
+from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
+from ...writers import atomic_path
+from .runner import trace
+
+ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
+                        "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softmax",
+                        "log_softmax", "prelu"}
+CONCAT_FUNCTIONS = {"cat", "concat", "concatenate"}
+SUFFIXES = (".pt2",)
+"""What a folded torch module is written as (besides ONNX)."""
+
+
+def source(model):
+    """An ``eval()`` copy of the module: what the source computes at inference."""
+    return copy.deepcopy(model).eval()
+
+
+def max_opset() -> int:
+    """The newest opset ``torch.onnx.export`` writes (it fails on newer ones only after tracing)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private module: without it, a newer opset still fails with one line, only later
+        import onnx
+
+        return onnx.defs.onnx_opset_version()
+    return ONNX_MAX_OPSET
+
+
+def fold(model, bn_ids: set[str], example) -> Folded:
+    import torch
+
+    module = source(model)
+    gm = _trace(torch, module, bn_ids)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(_tensor(gm, example))
+    ops, nodes = _describe(torch, gm, bn_ids)
+    decisions = plan(ops, [name for name, op in ops.items() if op.kind == "bn"])
+    accepted = [d for d in decisions if d.how]
+    targets = {name for d in accepted for name in d.into}
+    params = apply(decisions, {d.bn: _affine(gm.get_submodule(d.bn)) for d in accepted},
+                   {name: _params(gm.get_submodule(name), ops[name].kind) for name in targets})
+    with torch.no_grad():
+        for name, p in params.items():
+            m = gm.get_submodule(name)
+            m.weight = torch.nn.Parameter(torch.as_tensor(p.weight, dtype=m.weight.dtype, device=m.weight.device))
+            m.bias = torch.nn.Parameter(torch.as_tensor(p.bias, dtype=m.weight.dtype, device=m.weight.device))
+    for d in accepted:
+        node = nodes[d.bn]
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    channels = {name: p.channels for name, p in params.items()}
+    return Folded(gm.eval(), decisions, {d.bn: probes(d, channels) for d in accepted},
+                  {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
+
+
+def _trace(torch, module, bn_ids: set[str]):
+    try:
+        return trace(torch, module, bn_ids)
+    except Exception as exc:
+        message = first_line(exc)
+        raise InputError(f"cannot fold: torch.fx cannot trace the module ({message})") from None
+
+
+def _describe(torch, gm, bn_ids: set[str]) -> tuple[dict[str, Op], dict]:
+    """``Op``s by module name (call_module) or node name, and the graph node of each BN module."""
+    ops: dict[str, Op] = {}
+    nodes = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        name = _name(node)
+        users = [u for user in node.users for u in [_name(user)] * _uses(user, node)]
+        if name in ops:  # a module called again
+            ops[name].calls += 1
+            ops[name].users += users
+            continue
+        ops[name] = _op(torch, gm, node, name, bn_ids)
+        ops[name].users = users
+        nodes[name] = node
+    return ops, nodes
+
+
+def _name(node) -> str:
+    if node.op == "output":
+        return OUTPUT
+    return node.target if node.op == "call_module" else node.name
+
+
+def _uses(user, node) -> int:
+    import torch
+
+    seen = []
+    torch.fx.node.map_arg((user.args, user.kwargs), seen.append)
+    return sum(n is node for n in seen)
+
+
+def _op(torch, gm, node, name: str, bn_ids: set[str]) -> Op:
+    nn = torch.nn
+    meta = node.meta.get("tensor_meta")
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    inputs = [_name(n) for n in node.all_input_nodes]
+    if node.op == "placeholder":
+        return Op(name, "input", "input")
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        kind_type = type(m).__name__
+        if node.target in bn_ids:
+            tracks = getattr(m, "running_mean", None) is not None
+            return Op(name, "bn", kind_type, inputs, out_axis=1, stats=tracks)
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return Op(name, "conv_transpose", kind_type, inputs, out_axis=1, groups=m.groups)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            padded = m.padding != "valid" and (m.padding == "same" or any(m.padding))
+            return Op(name, "conv", kind_type, inputs, out_axis=1, in_axis=1, groups=m.groups, padded=padded)
+        if isinstance(m, nn.Linear) and rank:
+            return Op(name, "dense", kind_type, inputs, out_axis=rank - 1, in_axis=rank - 1)
+        if kind_type.lower() in ACTIVATION_FUNCTIONS | {"leakyrelu", "logsoftmax"}:
+            return Op(name, "activation", kind_type, inputs)
+        return Op(name, "other", kind_type, inputs)
+    function = getattr(node.target, "__name__", str(node.target))
+    if function in CONCAT_FUNCTIONS and rank:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return Op(name, "concat", function, inputs, out_axis=dim % rank)
+    if function in ACTIVATION_FUNCTIONS:
+        return Op(name, "activation", function, inputs)
+    return Op(name, "other", function, inputs)
+
+
+def _affine(bn):
+    def host(t):
+        return None if t is None else t.detach().double().cpu().numpy()
+
+    return bn_affine(host(bn.running_mean), host(bn.running_var), float(getattr(bn, "eps", 1e-5)),
+                     host(getattr(bn, "weight", None)), host(getattr(bn, "bias", None)))
+
+
+def _params(m, kind: str) -> Params:
+    """torch weights: conv (out, in/groups, k...), linear (out, in), transposed conv (in, out/groups, k...)
+    where output channel = group * (out/groups) + j (the layout plain fusion code gets wrong with groups)."""
+    w = m.weight.detach().double().cpu().numpy()
+    bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
+    if kind == "conv_transpose":
+        per_group = w.shape[0] // m.groups
+        return Params(w, bias, axis_index(w.shape, 0) // per_group * w.shape[1] + axis_index(w.shape, 1))
+    return Params(w, bias, axis_index(w.shape, 0), axis_index(w.shape, 1))
+
+
+# --- running, probing, writing -------------------------------------------------------------------------
+@contextmanager
+def precise():
+    """Full float32 while verifying: cuDNN convolutions run in TF32 by default on recent GPUs."""
+    import torch
+
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def run(model, x) -> list[np.ndarray]:
+    import torch
+
+    with torch.inference_mode():
+        out = model(_tensor(model, x))
+    return [t.detach().cpu().numpy() for t in _leaves(out)]
+
+
+def capture(model, names: set[str], x) -> dict[str, np.ndarray]:
+    import torch
+
+    found: dict[str, np.ndarray] = {}
+    hooks = [model.get_submodule(name).register_forward_hook(_recording(name, found)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(_tensor(model, x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def _recording(name: str, found: dict):
+    def hook(module, inputs, output):
+        found[name] = output.detach().cpu().numpy()
+
+    return hook
+
+
+def _tensor(model, x):
+    import torch
+
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    return torch.as_tensor(np.ascontiguousarray(x)).to(device)
+
+
+def _leaves(out) -> list:
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _leaves(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _leaves(v)]
+    return [out]
+
+
+def save(model, dest: Path, example) -> None:
+    """A ``.pt2`` archive from ``torch.export``, batch axis dynamic."""
+    import torch
+
+    dest = Path(dest)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(model, (_tensor(model, example),), dynamic_shapes=({0: batch},))
+    except Exception as exc:
+        raise InputError(f"torch.export failed on the folded module: {first_line(exc)}") from None
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)
+
+
+def output_names(model, example) -> list[str]:
+    count = len(run(model, example))
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def to_onnx(model, example, opset: int):
+    """ONNX through the TorchScript exporter (the dynamo one needs onnxscript, not a dependency).
+
+    ``training=PRESERVE`` on an ``eval()`` module: in ``EVAL`` mode the exporter fuses Conv+BN on its
+    own and renames the weights, which would make ``--no-fold`` fold anyway and hide what was folded.
+    """
+    import onnx
+    import torch
+
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.as_tensor(np.ascontiguousarray(example))
+    names = output_names(model, example)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), _native_output_discarded():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=names, dynamic_axes={n: {0: "batch"} for n in ["input", *names]},
+                              training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True)
+    except Exception as exc:
+        raise InputError(f"torch.onnx.export failed: {first_line(exc)}") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@contextmanager
+def _native_output_discarded():
+    """The exporter switches its C++ log on by itself and, when it fails, prints the whole traced graph on the
+    process's stdout, past any Python redirect: the error it raises is all the user needs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "w") as sink:
+            for fd in saved:
+                os.dup2(sink.fileno(), fd)
+            yield
+    finally:
+        for fd, duplicate in saved.items():
+            os.dup2(duplicate, fd)
+            os.close(duplicate)

@@ -1,0 +1,378 @@
+"""PyTorch: load checkpoints (see ``torch_files``), measure BN inputs, write back only BN buffers.
+
+Eager modules are measured by standing in for each chosen BN layer's ``forward`` for the length of one
+batch: the stand-in reduces its input to per-channel (count, mean, M2) on the device (two-pass) and, in
+``train`` mode, normalises with those batch statistics itself through ``F.batch_norm(training=False)``,
+so running buffers, ``num_batches_tracked`` and momentum are never touched, Dropout and every other
+module stay in ``eval()``, and a batch of one cannot trip BatchNorm1d's training check. TorchScript
+modules get the same measurement inserted into a copy of their graph (``torch_script``). Training
+flags are restored after every batch, so the module is only ever seen as the user left it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BnrepairError, InputError, first_line
+from ...graph import BNLayer, ModelGraph
+from ...moments import Moments
+from . import files as torch_files
+from .script import capture_function
+
+
+def import_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise BnrepairError(f"PyTorch checkpoints need torch ({exc}); "
+                            "install it with: pip install 'bnrepair[torch]'") from None
+    return torch
+
+
+def load_file(path: Path, arch: str | None = None, arch_kwargs: str | None = None, key: str | None = None,
+              trust_pickle: bool = False, trust_code: bool = False, safe_globals=(),
+              device: str = "auto") -> "TorchRunner":
+    import_torch()
+    checkpoint = torch_files.read(Path(path), arch, arch_kwargs, key, trust_pickle, trust_code, safe_globals)
+    return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint)
+
+
+class TorchRunner:
+    """``protocols.Runner`` for a ``torch.nn.Module`` or ScriptModule."""
+
+    framework = "torch"
+
+    def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None):
+        torch = import_torch()
+        self.torch = torch
+        self.module = _unwrap(torch, model)
+        self.checkpoint = checkpoint
+        self.scripted = isinstance(self.module, torch.jit.ScriptModule)
+        origin = str(checkpoint.path) if checkpoint else "module"
+        self.device = _resolve_device(torch, device, self.module, owned=checkpoint is not None)
+        if checkpoint is not None:
+            self.module.to(self.device)
+        found = _bn_modules(torch, self.module, self.scripted, origin)
+        if not found:
+            raise InputError(f"{origin}: the model has no BatchNorm layers")
+        self._by_id = {layer_id: m for layer_id, m, _, _ in found}
+        self.graph = ModelGraph("torch", origin, [self._describe(*f) for f in found],
+                                input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True)
+        self._modules = [m for _, m in self.module.named_modules()]
+        self._script_functions: dict = {}
+        self._scratch: dict = {}
+
+    @property
+    def model(self):
+        return self.module
+
+    def fold_backend(self):
+        if self.scripted:
+            raise InputError(f"{self.graph.source}: folding and ONNX export work on torch modules, not TorchScript; "
+                             "use the checkpoint it came from (the state_dict with --arch)")
+        from . import fold
+
+        return fold
+
+    def _describe(self, layer_id: str, m, kind: str, lookalike: bool) -> BNLayer:
+        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        tracks = mean is not None and var is not None
+        weight = getattr(m, "weight", None)
+        momentum = getattr(m, "momentum", None)
+        trainable = [p.requires_grad for p in m.parameters(recurse=False)]
+        stats = {}
+        if tracks:
+            stats = {"mean": f"{layer_id}.running_mean", "var": f"{layer_id}.running_var"}
+            if self.checkpoint is not None and self.checkpoint.state is not None:
+                stats = {k: self.checkpoint.location(v) for k, v in stats.items()}
+        return BNLayer(
+            id=layer_id, channels=int(mean.numel() if tracks else getattr(m, "num_features", 0)), axis=1,
+            eps=float(getattr(m, "eps", 1e-5)), momentum=None if momentum is None else float(momentum),
+            center=getattr(m, "bias", None) is not None, scale=weight is not None,
+            frozen=lookalike or momentum == 0 or (bool(trainable) and not any(trainable)),
+            mean=_numpy(mean), var=_numpy(var), locations=stats, tracks_stats=tracks, kind=kind)
+
+    # --- runner protocol ---------------------------------------------------------------------------
+    def infer(self, inputs, mode: str = "eval"):
+        """The model's outputs as numpy; ``mode="train"``: BN layers use batch statistics, nothing else does."""
+        ids = [bn.id for bn in self.graph.bn_layers if bn.tracks_stats] if mode == "train" else []
+        return _numpy_outputs(self._run(inputs, mode, ids)[0])
+
+    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
+        return self._to_host(self._run(inputs, mode, ids)[1], ids)
+
+    def call_counts(self) -> dict[str, int] | None:
+        """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
+        None when fx cannot trace the module (data-dependent control flow, TorchScript)."""
+        if self.scripted:
+            return None
+        try:
+            graph = trace(self.torch, self.module, set(self._by_id)).graph
+        except Exception:
+            return None
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        return {layer_id: calls.get(layer_id, 0) for layer_id in self._by_id}
+
+    def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        torch = self.torch
+        with torch.no_grad():
+            for layer_id, (mean, var) in stats.items():
+                m = self._by_id[layer_id]
+                m.running_mean.copy_(torch.as_tensor(np.asarray(mean)))
+                m.running_var.copy_(torch.as_tensor(np.asarray(var)))
+                bn = self.graph.layer(layer_id)
+                bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        """Write the input file again with only the ``changed`` layers' running_mean / running_var replaced."""
+        if self.checkpoint is None:
+            raise BnrepairError("an in-memory module has no file to write; save it with torch.save yourself")
+        buffers = {f"{layer_id}.{name}": getattr(self._by_id[layer_id], name)
+                   for layer_id in changed for name in ("running_mean", "running_var")}
+        if self.checkpoint.state is None:
+            self.module.to("cpu")  # pickled modules and archives are saved whole, where they were loaded
+        torch_files.write(self.checkpoint, Path(output), buffers)
+
+    def cast_input(self, x):
+        """numpy or torch batch (or a tuple / dict of them) -> tensors on the device; float64 arrays -> float32."""
+        if isinstance(x, dict):
+            return {k: self._tensor(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return tuple(self._tensor(v) for v in x)
+        return self._tensor(x)
+
+    def _tensor(self, value):
+        torch = self.torch
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value, np.float32 if value.dtype == np.float64 else None))
+        if not isinstance(value, torch.Tensor) or value.device == self.device:
+            return value
+        if self.device.type == "cuda" and value.device.type == "cpu":
+            if not value.is_pinned():
+                value = value.pin_memory()
+            return value.to(self.device, non_blocking=True)
+        return value.to(self.device)
+
+    # --- capture ----------------------------------------------------------------------------------
+    def _run(self, inputs, mode: str, ids: list[str]):
+        """One forward pass, everything in ``eval()``: (outputs, [(layer id, count, mean, m2) per BN call])."""
+        try:
+            with _all_eval(self._modules), self.torch.inference_mode():
+                if not ids:
+                    return _call(self.module, inputs), []
+                return self._script_run(inputs, mode, ids) if self.scripted else self._eager_run(inputs, mode, ids)
+        except BnrepairError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
+            text = first_line(exc)
+            raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
+                             f"{text}") from exc
+
+    def _eager_run(self, inputs, mode: str, ids: list[str]):
+        sink: list = []
+        patched = []
+        try:
+            for layer_id in ids:
+                m = self._by_id[layer_id]
+                patched.append((m, m.__dict__.get("forward")))
+                m.forward = _capture_forward(self.torch, m, layer_id, mode, sink, self._scratch)
+            return _call(self.module, inputs), sink
+        finally:
+            for m, previous in patched:
+                if previous is None:
+                    del m.__dict__["forward"]
+                else:
+                    m.__dict__["forward"] = previous
+
+    def _script_run(self, inputs, mode: str, ids: list[str]):
+        key = (mode, tuple(ids))
+        if key not in self._script_functions:
+            self._script_functions[key] = capture_function(self.module, mode, ids)
+        fn, order = self._script_functions[key]
+        if isinstance(inputs, dict):
+            raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
+        out = fn(self.module._c, *(inputs if isinstance(inputs, tuple) else (inputs,)))
+        return out[0], [(layer_id, out[1 + 3 * i] // self._by_id[layer_id].running_mean.numel(),
+                         out[2 + 3 * i].reshape(-1), out[3 + 3 * i]) for i, layer_id in enumerate(order)]
+
+    def _to_host(self, sink: list, ids: list[str]) -> dict[str, Moments]:
+        """One device-to-host copy per batch: every layer's (mean, m2) concatenated, then merged in float64."""
+        reached = {entry[0] for entry in sink}
+        missing = [i for i in ids if i not in reached]
+        if missing:
+            raise InputError(f"the forward pass never reached BN layer(s) {', '.join(missing)} in eval(); "
+                             "leave them out with --skip")
+        host = self.torch.cat([t.reshape(-1) for _, _, mean, m2 in sink for t in (mean, m2)])
+        host = host.to("cpu", self.torch.float64).numpy()
+        result: dict[str, Moments] = {}
+        offset = 0
+        for layer_id, count, mean, _ in sink:
+            channels = mean.numel()
+            m = Moments.of(count, host[offset:offset + channels], host[offset + channels:offset + 2 * channels])
+            offset += 2 * channels
+            result[layer_id] = result[layer_id].merge(m) if layer_id in result else m
+        return result
+
+
+def trace(torch, module, leaves: set[str]):
+    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules kept as single calls."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualified_name: str) -> bool:
+            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+
+    return torch.fx.GraphModule(module, Tracer().trace(module))
+
+
+def _capture_forward(torch, module, layer_id: str, mode: str, sink: list, scratch: dict):
+    """A stand-in ``forward`` that records its input's moments and normalises as ``mode`` needs.
+
+    The centred copy of the input goes to one scratch buffer reused by every layer and batch: a
+    fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
+    """
+    import torch.nn.functional as F
+
+    original = module.forward
+    eps = float(getattr(module, "eps", 1e-5))
+
+    def forward(x, *args, **kwargs):
+        stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        dims = (0, *range(2, x.dim()))
+        mean = stats.mean(dims, keepdim=True)
+        key = (stats.device, stats.dtype)
+        if key not in scratch or scratch[key].numel() < stats.numel():
+            scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
+        centred = torch.sub(stats, mean, out=scratch[key][:stats.numel()].view(stats.shape))
+        m2 = centred.mul_(centred).sum(dims)
+        count = x.numel() // x.shape[1]
+        sink.append((layer_id, count, mean, m2))
+        if mode != "train":
+            return original(x, *args, **kwargs)
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        dtype = weight.dtype if weight is not None else x.dtype
+        return F.batch_norm(x, mean.reshape(-1).to(dtype), (m2 / max(count, 1)).to(dtype), weight, bias,
+                            False, 0.0, eps)
+
+    return forward
+
+
+class _all_eval:
+    """Every module in ``eval()`` for one batch; each module's own flag restored afterwards."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def __enter__(self):
+        self.flags = [m.training for m in self.modules]
+        for m in self.modules:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m, flag in zip(self.modules, self.flags):
+            m.training = flag
+
+
+def _call(module, inputs):
+    if isinstance(inputs, dict):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def _shapes(inputs) -> str:
+    if isinstance(inputs, dict):
+        return ", ".join(f"{k}: {_shapes(v)}" for k, v in inputs.items())
+    if isinstance(inputs, tuple):
+        return ", ".join(_shapes(v) for v in inputs)
+    if hasattr(inputs, "shape"):
+        return f"{tuple(inputs.shape)} {str(inputs.dtype).replace('torch.', '')}"
+    return type(inputs).__name__
+
+
+def _bn_modules(torch, module, scripted: bool, origin: str) -> list[tuple]:
+    """(id, module, kind, frozen look-alike) for every BatchNorm layer, in registration order.
+
+    BatchNorm1d/2d/3d, SyncBatchNorm and materialised LazyBatchNorm are ``_BatchNorm``; any other module
+    with running_mean / running_var buffers (torchvision's FrozenBatchNorm2d and look-alikes) normalises
+    with fixed statistics and is listed as frozen. InstanceNorm keeps running buffers too and is left out.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+    from torch.nn.parameter import UninitializedBuffer
+
+    found = []
+    for name, m in module.named_modules():
+        layer_id = name or type(m).__name__
+        if scripted:
+            kind = m.original_name
+            buffers = dict(m.named_buffers(recurse=False))
+            is_bn = "BatchNorm" in kind or ("running_mean" in buffers and "running_var" in buffers)
+            if is_bn and not kind.startswith("InstanceNorm"):
+                found.append((layer_id, m, kind, "BatchNorm" not in kind or kind.startswith("Frozen")))
+            continue
+        if isinstance(m, _BatchNorm):
+            if isinstance(m.running_mean, UninitializedBuffer) or isinstance(m.weight, torch.nn.UninitializedParameter):
+                raise InputError(f"{origin}: BN layer {layer_id} is a LazyBatchNorm that is not materialised yet; "
+                                 "run the model once (or load its state_dict) first")
+            found.append((layer_id, m, type(m).__name__, False))
+        elif (not isinstance(m, _NormBase) and isinstance(m._buffers.get("running_mean"), torch.Tensor)
+              and isinstance(m._buffers.get("running_var"), torch.Tensor)):
+            found.append((layer_id, m, type(m).__name__, True))
+    return found
+
+
+def _unwrap(torch, model):
+    """The module that holds the layers: DataParallel / DDP and torch.compile wrappers are looked through."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _resolve_device(torch, device: str, module, owned: bool):
+    """A loaded checkpoint goes where ``device`` says; a module passed in memory is never moved."""
+    want = {"gpu": "cuda"}.get(device, device)
+    if want not in ("auto", "cpu", "cuda"):
+        raise BnrepairError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise BnrepairError("--device cuda: torch sees no CUDA device on this machine")
+    if not owned:
+        here = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+        if want not in ("auto", here.type):
+            raise BnrepairError(f"the module is on {here}; move it with module.to({want!r}) or use device='auto'")
+        return here
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if want == "cuda" else torch.device("cpu")
+
+
+def _input_shape(module):
+    """(C, H, W) when the module declares ``example_input_shape``; else unknown."""
+    shape = getattr(module, "example_input_shape", None)
+    if isinstance(shape, (tuple, list)) and all(isinstance(d, int) or d is None for d in shape):
+        return tuple(shape)
+    return None
+
+
+def _numpy_outputs(outputs):
+    """Tensors anywhere in the outputs (tuples, lists, dicts) as numpy arrays on the host."""
+    if isinstance(outputs, dict):
+        return {k: _numpy_outputs(v) for k, v in outputs.items()}
+    if isinstance(outputs, (tuple, list)):
+        converted = [_numpy_outputs(v) for v in outputs]
+        return converted if isinstance(outputs, list) else tuple(converted)
+    if hasattr(outputs, "detach"):
+        return outputs.detach().cpu().numpy()
+    return outputs
+
+
+def _numpy(tensor) -> np.ndarray:
+    if tensor is None:
+        return np.zeros(0)
+    return tensor.detach().to("cpu", copy=True).double().numpy()

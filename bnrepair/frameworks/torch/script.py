@@ -1,0 +1,68 @@
+"""Measuring BN inputs inside a TorchScript module, which forward hooks and Python patching cannot reach.
+
+The module's forward graph is copied and inlined; before each chosen ``aten::batch_norm`` node a two-pass
+per-channel reduction of its input is inserted (element count, mean, sum of squared deviations) and
+returned as extra outputs of a new function that takes the module as its ``self``. In ``train`` mode
+the node gets no running statistics and ``training=True``, so it normalises with the batch's own
+statistics and updates nothing. The module itself is never modified, so it is saved back as it was.
+"""
+
+from __future__ import annotations
+
+from ...errors import InputError
+
+
+def capture_function(module, mode: str, ids: list[str]):
+    """``(fn, order)``: ``fn(module._c, *inputs)`` returns ``(output, count, mean, m2, count, ...)``,
+    one (count, mean, m2) per BN call, whose layer ids ``order`` lists."""
+    import torch
+
+    graph = module.forward.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    wanted, order = set(ids), []
+    for node in list(graph.nodes()):  # top-level block only: values inside if/loop bodies cannot be returned
+        if node.kind() != "aten::batch_norm":
+            continue
+        layer_id = _attribute_path(node.inputsAt(3))
+        if layer_id in wanted:
+            for value in _instrument(graph, node, mode):
+                graph.registerOutput(value)
+            order.append(layer_id)
+    missing = [i for i in ids if i not in order]
+    if missing:
+        raise InputError(f"TorchScript: BN layer(s) {', '.join(missing)} do not run as aten::batch_norm at the "
+                         "top level of the forward graph, so their inputs cannot be measured; leave them out "
+                         "with --skip")
+    graph.makeMultiOutputIntoTuple()
+    return torch._C._create_function_from_graph("bnrepair_capture", graph), order
+
+
+def _instrument(graph, node, mode: str):
+    """Insert the reduction of ``node``'s input before it; returns the (count, mean, m2) values."""
+    x = node.inputsAt(0)
+    with graph.insert_point_guard(node):
+        const = graph.insertConstant
+        # (N, C, ...) -> (N, C, L) for any rank >= 2, a view for contiguous inputs
+        flat = graph.insert("aten::flatten", [graph.insert("aten::unsqueeze", [x, const(-1)]), const(2), const(-1)])
+        mean = graph.insert("aten::mean", [flat, const([0, 2]), const(True)])
+        centred = graph.insert("aten::sub", [flat, mean])
+        m2 = graph.insert("aten::sum", [graph.insert("aten::mul", [centred, centred]), const([0, 2])])
+        count = graph.insert("aten::numel", [x])
+        if mode == "train":
+            none = const(None)
+            node.replaceInput(3, none)
+            node.replaceInput(4, none)
+            node.replaceInput(5, const(True))
+    return count, mean, m2
+
+
+def _attribute_path(value) -> str | None:
+    """``layer1.0.bn1`` for a value read as ``self.layer1.0.bn1.running_mean``; None for anything else."""
+    names = []
+    node = value.node()
+    while node.kind() == "prim::GetAttr":
+        names.append(node.s("name"))
+        node = node.input().node()
+    if node.kind() != "prim::Param" or len(names) < 2:
+        return None
+    return ".".join(reversed(names[1:]))

@@ -1,0 +1,50 @@
+"""User code named on the command line (``--arch``, ``--data-fn``): ``MODULE:CALLABLE`` or ``FILE.py:CALLABLE``.
+
+Naming it is the user's explicit choice to run it; nothing from a checkpoint is executed this way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def call_spec(spec: str, option: str):
+    """The callable that ``spec`` names; a clear error when the module or attribute is missing."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise InputError(f"{option} {spec!r}: expected MODULE:CALLABLE or FILE.py:CALLABLE")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise InputError(f"{option}: {path}: no such file")
+        name = f"bnrepair_user_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise InputError(f"{option}: {path}: importing failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise InputError(f"{option}: cannot import {target!r} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise InputError(f"{option}: {target} has no callable {attr!r}")
+    return fn
+
+
+def data_from(spec: str):
+    """The batches that ``--data-fn MODULE:CALLABLE`` returns; its failure is the user's, reported in one line."""
+    make = call_spec(spec, "--data-fn")
+    try:
+        return make()
+    except Exception as exc:
+        raise InputError(f"--data-fn {spec}: calling it failed: {type(exc).__name__}: {exc}") from None

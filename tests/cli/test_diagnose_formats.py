@@ -1,0 +1,65 @@
+"""inspect and diagnose on the real torch and SavedModel fixtures, through the same runner protocol as Keras."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bnrepair.cli import app
+from fixtures import make_torch, synthetic
+
+cli = CliRunner()
+ARCH = ["--arch", f"{make_torch.ARCH}:build"]
+SAVEDMODEL = synthetic.ROOT.parent / "savedmodel"
+# fixture, data domain, flags, expected cause
+CASES = [(make_torch.OUT / "stale_ema.pt", "a", ARCH, "stale"),
+         (make_torch.OUT / "never_updated.pt", "a", ARCH, "never_updated"),
+         (make_torch.OUT / "frozen_bn.pt", "b", ["--trust-pickle"], "domain_shift"),
+         (make_torch.OUT / "homogeneous.pt", "b", ["--trust-code"], "domain_shift"),
+         (make_torch.OUT / "healthy.pt", "a", ARCH, "healthy"),
+         (SAVEDMODEL / "keras3_export", "a", [], "stale"),
+         (SAVEDMODEL / "tf1_slim", "a", ["--input", "images"], "never_updated")]
+
+
+@pytest.mark.parametrize("path,domain,flags,cause", CASES, ids=[c[0].name + "-" + c[1] for c in CASES])
+def test_verdicts_and_exit_codes(tmp_path, path, domain, flags, cause):
+    out = tmp_path / "d.json"
+    result = cli.invoke(app, ["diagnose", str(path), "--data",
+                              str(synthetic.folder(domain, "heldout")), "--json", str(out), *flags])
+    assert result.exit_code == (0 if cause == "healthy" else 1), result.output
+    report = json.loads(out.read_text())
+    assert report["verdicts"][0]["cause"] == cause
+    acc = report["outputs"]["accuracy"]
+    assert acc["recalibrated"] >= acc["training"] - 0.02
+    if cause == "healthy":
+        assert abs(report["outputs"]["expected_gain"]) <= 0.02
+    else:
+        assert report["outputs"]["expected_gain"] > 0.3 and report["layers"][0]["problem"]
+        assert " ".join(flags) in report["verdicts"][0]["fix"]
+
+
+def test_inspect_torch_flags_never_updated_without_data():
+    result = cli.invoke(app, ["inspect", str(make_torch.OUT / "never_updated.pt"), *ARCH])
+    assert result.exit_code == 1 and "updates never ran" in result.output
+    assert cli.invoke(app, ["inspect", str(make_torch.OUT / "healthy.pt"), *ARCH]).exit_code == 0
+
+
+def test_inspect_finds_reused_and_unreached_torch_bn_from_the_graph_alone():
+    import torch
+    from torch import nn
+
+    import bnrepair
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn, self.spare = nn.Linear(3, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(self.lin(self.bn(x)))
+
+    model = Shared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {(f.code, f.layer) for f in bnrepair.inspect(model).flags}
+    assert {("reused", "bn"), ("unreached", "spare")} <= flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,170 @@
+"""Folding real torch modules: every pattern (grouped transposed conv included) folds exactly, every refusal
+is refused with its reason, the user's module is untouched, and .pt2 / ONNX outputs match the source."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnrepair
+from fixtures import REPO
+
+onnx = pytest.importorskip("onnx", reason="folding tests export ONNX: pip install '.[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="folding tests run ONNX: pip install '.[onnx]'")
+
+ROOT = REPO
+FOLDED = {"bn_conv": "backward", "bn_c1": "backward", "bn_c3": "backward", "bn_grp": "backward",
+          "bn_dw": "backward", "bn_tr": "backward", "bn_tr1": "backward", "bn_lin": "backward",
+          "bn_lfwd": "forward", "bn_fwd": "forward", "bn_cat": "concat"}
+REFUSED = {"bn_act": "activation act (ReLU) sits between conv_a and BN",
+           "bn_shared": "the output of conv_s is also used by",
+           "bn_fgrp": "conv_g has groups=2",
+           "bn_axis": "BN acts on axis 1 but lin_r's channels are on axis 2",
+           "bn_twice": "called 2 times"}
+
+
+class Zoo(nn.Module):
+    """One branch per pattern from one (N, 4, 8, 8) input; returns one output per branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.example_input_shape = (4, 8, 8)
+        self.conv_b, self.bn_conv = nn.Conv2d(4, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6)
+        self.c1, self.bn_c1 = nn.Conv1d(32, 5, 3, padding=1), nn.BatchNorm1d(5)
+        self.c3, self.bn_c3 = nn.Conv3d(1, 3, 2, bias=False), nn.BatchNorm3d(3)
+        self.grouped, self.bn_grp = nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.dw, self.bn_dw = nn.Conv2d(4, 8, 3, groups=4, padding=1), nn.BatchNorm2d(8)
+        self.tr, self.bn_tr = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False), nn.BatchNorm2d(6)
+        self.tr1, self.bn_tr1 = nn.ConvTranspose1d(32, 3, 2, stride=2), nn.BatchNorm1d(3)
+        self.lin, self.bn_lin = nn.Linear(256, 6), nn.BatchNorm1d(6)
+        self.bn_lfwd, self.lin_f = nn.BatchNorm1d(256), nn.Linear(256, 3)
+        self.bn_fwd, self.conv_v = nn.BatchNorm2d(4), nn.Conv2d(4, 5, 3)
+        self.cat_a, self.cat_b, self.bn_cat = nn.Conv2d(4, 3, 1), nn.Conv2d(4, 2, 3, padding=1), nn.BatchNorm2d(5)
+        self.conv_a, self.act, self.bn_act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4)
+        self.conv_s, self.bn_shared = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn_fgrp, self.conv_g = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2)
+        self.lin_r, self.bn_axis = nn.Linear(8, 5), nn.BatchNorm1d(32)
+        self.bn_twice = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        seq = x.reshape(x.shape[0], 32, 8)
+        flat = torch.flatten(x, 1)
+        shared = self.conv_s(x)
+        return (self.bn_conv(self.conv_b(x)), self.bn_c1(self.c1(seq)),
+                self.bn_c3(self.c3(x.reshape(x.shape[0], 1, 4, 8, 8))), self.bn_grp(self.grouped(x)),
+                self.bn_dw(self.dw(x)), self.bn_tr(self.tr(x)), self.bn_tr1(self.tr1(seq)),
+                self.bn_lin(self.lin(flat)), self.lin_f(self.bn_lfwd(torch.relu(flat))),
+                self.conv_v(self.bn_fwd(x)), self.bn_cat(torch.cat([self.cat_a(x), self.cat_b(x)], dim=1)),
+                self.bn_act(self.act(self.conv_a(x))), self.bn_shared(shared) + shared,
+                self.conv_g(self.bn_fgrp(torch.relu(x))), self.bn_axis(self.lin_r(seq)),
+                self.bn_twice(self.bn_twice(x)))
+
+
+def randomised(module, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+                if m.track_running_stats:
+                    m.running_mean.normal_(0, 0.5)
+                    m.running_var.uniform_(0.5, 2)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    module = randomised(Zoo())
+    x = np.random.default_rng(0).random((16, 4, 8, 8), dtype=np.float32)
+    pristine = copy.deepcopy(module.state_dict())
+    report = bnrepair.fold(module, data=x, batch_size=8)
+    return module, x, report, pristine
+
+
+def outputs(module, x):
+    with torch.no_grad():
+        return [t.numpy() for t in module(torch.as_tensor(x))]
+
+
+def test_each_pattern_folds_and_each_refusal_is_refused(zoo):
+    module, _, report, pristine = zoo
+    assert {row.bn: row.how for row in report.folded} == FOLDED
+    reasons = {r.bn: r.reason for r in report.refused}
+    assert set(reasons) == set(REFUSED)
+    for name, reason in REFUSED.items():
+        assert reason in reasons[name]
+    kept = {name for name, m in report.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert kept == set(REFUSED)
+    assert report.model.grouped.bias is not None and module.grouped.bias is None
+    for key, value in module.state_dict().items():  # the user's module is untouched
+        assert torch.equal(value, pristine[key]), key
+
+
+def test_folded_outputs_match_within_1e5(zoo):
+    module, x, report, _ = zoo
+    for inputs in (x, np.random.default_rng(1).normal(0, 1, x.shape).astype(np.float32)):
+        before, after = outputs(module, inputs), outputs(report.model, inputs)
+        assert 0.3 < max(float(np.abs(b).max()) for b in before) < 30
+        assert max(float(np.abs(a - b).max()) for a, b in zip(after, before)) <= 1e-5
+    assert all(row.max_abs <= 1e-5 for row in report.folded)
+
+
+def test_grouped_transposed_conv_folds_where_naive_fusion_cannot():
+    """torch's fuse_conv_bn_eval scales the transposed weight's dim 1 (out/groups), not the output channels."""
+    tr, bn = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6)
+    module = randomised(nn.Sequential(tr, bn))
+    x = np.random.default_rng(2).random((4, 4, 5, 5), dtype=np.float32)
+    report = bnrepair.fold(module, data=x)
+    assert [row.how for row in report.folded] == ["backward"]
+    assert float(np.abs(outputs(report.model, x)[0] - outputs(module, x)[0]).max()) <= 1e-5
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.fusion.fuse_conv_bn_eval(tr, bn, transpose=True)
+
+
+def test_bn_without_running_stats_is_left_in_place():
+    module = randomised(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
+    report = bnrepair.fold(module, data=np.random.default_rng(3).random((8, 3, 6, 6), dtype=np.float32))
+    assert [(r.bn, r.reason) for r in report.refused] == [("1", "normalises with batch statistics at inference")]
+    assert not report.folded
+
+
+def test_pt2_keeps_the_fold_and_a_dynamic_batch(zoo, tmp_path):
+    x = zoo[1]
+    simple = randomised(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(216, 5), nn.BatchNorm1d(5)))
+    bnrepair.fold(simple, tmp_path / "simple.pt2", data=x)
+    program = torch.export.load(tmp_path / "simple.pt2")
+    assert not [n for n in program.graph.nodes if "batch_norm" in str(n.target)]
+    for n in (1, 7):
+        got = program.module()(torch.as_tensor(x[:n])).detach().numpy()
+        assert float(np.abs(got - outputs(simple, x[:n])).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_onnx_matches_torch_and_names_the_folded_tensors(zoo, tmp_path, fold):
+    module, x, _, _ = zoo
+    report = bnrepair.export(module, tmp_path / "zoo.onnx", fold=fold, data=x, batch_size=8)
+    proto = onnx.load(tmp_path / "zoo.onnx")
+    nodes = [n.op_type for n in proto.graph.node]
+    calls = len(REFUSED) + 1  # bn_twice runs twice
+    assert nodes.count("BatchNormalization") == (calls if fold else len(FOLDED) + calls)
+    initializers = {i.name for i in proto.graph.initializer}
+    assert all(t in initializers for row in report.folded for t in row.into)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x[:3]})
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, outputs(module, x[:3]))) <= 1e-4
+
+
+def test_fixtures_fold_including_frozen_lookalikes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    calib = ROOT / "fixtures" / "data" / "a" / "calib"
+    for name, options in (("stale_ema.pt", {"arch": str(ROOT / "fixtures/torch/arch.py") + ":build"}),
+                          ("frozen_bn.pt", {"trust_pickle": True})):
+        report = bnrepair.fold(ROOT / "fixtures" / "torch" / name, tmp_path / f"{name}.pt2", data=calib,
+                               samples=32, **options)
+        assert [row.bn for row in report.folded] == ["features.1", "features.5", "features.9"]
+        assert not report.refused and all(c.max_abs <= 1e-5 for c in report.checks)
