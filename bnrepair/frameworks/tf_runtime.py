@@ -1,4 +1,4 @@
-"""TensorFlow shared by the Keras and SavedModel runners: a quiet import and the device to run on."""
+"""TensorFlow shared by the Keras and SavedModel wings: quiet imports of TF and Keras, the device to run on."""
 
 from __future__ import annotations
 
@@ -43,6 +43,21 @@ def import_tensorflow():
         raise BnrepairError(f"this model needs TensorFlow ({exc}); install it with: pip install 'bnrepair[keras]'") \
             from None
     return tf
+
+
+def import_keras():
+    """Import Keras on the TensorFlow backend, quietly, or say which extra to install."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    tf = import_tensorflow()
+    try:
+        import keras
+    except ImportError as exc:
+        raise BnrepairError(f"Keras models need TensorFlow and Keras ({exc}); "
+                            "install them with: pip install 'bnrepair[keras]'") from None
+    if keras.backend.backend() != "tensorflow":
+        raise BnrepairError(f"bnrepair runs Keras models on the TensorFlow backend, "
+                            f"but KERAS_BACKEND is {keras.backend.backend()!r}")
+    return keras, tf
 
 
 def resolve_device(tf, device: str) -> str:

@@ -13,7 +13,7 @@ import bnrepair
 from bnrepair.cli import app
 from bnrepair.deploy import ort_max_opset
 from bnrepair.errors import InputError
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.frameworks.torch import fold as torch_fold
 from fixtures import REPO
 

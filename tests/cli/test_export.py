@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import bnrepair
 from bnrepair.cli import app
 from bnrepair.deploy import cuda_usable
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.writers import sha256
 from fixtures import REPO, synthetic
 

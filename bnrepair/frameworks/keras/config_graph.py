@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import InputError
-from .runner import import_keras
+from ..tf_runtime import import_keras
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,8 @@ import numpy as np
 from ...errors import BnrepairError, InputError, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ..tf_runtime import data_misfit, import_tensorflow, resolve_device
+from ..tf_runtime import data_misfit, import_keras, resolve_device
 from . import files as keras_files
-
-
-def import_keras():
-    """Import Keras on the TensorFlow backend, quietly, or say which extra to install."""
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    tf = import_tensorflow()
-    try:
-        import keras
-    except ImportError as exc:
-        raise BnrepairError(f"Keras models need TensorFlow and Keras ({exc}); "
-                            "install them with: pip install 'bnrepair[keras]'") from None
-    if keras.backend.backend() != "tensorflow":
-        raise BnrepairError(f"bnrepair runs Keras models on the TensorFlow backend, "
-                            f"but KERAS_BACKEND is {keras.backend.backend()!r}")
-    return keras, tf
 
 
 def load_custom_objects(path: Path | None) -> dict:

@@ -22,7 +22,6 @@ import numpy as np
 from ...errors import InputError, first_line
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ...writers import atomic_path
-from .runner import trace
 
 ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
                         "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softmax",
@@ -77,6 +76,16 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     channels = {name: p.channels for name, p in params.items()}
     return Folded(gm.eval(), decisions, {d.bn: probes(d, channels) for d in accepted},
                   {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
+
+
+def trace(torch, module, leaves: set[str]):
+    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules kept as single calls."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualified_name: str) -> bool:
+            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+
+    return torch.fx.GraphModule(module, Tracer().trace(module))
 
 
 def _trace(torch, module, bn_ids: set[str]):

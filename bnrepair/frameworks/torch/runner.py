@@ -109,6 +109,8 @@ class TorchRunner:
         None when fx cannot trace the module (data-dependent control flow, TorchScript)."""
         if self.scripted:
             return None
+        from .fold import trace
+
         try:
             graph = trace(self.torch, self.module, set(self._by_id)).graph
         except Exception:
@@ -215,16 +217,6 @@ class TorchRunner:
             offset += 2 * channels
             result[layer_id] = result[layer_id].merge(m) if layer_id in result else m
         return result
-
-
-def trace(torch, module, leaves: set[str]):
-    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules kept as single calls."""
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualified_name: str) -> bool:
-            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
-
-    return torch.fx.GraphModule(module, Tracer().trace(module))
 
 
 def _capture_forward(torch, module, layer_id: str, mode: str, sink: list, scratch: dict):

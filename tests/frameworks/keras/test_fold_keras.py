@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bnrepair
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 
 onnx = pytest.importorskip("onnx", reason="folding tests export ONNX: pip install '.[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="folding tests run ONNX: pip install '.[onnx]'")

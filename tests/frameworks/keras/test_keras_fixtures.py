@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import bnrepair
 from bnrepair.cli import app
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 
 keras, tf = import_keras()
 

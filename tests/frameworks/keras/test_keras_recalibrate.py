@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import bnrepair
 from bnrepair.cli import app
 from bnrepair.data import Calibration, ImageSpec, open_source
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.moments import Moments
 from bnrepair.protocols import NoProgress
 from bnrepair.recalibration import pooled_moments

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import bnrepair
 from bnrepair.cli import app
 from bnrepair.errors import BnrepairError, InputError
-from bnrepair.frameworks.keras.runner import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 from fixtures import make_savedmodel
 
 keras, tf = import_keras()

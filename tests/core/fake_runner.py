@@ -1,0 +1,67 @@
+"""A framework-free ``protocols.Runner`` in numpy, so the recalibration loop is tested without any framework.
+
+The model is a two-BN chain on (N, C) features: ``bn1 -> x * w + b -> relu -> bn2``, every statistic in
+float64. It implements the protocol's modes exactly: ``train`` normalises each BN with the batch's own
+statistics, ``eval`` with the stored ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnrepair.errors import InputError
+from bnrepair.graph import BNLayer, ModelGraph
+from bnrepair.moments import Moments
+
+EPS = 1e-3
+
+
+class ChainRunner:
+    framework = "fake"
+    device = "cpu"
+    model = None
+
+    def __init__(self, channels: int = 3, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.w, self.b = rng.normal(1.0, 0.3, channels), rng.normal(0.2, 0.3, channels)
+        self.graph = ModelGraph("fake", "chain", [self._layer(name, channels) for name in ("bn1", "bn2")])
+
+    @staticmethod
+    def _layer(name: str, channels: int) -> BNLayer:
+        return BNLayer(name, channels, 1, EPS, 0.99, True, True, False, np.zeros(channels), np.ones(channels))
+
+    def cast_input(self, x):
+        return np.asarray(x, np.float64)
+
+    def _forward(self, x, mode: str):
+        seen = {}
+
+        def bn(name, a):
+            seen[name] = a
+            layer = self.graph.layer(name)
+            mean, var = (a.mean(0), a.var(0)) if mode == "train" else (layer.mean, layer.var)
+            return (a - mean) / np.sqrt(var + EPS)
+
+        out = bn("bn2", np.maximum(bn("bn1", x) * self.w + self.b, 0.0))
+        return out, seen
+
+    def infer(self, inputs, mode="eval"):
+        return self._forward(inputs, mode)[0]
+
+    def collect(self, inputs, mode, ids):
+        seen = self._forward(inputs, mode)[1]
+        return {i: Moments.from_array(seen[i], axis=1) for i in ids}
+
+    def set_stats(self, stats):
+        for layer_id, (mean, var) in stats.items():
+            layer = self.graph.layer(layer_id)
+            layer.mean, layer.var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+
+    def save(self, output, changed):
+        raise InputError("an in-memory model has no file to write")
+
+    def call_counts(self):
+        return None
+
+    def fold_backend(self):
+        raise InputError("the chain cannot be folded")

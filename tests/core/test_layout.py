@@ -1,0 +1,106 @@
+"""The package's shape, checked: no import cycle (function-level imports included), no module that shadows a
+public function, no comment pointing outside the repository, a core that imports no framework, and load
+options refused for the wrong format before any framework loads."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import bnrepair
+from bnrepair import frameworks
+from bnrepair.errors import InputError
+from bnrepair.options import LoadOptions
+from fixtures import REPO
+
+PACKAGE = Path(bnrepair.__file__).parent
+MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+           for p in PACKAGE.rglob("*.py")}
+
+
+def imports(name: str, path: Path) -> set[str]:
+    """The bnrepair modules ``name`` imports anywhere in its code (parent packages implied by a dotted name are
+    not edges: Python has them initialised already)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
+    return {m for m in found if m in MODULES and m != name}
+
+
+def test_no_import_cycle():
+    edges = {name: imports(name, path) for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in edges[node]:
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_submodule_shadows_a_public_function():
+    for name, path in MODULES.items():
+        if path.name != "__init__.py":
+            continue
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        exported = set(getattr(sys.modules.get(name) or __import__(name, fromlist=["_"]), "__all__", ()))
+        for public in (defined | exported):
+            assert f"{name}.{public}" not in MODULES, f"module {name}.{public} shadows the function {public}"
+
+
+def test_no_comment_points_outside_the_repository():
+    for folder in ("bnrepair", "tests", "fixtures", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "DESIGN" + ".md" not in text and "../" + "shared" not in text, path
+
+
+def test_the_core_imports_no_framework():
+    code = ("import sys, bnrepair, bnrepair.cli, bnrepair.deploy, bnrepair.frameworks.keras, "
+            "bnrepair.frameworks.torch, bnrepair.frameworks.savedmodel; "
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnx', 'onnxruntime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_options_of_another_format_are_refused_before_loading(tmp_path):
+    h5 = tmp_path / "model.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.zeros(1)
+    assert frameworks.detect(h5) == "keras"
+    with pytest.raises(InputError, match=r"--arch applies to PyTorch checkpoints; .*model.h5 is a Keras file"):
+        frameworks.load(h5, LoadOptions(arch="net.py:build"))
+    with pytest.raises(InputError, match="--signature applies to TensorFlow SavedModels"):
+        bnrepair.inspect(h5, signature="other")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        bnrepair.inspect(h5, archh="net.py:build")
+
+
+def test_formats_are_told_apart_by_contents(tmp_path):
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "legacy.bin").write_bytes(b"\x80\x02rest")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    assert [frameworks.detect(tmp_path / n) for n in ("sm", "legacy.bin", "m.onnx")] == ["savedmodel", "torch", "onnx"]
+    for name, message in (("missing.h5", "no such file"), ("m.onnx", "not yet something it reads")):
+        with pytest.raises(InputError, match=message):
+            frameworks.load(tmp_path / name, LoadOptions())

@@ -1,0 +1,97 @@
+"""The recalibration loop on a numpy runner: exact pooling over uneven batches, PreciseBN in train mode, the
+inference-consistent fixed point in eval mode, layer selection and its errors. Needs no framework."""
+
+import numpy as np
+import pytest
+
+import bnrepair
+from bnrepair.data import IterableCalibration as calibration
+from bnrepair.errors import BnrepairError, InputError
+from bnrepair.protocols import Runner
+from bnrepair.recalibration import run
+
+from .fake_runner import EPS, ChainRunner
+
+rng = np.random.default_rng(7)
+X = rng.normal([2.0, -1.0, 5.0], [1.0, 3.0, 0.5], (203, 3))
+
+
+def batches(sizes):
+    starts = np.cumsum([0, *sizes])
+    return [X[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def hidden(runner, x, mean, var):
+    return np.maximum((x - mean) / np.sqrt(var + EPS) * runner.w + runner.b, 0.0)
+
+
+def test_the_fake_runner_is_a_runner():
+    assert isinstance(ChainRunner(), Runner)
+
+
+@pytest.mark.parametrize("sizes", [[203], [64, 64, 64, 11], [1, 100, 2, 100]])
+def test_train_mode_pools_each_batch_normalised_with_its_own_statistics(sizes):
+    runner = ChainRunner()
+    report = bnrepair.recalibrate(runner, batches(sizes), mode="train")
+    assert report.passes == 1 and report.samples == 203
+    reference = np.concatenate([hidden(runner, b, b.mean(0), b.var(0)) for b in batches(sizes)])
+    np.testing.assert_allclose(runner.graph.layer("bn1").mean, X.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(runner.graph.layer("bn1").var, X.var(0), rtol=1e-12)  # biased, as Keras stores
+    np.testing.assert_allclose(runner.graph.layer("bn2").mean, reference.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(runner.graph.layer("bn2").var, reference.var(0), rtol=1e-12)
+
+
+def test_eval_mode_reaches_the_inference_consistent_fixed_point_whatever_the_batching():
+    results = []
+    for sizes in ([203], [10] * 20 + [3]):
+        runner = ChainRunner()
+        report = bnrepair.recalibrate(runner, batches(sizes), mode="eval")
+        assert report.converged and report.passes <= 3
+        results.append(runner)
+    m1, v1 = X.mean(0), X.var(0)
+    h = hidden(results[0], X, m1, v1)
+    for runner in results:
+        np.testing.assert_allclose(runner.graph.layer("bn1").mean, m1, rtol=1e-10)
+        np.testing.assert_allclose(runner.graph.layer("bn2").mean, h.mean(0), rtol=1e-10)
+        np.testing.assert_allclose(runner.graph.layer("bn2").var, h.var(0), rtol=1e-10)
+
+
+def test_unbiased_convention_is_followed():
+    runner = ChainRunner()
+    runner.graph.unbiased_var = True
+    bnrepair.recalibrate(runner, batches([100, 103]))
+    np.testing.assert_allclose(runner.graph.layer("bn1").var, X.var(0, ddof=1), rtol=1e-12)
+
+
+def test_layers_and_skip_choose_by_id():
+    runner = ChainRunner()
+    outcome = run(runner, calibration(batches([203])), layers="bn", skip="2$")
+    assert [bn.id for bn in outcome.layers] == ["bn1"]
+    np.testing.assert_array_equal(runner.graph.layer("bn2").mean, np.zeros(3))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": "("}, "--layers '(': not a valid regular expression"),
+    ({"skip": "bn"}, "no BN layer left to recalibrate"),
+    ({"mode": "evel"}, "--mode must be one of train, eval"),
+    ({"tol": float("nan")}, "--tol must be a number >= 0"),
+])
+def test_bad_choices_are_refused(kwargs, message):
+    with pytest.raises(BnrepairError, match=message.replace("(", r"\(").replace("$", r"\$")):
+        run(ChainRunner(), calibration(batches([203])), **kwargs)
+
+
+def test_too_few_or_non_finite_samples_are_refused():
+    with pytest.raises(InputError, match="at least 2 calibration samples"):
+        run(ChainRunner(), calibration([X[:1]]))
+    bad = X[:10].copy()
+    bad[3, 1] = np.inf
+    with pytest.raises(InputError, match="NaN or infinite activations"):
+        run(ChainRunner(), calibration([bad]))
+
+
+def test_samples_is_reported_and_the_model_in_memory_is_updated_in_place():
+    runner = ChainRunner()
+    report = bnrepair.recalibrate(runner, batches([50, 50]))
+    assert report.samples == 100 and report.output is None
+    assert {layer.id for layer in report.layers} == {"bn1", "bn2"}
