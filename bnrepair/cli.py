@@ -140,17 +140,17 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
 Checkpoint = Annotated[Path, typer.Argument(help="Keras .h5/.keras, TF SavedModel dir or PyTorch .pt checkpoint "
                                             "(never modified).")]
 Data = Annotated[Optional[Path], typer.Option("--data", "-d", help="Image folder (recursive; class sub-folders "
-                                              "allowed), .npy, or .npz (array 'x' or its only array; 'y' labels).")]
+                                              "allowed), .npy, or .npz (array 'x' or its only array; 'y' labels).", rich_help_panel="Data")]
 Mode = Annotated[str, typer.Option(help="train: BN uses batch statistics while measured, one pass (PreciseBN). "
-                                   "eval: inference-consistent fixed point over repeated passes.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")]
-Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.")]
-Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).")]
-Device = Annotated[str, typer.Option(help="auto, cpu, or gpu/cuda.")]
+                                   "eval: inference-consistent fixed point over repeated passes.", rich_help_panel="Recalibration")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.", rich_help_panel="Data")]
+Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.", rich_help_panel="Data")]
+Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).", rich_help_panel="Recalibration")]
+Device = Annotated[str, typer.Option(help="auto, cpu, or gpu/cuda.", rich_help_panel="Recalibration")]
 ImageSize = Annotated[Optional[tuple[int, int]], typer.Option("--image-size", help="Resize images to H W "
-                                                              "[default: the model's declared input size].")]
-Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.")]
+                                                              "[default: the model's declared input size].", rich_help_panel="Data")]
+Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.", rich_help_panel="Data")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.", rich_help_panel="Data")]
 def writable_folder(path: Optional[Path]) -> Optional[Path]:
     """--json and --plot are written after the work: their folders are checked before any of it starts."""
     from .writers import check_output
@@ -162,25 +162,25 @@ def writable_folder(path: Optional[Path]) -> Optional[Path]:
 
 
 JsonPath = Annotated[Optional[Path], typer.Option("--json", callback=writable_folder,
-                                                  help="Also write the report as JSON here.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.")]
+                                                  help="Also write the report as JSON here.", rich_help_panel="Output")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.", rich_help_panel="Output")]
 CustomObjects = Annotated[Optional[Path], typer.Option("--custom-objects", help="Keras: a .py file whose Keras "
-                                                       "classes are needed to load the model (it is run).")]
-Unsafe = Annotated[bool, typer.Option("--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode).")]
+                                                       "classes are needed to load the model (it is run).", rich_help_panel="Loading: Keras")]
+Unsafe = Annotated[bool, typer.Option("--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode).", rich_help_panel="Loading: Keras")]
 Arch = Annotated[Optional[str], typer.Option(help="torch state_dict: MODULE:CALLABLE or FILE.py:CALLABLE that "
-                                             "builds the module.")]
-ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.")]
-Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.")]
-TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).")]
-TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives (runs code).")]
+                                             "builds the module.", rich_help_panel="Loading: PyTorch")]
+ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.", rich_help_panel="Loading: PyTorch")]
+Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.", rich_help_panel="Loading: PyTorch")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).", rich_help_panel="Loading: PyTorch")]
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives (runs code).", rich_help_panel="Loading: PyTorch")]
 SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="torch: allow one more global "
-                                                         "(mod.Name) in weights_only loading; repeatable.")]
-Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.")]
+                                                         "(mod.Name) in weights_only loading; repeatable.", rich_help_panel="Loading: PyTorch")]
+Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.", rich_help_panel="Loading: SavedModel")]
 InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed, "
-                                                  "when it has several.")]
+                                                  "when it has several.", rich_help_panel="Loading: SavedModel")]
 DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABLE returning an iterable of "
-                                               "batches (instead of --data).")]
-InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.")]
+                                               "batches (instead of --data).", rich_help_panel="Data")]
+InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.", rich_help_panel="Data")]
 
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
@@ -216,16 +216,16 @@ def recalibrate(
     checkpoint: Checkpoint,
     data: Data = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: "
-                                                   "<stem>.recalibrated<suffix> beside the input].")] = None,
+                                                   "<stem>.recalibrated<suffix> beside the input].", rich_help_panel="Output")] = None,
     mode: Mode = "train",
     batch_size: BatchSize = 32,
     seed: Seed = 0,
-    samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].")] = None,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].", rich_help_panel="Data")] = None,
     tol: Tol = 1e-4,
     layers: Annotated[Optional[str], typer.Option(help="Recalibrate only BN layers whose id matches this "
-                                                  "regex.")] = None,
+                                                  "regex.", rich_help_panel="Recalibration")] = None,
     skip: Annotated[Optional[str], typer.Option(help="Leave BN layers whose id matches this regex "
-                                                "unchanged.")] = None,
+                                                "unchanged.", rich_help_panel="Recalibration")] = None,
     device: Device = "auto",
     image_size: ImageSize = None,
     preprocess: Preprocess = "unit",
@@ -246,9 +246,9 @@ def recalibrate(
     input_index: InputIndex = 0,
     export: Annotated[Optional[Path], typer.Option("--export", help="Also write the recalibrated model as ONNX "
                                                    "here, verified in onnxruntime (nothing is written if it "
-                                                   "fails).")] = None,
+                                                   "fails).", rich_help_panel="Output")] = None,
     fold: Annotated[bool, typer.Option("--fold", help="With --export: fold BN into conv/dense weights "
-                                       "first.")] = False,
+                                       "first.", rich_help_panel="Output")] = False,
 ):
     """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
     from .api import recalibrate as run_recalibrate
@@ -310,13 +310,13 @@ def diagnose(
     checkpoint: Checkpoint,
     data: Data = None,
     threshold: Annotated[float, typer.Option(help="A channel is off when its mean shift (in data std) or "
-                                             "|ln variance ratio| exceeds this.")] = 0.5,
+                                             "|ln variance ratio| exceeds this.", rich_help_panel="Diagnosis")] = 0.5,
     plot: Annotated[Optional[Path], typer.Option(callback=writable_folder, help="Draw per-layer mean shift and "
-                                                 "variance ratio to this PNG.")] = None,
+                                                 "variance ratio to this PNG.", rich_help_panel="Output")] = None,
     mode: Mode = "train",
     batch_size: BatchSize = 32,
     seed: Seed = 0,
-    samples: Annotated[Optional[int], typer.Option(min=2, help="Read at most N samples (kept in memory).")] = 1024,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Read at most N samples (kept in memory).", rich_help_panel="Data")] = 1024,
     tol: Tol = 1e-4,
     device: Device = "auto",
     image_size: ImageSize = None,
@@ -372,10 +372,10 @@ def diagnose(
 
 # Options of the deployment commands (fold, export).
 VerifySamples = Annotated[int, typer.Option("--samples", min=1, help="Verify on at most N samples of --data (or "
-                                            "N generated inputs of the declared shape).")]
-Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * |source value|.")]
-Rtol = Annotated[float, typer.Option(help="Verification: see --atol.")]
-Opset = Annotated[int, typer.Option(help="ONNX opset.")]
+                                            "N generated inputs of the declared shape).", rich_help_panel="Verification")]
+Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * |source value|.", rich_help_panel="Verification")]
+Rtol = Annotated[float, typer.Option(help="Verification: see --atol.", rich_help_panel="Verification")]
+Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output")]
 
 
 def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
@@ -398,7 +398,7 @@ def fold(
     checkpoint: Checkpoint,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Keras .h5/.keras, torch .pt2, or "
                                                    ".onnx [default: <stem>.folded<suffix> beside the input; "
-                                                   ".pt2 for torch].")] = None,
+                                                   ".pt2 for torch].", rich_help_panel="Output")] = None,
     data: Data = None,
     samples: VerifySamples = 64,
     atol: Atol = 1e-4,
@@ -439,8 +439,8 @@ def fold(
 @user_errors
 def export(
     checkpoint: Checkpoint,
-    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.")],
-    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into conv/dense weights first.")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.", rich_help_panel="Output")],
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into conv/dense weights first.", rich_help_panel="Output")] = False,
     opset: Opset = 17,
     data: Data = None,
     samples: VerifySamples = 64,

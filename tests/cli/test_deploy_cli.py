@@ -15,14 +15,13 @@ from bnrepair.deploy import ort_max_opset
 from bnrepair.errors import InputError
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.frameworks.torch import fold as torch_fold
-from fixtures import REPO
+from fixtures import ARCH_FLAGS, CALIB, HERE, REPO
 
 keras, _ = import_keras()
 ROOT = REPO
-KERAS = ROOT / "fixtures" / "keras" / "stale_ema.h5"
-TORCH = ROOT / "fixtures" / "torch" / "stale_ema.pt"
-ARCH = ["--arch", f"{ROOT / 'fixtures' / 'torch' / 'arch.py'}:build"]
-CALIB = ROOT / "fixtures" / "data" / "a" / "calib"
+KERAS = HERE / "keras" / "stale_ema.h5"
+TORCH = HERE / "torch" / "stale_ema.pt"
+ARCH = ARCH_FLAGS
 cli = CliRunner()
 
 TWO_INPUTS = '''

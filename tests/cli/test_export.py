@@ -17,14 +17,13 @@ from bnrepair.cli import app
 from bnrepair.deploy import cuda_usable
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.writers import sha256
-from fixtures import REPO, synthetic
+from fixtures import ARCH_FLAGS, CALIB, HERE, REPO, synthetic
 
 keras, _ = import_keras()
 ROOT = REPO
-KERAS = ROOT / "fixtures" / "keras" / "stale_ema.h5"
-TORCH = ROOT / "fixtures" / "torch" / "stale_ema.pt"
-ARCH = ["--arch", f"{ROOT / 'fixtures' / 'torch' / 'arch.py'}:build"]
-CALIB = ROOT / "fixtures" / "data" / "a" / "calib"
+KERAS = HERE / "keras" / "stale_ema.h5"
+TORCH = HERE / "torch" / "stale_ema.pt"
+ARCH = ARCH_FLAGS
 cli = CliRunner()
 
 

@@ -104,3 +104,16 @@ def test_formats_are_told_apart_by_contents(tmp_path):
     for name, message in (("missing.h5", "no such file"), ("m.onnx", "not yet something it reads")):
         with pytest.raises(InputError, match=message):
             frameworks.load(tmp_path / name, LoadOptions())
+
+
+def test_the_cli_refuses_an_option_of_another_format_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnrepair.cli import app
+
+    h5 = tmp_path / "model.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.zeros(1)
+    done = CliRunner().invoke(app, ["inspect", str(h5), "--arch", "net.py:build"])
+    assert done.exit_code == 2
+    assert done.output.strip().splitlines() == [f"error: --arch applies to PyTorch checkpoints; {h5} is a Keras file"]

@@ -95,3 +95,10 @@ def test_samples_is_reported_and_the_model_in_memory_is_updated_in_place():
     report = bnrepair.recalibrate(runner, batches([50, 50]))
     assert report.samples == 100 and report.output is None
     assert {layer.id for layer in report.layers} == {"bn1", "bn2"}
+
+
+def test_the_library_validates_preprocess_and_data_paths_for_every_kind_of_data(tmp_path):
+    with pytest.raises(InputError, match="--preprocess must be one of unit, raw, tf, caffe, imagenet"):
+        bnrepair.recalibrate(ChainRunner(), X, preprocess="bogus")  # arrays ignore the scaling, but a typo is a typo
+    with pytest.raises(InputError, match="no such file or folder"):
+        bnrepair.recalibrate(ChainRunner(), tmp_path / "missing")
