@@ -1,12 +1,10 @@
-"""PyTorch: load checkpoints (see ``torch_files``), measure BN inputs, write back only BN buffers.
+"""PyTorch: load checkpoints (see ``files``), measure BN inputs, write back only BN buffers.
 
-Eager modules are measured by standing in for each chosen BN layer's ``forward`` for the length of one
-batch: the stand-in reduces its input to per-channel (count, mean, M2) on the device (two-pass) and, in
-``train`` mode, normalises with those batch statistics itself through ``F.batch_norm(training=False)``,
-so running buffers, ``num_batches_tracked`` and momentum are never touched, Dropout and every other
-module stay in ``eval()``, and a batch of one cannot trip BatchNorm1d's training check. TorchScript
-modules get the same measurement inserted into a copy of their graph (``torch_script``). Training
-flags are restored after every batch, so the module is only ever seen as the user left it.
+Eager modules are measured with hooks on each chosen BN module (``_Probe``) while every module, the BN
+ones included, runs its own ``forward`` in ``eval()``; in ``train`` mode a BN module is lent the batch's
+statistics in place of its running buffers for the length of its call. TorchScript modules get the same
+measurement inserted into a copy of their graph (``script``). Training flags are restored after every
+batch, so the module is only ever seen as the user left it.
 """
 
 from __future__ import annotations
@@ -175,19 +173,14 @@ class TorchRunner:
 
     def _eager_run(self, inputs, mode: str, ids: list[str]):
         sink: list = []
-        patched = []
+        probes = [_Probe(self.torch, self._by_id[i], i, mode, sink, self._scratch) for i in ids]
         try:
-            for layer_id in ids:
-                m = self._by_id[layer_id]
-                patched.append((m, m.__dict__.get("forward")))
-                m.forward = _capture_forward(self.torch, m, layer_id, mode, sink, self._scratch)
+            for probe in probes:
+                probe.attach()
             return _call(self.module, inputs), sink
         finally:
-            for m, previous in patched:
-                if previous is None:
-                    del m.__dict__["forward"]
-                else:
-                    m.__dict__["forward"] = previous
+            for probe in probes:
+                probe.detach()
 
     def _script_run(self, inputs, mode: str, ids: list[str]):
         key = (mode, tuple(ids))
@@ -219,36 +212,61 @@ class TorchRunner:
         return result
 
 
-def _capture_forward(torch, module, layer_id: str, mode: str, sink: list, scratch: dict):
-    """A stand-in ``forward`` that records its input's moments and normalises as ``mode`` needs.
+class _Probe:
+    """Measures one BN module's input while the module runs its own ``forward`` (timm's ``BatchNormAct2d`` keeps
+    its activation, ``FrozenBatchNorm2d`` its arithmetic, a user subclass whatever it adds).
 
-    The centred copy of the input goes to one scratch buffer reused by every layer and batch: a
-    fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
+    A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (two-pass). In
+    ``train`` mode it then lends the module the batch's mean and (biased) variance in place of its
+    ``running_mean`` / ``running_var`` for that call only, so the module, still in ``eval()``, normalises
+    with batch statistics; the forward hook gives the stored buffers back. The buffers' contents,
+    ``num_batches_tracked`` and momentum are never touched, and a batch of one cannot trip BatchNorm1d's
+    training check. The centred copy of the input goes to one scratch buffer reused by every layer and
+    batch: a fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
     """
-    import torch.nn.functional as F
 
-    original = module.forward
-    eps = float(getattr(module, "eps", 1e-5))
+    def __init__(self, torch, module, layer_id: str, mode: str, sink: list, scratch: dict):
+        self.torch, self.module, self.layer_id, self.mode = torch, module, layer_id, mode
+        self.sink, self.scratch = sink, scratch
+        self.handles: list = []
+        self.stored: dict | None = None
 
-    def forward(x, *args, **kwargs):
+    def attach(self) -> None:
+        self.handles = [self.module.register_forward_pre_hook(self.before),
+                        self.module.register_forward_hook(self.after)]
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._give_back()
+
+    def before(self, module, args):
+        torch = self.torch
+        x = args[0]
         stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = (0, *range(2, x.dim()))
         mean = stats.mean(dims, keepdim=True)
         key = (stats.device, stats.dtype)
-        if key not in scratch or scratch[key].numel() < stats.numel():
-            scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
-        centred = torch.sub(stats, mean, out=scratch[key][:stats.numel()].view(stats.shape))
+        if key not in self.scratch or self.scratch[key].numel() < stats.numel():
+            self.scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
+        centred = torch.sub(stats, mean, out=self.scratch[key][:stats.numel()].view(stats.shape))
         m2 = centred.mul_(centred).sum(dims)
         count = x.numel() // x.shape[1]
-        sink.append((layer_id, count, mean, m2))
-        if mode != "train":
-            return original(x, *args, **kwargs)
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        dtype = weight.dtype if weight is not None else x.dtype
-        return F.batch_norm(x, mean.reshape(-1).to(dtype), (m2 / max(count, 1)).to(dtype), weight, bias,
-                            False, 0.0, eps)
+        self.sink.append((self.layer_id, count, mean, m2))
+        if self.mode == "train":
+            self._give_back()  # a module called twice per forward lends its buffers once per call
+            buffers = module._buffers
+            self.stored = {name: buffers[name] for name in ("running_mean", "running_var")}
+            buffers["running_mean"] = mean.reshape(-1).to(self.stored["running_mean"].dtype)
+            buffers["running_var"] = (m2 / max(count, 1)).to(self.stored["running_var"].dtype)
 
-    return forward
+    def after(self, module, args, output):
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self.stored is not None:
+            self.module._buffers.update(self.stored)
+            self.stored = None
 
 
 class _all_eval:

@@ -273,3 +273,76 @@ def test_device_choice_for_an_in_memory_module():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BnrepairError, match="no CUDA device"):
         bnrepair.recalibrate(model, [torch.randn(4, 5)], device="cuda")
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """BN, then an activation, in one module: the shape of timm's ``BatchNormAct2d``."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class FrozenBN(nn.Module):
+    """Fixed statistics as buffers, its own arithmetic: the shape of torchvision's ``FrozenBatchNorm2d``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("weight", torch.rand(channels) + 0.5)
+        self.register_buffer("bias", torch.randn(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+
+def subclass_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct(8), nn.Conv2d(8, 8, 3), FrozenBN(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+
+def reference_train_stats(model, chunks):
+    """PreciseBN by definition: a copy in train() (the BN modules then normalise with batch statistics in their
+    own forward), every BN input recorded by a pre-hook and pooled in float64; FrozenBN is given the batch's
+    statistics by hand, as train() cannot."""
+    twin = copy.deepcopy(model).train()
+    seen: dict[str, list] = {}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach()
+            seen.setdefault(name, []).append(x.double())
+            if isinstance(module, FrozenBN):
+                module.running_mean = x.mean((0, 2, 3))
+                module.running_var = x.var((0, 2, 3), unbiased=False)
+        return hook
+
+    for name, m in twin.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, FrozenBN)):
+            m.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        for x in chunks:
+            twin(x)
+    return {name: population(torch.cat(xs)) for name, xs in seen.items()}
+
+
+def test_bn_subclasses_run_their_own_forward_while_measured():
+    model = subclass_net().eval()
+    x = torch.randn(90, 3, 12, 12) * 2 + 1
+    chunks = [x[:32], x[32:64], x[64:]]
+    want = reference_train_stats(model, chunks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = bnrepair.recalibrate(model, chunks, mode="train")
+    assert {layer.id for layer in report.layers} == {"1", "3", "6"}
+    for name, (mean, var) in want.items():
+        got = dict(model.named_modules())[name]
+        np.testing.assert_allclose(stats(got)[0], mean, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(stats(got)[1], var, rtol=1e-5, atol=1e-6, err_msg=name)
+    for key, value in model.state_dict().items():  # everything but the statistics is bit-identical
+        if not key.endswith(("running_mean", "running_var")):
+            assert torch.equal(value, before[key]), key
