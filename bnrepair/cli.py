@@ -17,6 +17,7 @@ from .errors import BnrepairError
 from .version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
+3 --mode eval did not converge within --max-passes (the output is written, with a warning);
 130 interrupted (nothing written); 1 unexpected internal error."""
 
 
@@ -222,6 +223,8 @@ def recalibrate(
     seed: Seed = 0,
     samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].", rich_help_panel="Data")] = None,
     tol: Tol = 1e-4,
+    max_passes: Annotated[int, typer.Option("--max-passes", min=2, help="eval mode: at most this many passes, the "
+                                            "PreciseBN start included.", rich_help_panel="Recalibration")] = 50,
     layers: Annotated[Optional[str], typer.Option(help="Recalibrate only BN layers whose id matches this "
                                                   "regex.", rich_help_panel="Recalibration")] = None,
     skip: Annotated[Optional[str], typer.Option(help="Leave BN layers whose id matches this regex "
@@ -260,7 +263,8 @@ def recalibrate(
         report = run_recalibrate(
             checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
-            skip_bad=skip_bad, input_index=input_index, progress=progress, export=export, fold=fold,
+            skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes, export=export,
+            fold=fold,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:
@@ -272,6 +276,9 @@ def recalibrate(
         report.render(out)
         if report.export is not None:
             report.export.render(out)
+    if not report.converged:
+        err.print(f"[yellow]warning:[/] {report.convergence_note()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
 
 
 @app.command(epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")

@@ -58,7 +58,8 @@ class ModelGraph:
         raise KeyError(layer_id)
 
     def select(self, layers: str | None = None, skip: str | None = None) -> list[BNLayer]:
-        """The layers to recalibrate: ``layers`` and ``skip`` are regexes searched in the id."""
+        """The layers to recalibrate: ``layers`` and ``skip`` are regexes searched in the id. None left is an
+        error that names the real reason: no layer keeps statistics, or the options excluded them all."""
         for option, pattern in (("--layers", layers), ("--skip", skip)):
             try:
                 re.compile(pattern or "")
@@ -73,4 +74,12 @@ class ModelGraph:
             if skip and re.search(skip, bn.id):
                 continue
             chosen.append(bn)
+        if not chosen:
+            tracking = sum(bn.tracks_stats for bn in self.bn_layers)
+            if not tracking:
+                raise BnrepairError(f"{self.source}: none of its {len(self.bn_layers)} BN layer(s) keeps running "
+                                    "statistics (track_running_stats=False): nothing to recalibrate")
+            given = " and ".join(f"{flag} {value!r}" for flag, value in (("--layers", layers), ("--skip", skip))
+                                 if value)
+            raise BnrepairError(f"{given} leave(s) none of the {tracking} BN layer(s) to recalibrate")
         return chosen

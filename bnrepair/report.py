@@ -55,6 +55,11 @@ class Report:
                    layers=[layer_change(bn.id, bn.channels, bn.frozen, outcome.before[bn.id], outcome.after[bn.id])
                            for bn in outcome.layers], change_per_pass=outcome.change_per_pass, **kw)
 
+    def convergence_note(self) -> str:
+        last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
+        return (f"eval mode did not converge in {self.passes} passes: the last moved statistics by {last:.3g} std, "
+                "more than --tol; raise --max-passes, or use --mode train")
+
     @property
     def worst_shift(self) -> float:
         return max((layer.max_mean_shift for layer in self.layers), default=0.0)
@@ -66,8 +71,8 @@ class Report:
         text = (f"Recalibrated {len(self.layers)} BN layer(s) ({frozen} frozen) from {self.samples} samples "
                 f"in {self.seconds:.1f}s, mode {self.mode}, {self.passes} pass(es) on {self.device}; "
                 f"{moved} layer(s) changed materially, largest mean shift {self.worst_shift:.3g} std")
-        if self.mode == "eval" and not self.converged:
-            text += " (did not converge: raise the pass limit or check the model)"
+        if not self.converged:
+            text += f" ({self.convergence_note()})"
         if self.skipped_bad:
             text += f"; skipped {self.skipped_bad} undecodable image(s)"
         if self.output:

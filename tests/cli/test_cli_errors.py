@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bnrepair.cli import app
-from fixtures import REPO
+from fixtures import ARCH_FLAGS, CALIB, REPO
 
 ROOT = REPO
 FIXTURES = ROOT / "fixtures"
@@ -306,3 +306,11 @@ def test_repaired_checkpoint_keeps_the_input_suffix(tmp_path):
                                       "-o", str(tmp_path / "r.onnx")])
     assert result.exit_code == 2 and "name it *.h5" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_eval_mode_that_does_not_converge_warns_and_exits_3(tmp_path):
+    output = tmp_path / "fixed.pt"
+    result = invoke(["recalibrate", FIXTURES / "torch" / "stale_ema.pt", *ARCH_FLAGS, "--data", CALIB, "-o", output,
+                     "--mode", "eval", "--max-passes", "2", "--tol", "0", "-q"])
+    assert result.exit_code == 3, result.output
+    assert "warning: eval mode did not converge in 2 passes" in result.output and output.is_file()

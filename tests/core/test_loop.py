@@ -1,6 +1,8 @@
 """The recalibration loop on a numpy runner: exact pooling over uneven batches, PreciseBN in train mode, the
 inference-consistent fixed point in eval mode, layer selection and its errors. Needs no framework."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -72,12 +74,13 @@ def test_layers_and_skip_choose_by_id():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layers": "("}, "--layers '(': not a valid regular expression"),
-    ({"skip": "bn"}, "no BN layer left to recalibrate"),
+    ({"skip": "bn"}, "--skip 'bn' leave(s) none of the 2 BN layer(s) to recalibrate"),
+    ({"layers": "x", "skip": "y"}, "--layers 'x' and --skip 'y' leave(s) none of the 2 BN layer(s)"),
     ({"mode": "evel"}, "--mode must be one of train, eval"),
     ({"tol": float("nan")}, "--tol must be a number >= 0"),
 ])
 def test_bad_choices_are_refused(kwargs, message):
-    with pytest.raises(BnrepairError, match=message.replace("(", r"\(").replace("$", r"\$")):
+    with pytest.raises(BnrepairError, match=re.escape(message)):
         run(ChainRunner(), calibration(batches([203])), **kwargs)
 
 
@@ -102,3 +105,27 @@ def test_the_library_validates_preprocess_and_data_paths_for_every_kind_of_data(
         bnrepair.recalibrate(ChainRunner(), X, preprocess="bogus")  # arrays ignore the scaling, but a typo is a typo
     with pytest.raises(InputError, match="no such file or folder"):
         bnrepair.recalibrate(ChainRunner(), tmp_path / "missing")
+
+
+def test_layers_that_keep_no_statistics_are_named_as_the_reason():
+    runner = ChainRunner()
+    for bn in runner.graph.bn_layers:
+        bn.tracks_stats = False
+    with pytest.raises(BnrepairError, match="none of its 2 BN layer.s. keeps running statistics"):
+        run(runner, calibration(batches([203])))
+
+
+def test_eval_mode_starts_from_precise_bn_and_stops_at_its_pass_limit():
+    runner = ChainRunner()
+    outcome = run(runner, calibration(batches([100, 103])), mode="eval", max_passes=2, tol=0.0)
+    assert outcome.passes == 2 and not outcome.converged
+    np.testing.assert_allclose(runner.graph.layer("bn1").mean, X.mean(0), rtol=1e-12)  # right from the first pass
+    with pytest.raises(BnrepairError, match="--max-passes must be at least 2"):
+        run(runner, calibration(batches([203])), mode="eval", max_passes=1)
+
+
+def test_a_dead_channel_cannot_dominate_the_change():
+    from bnrepair.recalibration import relative_change
+
+    old, new = (np.zeros(2), np.array([1.0, 0.0])), (np.array([0.0, 1e-6]), np.array([1.0, 1e-30]))
+    assert relative_change(old, new, 1e-3) < 1e-4

@@ -251,7 +251,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path):
         ([str(files["h5"]), "-d", str(tmp_path / "inf.npy")], "sample holds NaN or infinite"),
         ([str(files["h5"]), "-d", str(files["x"]), "--samples", "1"], "--samples"),
         ([str(files["h5"]), "-d", str(files["x"]), "-o", str(files["h5"])], "overwrite the input"),
-        ([str(files["h5"]), "-d", str(files["x"]), "--layers", "nothing"], "no BN layer left"),
+        ([str(files["h5"]), "-d", str(files["x"]), "--layers", "nothing"], "--layers 'nothing' leave(s) none of the"),
         ([str(files["h5"]), "-d", str(files["x"]), "--mode", "fast"], "--mode must be one of"),
         ([str(files["h5"]), "-d", str(files["x"]), "--device", "gpu"], "TensorFlow sees no GPU"),
     ]

@@ -1,0 +1,310 @@
+"""The model zoo: real architectures nobody here wrote, BN statistics broken on purpose, repaired with the CLI
+and checked layer by layer against references computed here, independently of bnrepair, in float64.
+
+For each model: build it with random weights (``zoo_models``), replace every BN layer's statistics with
+random ones, save it as a user would (torch: a state_dict or a training-checkpoint dict with ``--arch``;
+Keras: ``.keras`` or ``.h5``), then run ``bnrepair inspect``, ``recalibrate --mode train`` and
+``--mode eval`` on random calibration arrays and compare what was written with
+
+- train: the framework's own training-mode BN (torch ``train()`` on the BN modules only, Keras
+  ``training=True`` with every Dropout's rate set to 0), every BN input recorded and pooled in float64;
+- eval: the inference-consistent fixed point, iterated here from the train reference until it stops moving.
+
+Errors are in units of the reference std (|Δmean| / σ and |Δvar| / σ², eps included). The table also gives
+BN layers found / true, eval passes, and train-mode time over one plain inference pass of the same batches.
+
+    python bench/zoo.py [--framework torch|keras|all] [--only NAME ...] [--samples 64] [--batch-size 16]
+
+torch models need torchvision and timm (``pip install torch==2.14.1 torchvision==0.29.1 timm``); Keras ones
+need only Keras. A framework that is not installed is left out with a line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import zoo_models  # noqa: E402
+
+ARCH = f"{HERE / 'zoo_models.py'}:torch_model"
+
+
+@dataclass
+class Row:
+    model: str
+    found: int
+    true: int
+    train_error: float
+    eval_error: float
+    passes: int
+    converged: bool
+    time_ratio: float
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (self.found == self.true and self.train_error <= 1e-4 and self.eval_error <= 1e-4 and self.converged
+                and self.passes <= 5)
+
+
+def cli(*args) -> dict:
+    """Run one bnrepair command in this process, as the shell would; its --json report."""
+    from typer.testing import CliRunner
+
+    from bnrepair.cli import app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        done = CliRunner().invoke(app, [*map(str, args), "--json", str(report), "-q"])
+        if done.exit_code not in (0, 1):  # inspect exits 1 when it flags the broken statistics
+            raise RuntimeError(f"bnrepair {args[0]} exited {done.exit_code}: {done.output.strip()}")
+        return json.loads(report.read_text())
+
+
+def error(got: dict, want: dict, eps: dict) -> float:
+    worst = 0.0
+    for name, (mean, var) in want.items():
+        scale = var + eps[name]
+        worst = max(worst, float(np.max(np.abs(got[name][0] - mean) / np.sqrt(scale))),
+                    float(np.max(np.abs(got[name][1] - var) / scale)))
+    return worst
+
+
+def fixed_point(one_pass, start: dict, tol: float = 1e-7, limit: int = 60) -> dict:
+    """Iterate inference-mode passes from ``start`` until no statistic moves more than ``tol`` std."""
+    current = start
+    for _ in range(limit):
+        new = one_pass(current)
+        moved = max(float(np.max(np.abs(new[k][0] - current[k][0]) / np.sqrt(new[k][1] + 1e-12))) for k in new)
+        current = new
+        if moved < tol:
+            break
+    return current
+
+
+def shuffled_batches(x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The batches ``recalibrate --seed 0`` makes of an array (its documented seeded shuffle): train-mode
+    statistics depend on which samples share a batch."""
+    x = x[np.random.default_rng(0).permutation(len(x))]
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+class Pool:
+    """float64 count / sum / sum of squares per channel (a different formula from bnrepair's Chan merge)."""
+
+    def __init__(self):
+        self.n, self.s, self.q = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray, axis: int) -> None:
+        x = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+        self.n += len(x)
+        self.s = self.s + x.sum(0)
+        self.q = self.q + (x * x).sum(0)
+
+    def stats(self, unbiased: bool) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / self.n
+        m2 = self.q - self.n * mean * mean
+        return mean, m2 / (self.n - 1 if unbiased else self.n)
+
+
+# --- torch ---------------------------------------------------------------------------------------------------
+def torch_bn(model) -> dict:
+    import torch
+
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor) and "InstanceNorm" not in type(m).__name__}
+
+
+def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    twin = copy.deepcopy(model).eval()
+    bns = torch_bn(twin)
+
+    def one_pass(train: bool, stats: dict | None = None) -> dict:
+        pools = {name: Pool() for name in bns}
+        handles = []
+        for name, m in bns.items():
+            if stats is not None:
+                m.running_mean.copy_(torch.as_tensor(stats[name][0]))
+                m.running_var.copy_(torch.as_tensor(stats[name][1]))
+            m.training = train and isinstance(m, _BatchNorm)  # this module only: Dropout / drop-path stay off
+
+            def hook(module, args, name=name):
+                x = args[0].detach()
+                pools[name].add(x.numpy(), 1)
+                if train and not isinstance(module, _BatchNorm):  # frozen look-alikes: lend the batch's statistics
+                    dims = (0, *range(2, x.dim()))
+                    module.running_mean = x.mean(dims)
+                    module.running_var = x.var(dims, unbiased=False)
+
+            handles.append(m.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for x in batches:
+                twin(torch.as_tensor(x))
+        for h in handles:
+            h.remove()
+        return {name: p.stats(unbiased=True) for name, p in pools.items()}
+
+    train = one_pass(True)
+    return train, fixed_point(lambda s: one_pass(False, s), train)
+
+
+def torch_plain_seconds(model, batches) -> float:
+    import torch
+
+    with torch.inference_mode():
+        model(torch.as_tensor(batches[0]))
+        start = time.perf_counter()
+        for x in batches:
+            model(torch.as_tensor(x))
+    return time.perf_counter() - start
+
+
+def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
+    import torch
+
+    model = zoo_models.torch_model(name)
+    rng = np.random.default_rng(1)
+    for m in torch_bn(model).values():  # broken on purpose: statistics of nothing this model computes
+        m.running_mean.copy_(torch.as_tensor(rng.normal(0, 3, m.running_mean.shape)))
+        m.running_var.copy_(torch.as_tensor(rng.uniform(0.01, 20, m.running_var.shape)))
+    ckpt = folder / f"{name}.pt"
+    state = model.state_dict()
+    torch.save({"model": state, "epoch": 7} if len(name) % 2 else state, ckpt)  # both ways users save
+    x = rng.normal(0, 1, (samples, *zoo_models.torch_input_shape(name))).astype(np.float32)
+    np.save(folder / f"{name}.npy", x)
+    batches = shuffled_batches(x, batch_size)
+    arch = ["--arch", ARCH, "--arch-kwargs", json.dumps({"name": name})]
+    inspected = cli("inspect", ckpt, *arch)
+    train_ref, eval_ref = torch_reference(model, batches)
+    eps = {n: float(getattr(m, "eps", 1e-5)) for n, m in torch_bn(model).items()}
+    result = {}
+    for mode in ("train", "eval"):
+        out = folder / f"{name}.{mode}.pt"
+        report = cli("recalibrate", ckpt, *arch, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
+                     "--batch-size", batch_size)
+        written = torch.load(out, weights_only=True)
+        written = written.get("model", written)
+        got = {n: (written[f"{n}.running_mean"].double().numpy(), written[f"{n}.running_var"].double().numpy())
+               for n in train_ref}
+        result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
+    plain = torch_plain_seconds(model, batches)
+    return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
+               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain)
+
+
+# --- Keras ---------------------------------------------------------------------------------------------------
+def keras_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
+    import keras
+
+    bns = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0  # training=True below must switch BN to batch statistics, not Dropout on
+    probe = keras.Model(model.inputs, [bn.input for bn in bns])
+
+    def one_pass(train: bool, stats: dict | None = None) -> dict:
+        if stats is not None:
+            for bn in bns:
+                bn.moving_mean.assign(stats[bn.name][0].astype(np.float32))
+                bn.moving_variance.assign(stats[bn.name][1].astype(np.float32))
+        pools = {bn.name: Pool() for bn in bns}
+        for x in batches:
+            for bn, value in zip(bns, probe(x, training=train)):
+                pools[bn.name].add(keras.ops.convert_to_numpy(value), bn.axis if isinstance(bn.axis, int)
+                                   else bn.axis[0])
+        return {name: p.stats(unbiased=False) for name, p in pools.items()}
+
+    train = one_pass(True)
+    return train, fixed_point(lambda s: one_pass(False, s), train), {bn.name: bn.epsilon for bn in bns}
+
+
+def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
+    import keras
+
+    model = zoo_models.keras_model(name)
+    rng = np.random.default_rng(1)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 3, layer.moving_mean.shape).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.01, 20, layer.moving_variance.shape).astype(np.float32))
+    ckpt = folder / (f"{name}.keras" if len(name) % 2 else f"{name}.h5")
+    model.save(ckpt)
+    x = rng.normal(0, 1, (samples, 96, 96, 3)).astype(np.float32)
+    np.save(folder / f"{name}.npy", x)
+    batches = shuffled_batches(x, batch_size)
+    inspected = cli("inspect", ckpt)
+    model.predict(x, batch_size=batch_size, verbose=0)  # warm: the trace is built once
+    start = time.perf_counter()
+    model.predict(x, batch_size=batch_size, verbose=0)
+    plain = time.perf_counter() - start
+    train_ref, eval_ref, eps = keras_reference(keras.models.load_model(ckpt, compile=False), batches)
+    result = {}
+    for mode in ("train", "eval"):
+        out = folder / f"{name}.{mode}{ckpt.suffix}"
+        report = cli("recalibrate", ckpt, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
+                     "--batch-size", batch_size)
+        fixed = keras.models.load_model(out, compile=False)
+        got = {layer.name: (np.asarray(layer.moving_mean, np.float64), np.asarray(layer.moving_variance, np.float64))
+               for layer in fixed._flatten_layers(include_self=False, recursive=True)
+               if isinstance(layer, keras.layers.BatchNormalization)}
+        result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
+    return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
+               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain)
+
+
+# --- the table -----------------------------------------------------------------------------------------------
+def available(framework: str) -> str | None:
+    """Why ``framework``'s models cannot run here, or None."""
+    import importlib.util
+
+    needs = {"torch": ("torch", "torchvision", "timm"), "keras": ("tensorflow", "keras")}[framework]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    return f"{framework} models left out: {', '.join(missing)} not installed" if missing else None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=("torch", "keras", "all"), default="all")
+    parser.add_argument("--only", nargs="*", help="model names (see zoo_models.py)")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    plans = [(f, run) for f, run in (("torch", run_torch), ("keras", run_keras)) if args.framework in (f, "all")]
+    rows = []
+    print(f"{'model':28} {'BN found/true':>13} {'train err':>10} {'eval err':>10} {'passes':>6} "
+          f"{'train/plain':>11}  ok", flush=True)
+    for framework, run in plans:
+        reason = available(framework)
+        if reason:
+            print(reason)
+            continue
+        names = zoo_models.TORCH_MODELS if framework == "torch" else zoo_models.KERAS_MODELS
+        for name in [n for n in names if not args.only or n in args.only]:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    row = run(name, Path(tmp), args.samples, args.batch_size)
+                except Exception as exc:  # a failure is a row of the table, not the end of the run
+                    row = Row(name, 0, 0, np.nan, np.nan, 0, False, np.nan, f"{type(exc).__name__}: {exc}"[:200])
+            rows.append(row)
+            print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.train_error:>10.2e} {row.eval_error:>10.2e} "
+                  f"{row.passes:>6} {row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} {row.note}", flush=True)
+    print(f"{sum(r.ok for r in rows)} of {len(rows)} models within 1e-4 std, eval converged in <= 5 passes")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

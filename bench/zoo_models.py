@@ -1,0 +1,62 @@
+"""Real architectures for the zoo, built from their own packages with random weights (nothing is downloaded).
+
+``torch_model`` is what the zoo's state_dicts name with ``--arch bench/zoo_models.py:torch_model --arch-kwargs
+'{"name": ...}'``, as a user names the code that builds their network.
+"""
+
+from __future__ import annotations
+
+TORCH_SIZES = {"inception_v3": 96, "r3d_18": 32}
+"""Input side per model where the default (64) does not fit; r3d_18 takes clips of 8 frames."""
+TORCH_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf", "r3d_18", "resnet18_frozen_bn",
+                "resnet18_sync_bn", "timm_resnet18", "timm_efficientnet_b0", "timm_mobilenetv3_small_100",
+                "timm_rexnet_100", "audio_conv1d"]
+KERAS_MODELS = ["MobileNetV2", "MobileNetV3Small", "ResNet50", "EfficientNetB0", "DenseNet121", "Xception",
+                "InceptionV3", "NASNetMobile"]
+
+
+def torch_input_shape(name: str) -> tuple[int, ...]:
+    if name == "audio_conv1d":
+        return (1, 4000)
+    if name == "r3d_18":
+        return (3, 8, 32, 32)
+    side = TORCH_SIZES.get(name, 64)
+    return (3, side, side)
+
+
+def torch_model(name: str):
+    """The named architecture, random weights, in eval(); the same name and seed give the same weights."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name.startswith("timm_"):
+        import timm
+
+        return timm.create_model(name[5:], pretrained=False, num_classes=10).eval()
+    if name == "audio_conv1d":
+        return nn.Sequential(nn.Conv1d(1, 16, 9, stride=4), nn.BatchNorm1d(16), nn.ReLU(),
+                             nn.Conv1d(16, 32, 9, stride=4), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3),
+                             nn.Conv1d(32, 32, 5, stride=2), nn.BatchNorm1d(32), nn.ReLU(),
+                             nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    import torchvision
+
+    if name == "r3d_18":
+        return torchvision.models.video.r3d_18(weights=None, num_classes=10).eval()
+    if name == "resnet18_frozen_bn":
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        return torchvision.models.resnet18(weights=None, num_classes=10, norm_layer=FrozenBatchNorm2d).eval()
+    if name == "resnet18_sync_bn":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
+    options = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
+    return getattr(torchvision.models, name)(weights=None, num_classes=10, **options).eval()
+
+
+def keras_model(name: str, side: int = 96):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    build = getattr(keras.applications, name)
+    return build(weights=None, input_shape=(side, side, 3), classes=10)
