@@ -18,7 +18,7 @@ from . import frameworks
 from .data import Cached, calibration, check_fits, check_path, check_preprocess, image_spec
 from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, prepare
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
-from .errors import InputError
+from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
 from .options import LoadOptions
 from .protocols import Progress, Runner
@@ -70,7 +70,12 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                              "(use --export for ONNX)")
     onnx_path = export_target(source, export, fold, output)
     _checked_request(data, preprocess)
-    runner = load(model, device=device, **load_options)
+    try:
+        runner = load(model, device=device, **load_options)
+    except NoBatchNorm:
+        if source is not None:  # a checkpoint without BN is the wrong file
+            raise
+        return Report.nothing_to_do(type(model).__module__.split(".")[0], mode, str(device))  # as update_bn does
     if onnx_path is not None:
         runner.fold_backend()  # refuses a format that cannot be exported before the recalibration runs
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,

@@ -15,3 +15,7 @@ def first_line(exc: BaseException) -> str:
     """A library's error in one line (our messages are one line): its first line, or its type when empty."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class NoBatchNorm(InputError):
+    """The model has no BN layer: a bad checkpoint for the CLI, nothing to do for a model passed in memory."""

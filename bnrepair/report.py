@@ -49,6 +49,11 @@ class Report:
     """``deploy.DeployReport`` of the ONNX file written with ``--export``"""
 
     @classmethod
+    def nothing_to_do(cls, framework: str, mode: str, device: str) -> "Report":
+        """A model in memory without BN layers: nothing changes (``torch.optim.swa_utils.update_bn`` returns too)."""
+        return cls(framework, mode, device, samples=0, seed=None, passes=0, converged=True, seconds=0.0, layers=[])
+
+    @classmethod
     def of(cls, outcome: Outcome, framework: str, mode: str, device: str, seed: int | None, **kw) -> "Report":
         return cls(framework=framework, mode=mode, device=device, samples=outcome.samples, seed=seed,
                    passes=outcome.passes, converged=outcome.converged, seconds=outcome.seconds,
@@ -65,6 +70,8 @@ class Report:
         return max((layer.max_mean_shift for layer in self.layers), default=0.0)
 
     def summary(self) -> str:
+        if not self.layers:
+            return "the model has no BatchNorm layers: nothing to recalibrate"
         frozen = sum(layer.frozen for layer in self.layers)
         moved = sum(layer.max_mean_shift > 0.1 or not (0.8 <= layer.var_ratio_min <= layer.var_ratio_max <= 1.25)
                     for layer in self.layers)

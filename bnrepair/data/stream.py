@@ -22,6 +22,17 @@ class Batch:
     inputs: Any
     labels: np.ndarray | None = None
 
+    def first(self, n: int) -> "Batch":
+        """The batch cut to its first ``n`` samples (arrays, tensors, or tuples / dicts of them)."""
+        def cut(x):
+            if isinstance(x, dict):
+                return {k: cut(v) if hasattr(v, "shape") else v for k, v in x.items()}
+            if isinstance(x, (tuple, list)):
+                return type(x)(cut(v) for v in x)
+            return x[:n] if getattr(x, "ndim", 0) else x  # a scalar passed along with the batch stays
+
+        return Batch(cut(self.inputs), None if self.labels is None else self.labels[:n])
+
     @property
     def size(self) -> int:
         x = self.inputs
@@ -113,9 +124,10 @@ class IterableCalibration:
     when present, as labels); a dict is passed through whole (torch: keyword arguments).
     """
 
-    def __init__(self, batches: Iterable, input_index: int = 0):
+    def __init__(self, batches: Iterable, input_index: int = 0, samples: int | None = None):
         self.batches = batches
         self.input_index = input_index
+        self.samples = samples
         self.origin = "calibration data"
         self.seed = None
         self.bad: set[int] = set()
@@ -144,10 +156,15 @@ class IterableCalibration:
                 item = item[self.input_index]
             batch = Batch(item)
             try:
-                count += batch.size
+                size = batch.size
             except (AttributeError, IndexError, TypeError, StopIteration):
                 raise InputError("calibration data: a batch must be an array or tensor (N, ...), or a tuple or dict "
                                  f"of them; got {type(item).__name__}") from None
+            if self.samples is not None and count + size >= self.samples:  # an endless loader stops here
+                yield batch.first(self.samples - count)
+                count = self.samples
+                break
+            count += size
             yield batch
         if count == 0:
             raise InputError("calibration data yielded no batches" if self._count is None else
@@ -181,7 +198,7 @@ def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
     if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
         return Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad)
     if hasattr(data, "__iter__"):
-        return IterableCalibration(data, input_index)
+        return IterableCalibration(data, input_index, samples)
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 
 

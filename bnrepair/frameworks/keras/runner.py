@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import BnrepairError, InputError, first_line
+from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from ..tf_runtime import data_misfit, import_keras, resolve_device
@@ -97,7 +97,7 @@ class KerasRunner:
         self.device = resolve_device(tf, device)
         self._bn = _bn_layers(model)
         if not self._bn:
-            raise InputError(f"{source or 'model'}: the model has no BatchNormalization layers")
+            raise NoBatchNorm(f"{source or 'model'}: the model has no BatchNormalization layers")
         for layer in self._bn:
             if not layer.built:
                 raise InputError(f"{source or 'model'}: layer {layer.name} is not built; call the model once first")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import BnrepairError, InputError, first_line
+from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files as torch_files
@@ -51,11 +51,12 @@ class TorchRunner:
         self.scripted = isinstance(self.module, torch.jit.ScriptModule)
         origin = str(checkpoint.path) if checkpoint else "module"
         self.device = _resolve_device(torch, device, self.module, owned=checkpoint is not None)
+        self.dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
         if checkpoint is not None:
             self.module.to(self.device)
         found = _bn_modules(torch, self.module, self.scripted, origin)
         if not found:
-            raise InputError(f"{origin}: the model has no BatchNorm layers")
+            raise NoBatchNorm(f"{origin}: the model has no BatchNorm layers")
         self._by_id = {layer_id: m for layer_id, m, _, _ in found}
         self.graph = ModelGraph("torch", origin, [self._describe(*f) for f in found],
                                 input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True)
@@ -145,9 +146,13 @@ class TorchRunner:
         return self._tensor(x)
 
     def _tensor(self, value):
+        """Floating data goes to the device in the module's own floating dtype (float64 modules take float64,
+        half-precision ones half); other dtypes as they are."""
         torch = self.torch
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value, np.float32 if value.dtype == np.float64 else None))
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != self.dtype:
+            value = value.to(self.dtype)
         if not isinstance(value, torch.Tensor) or value.device == self.device:
             return value
         if self.device.type == "cuda" and value.device.type == "cpu":
@@ -346,7 +351,10 @@ def _unwrap(torch, model):
 
 
 def _resolve_device(torch, device: str, module, owned: bool):
-    """A loaded checkpoint goes where ``device`` says; a module passed in memory is never moved."""
+    """A loaded checkpoint goes where ``device`` says (a name or a ``torch.device``); a module passed in memory
+    is never moved."""
+    if isinstance(device, torch.device):
+        device = device.type
     want = {"gpu": "cuda"}.get(device, device)
     if want not in ("auto", "cpu", "cuda"):
         raise BnrepairError(f"--device must be auto, cpu or cuda, got {device!r}")

@@ -346,3 +346,34 @@ def test_bn_subclasses_run_their_own_forward_while_measured():
     for key, value in model.state_dict().items():  # everything but the statistics is bit-identical
         if not key.endswith(("running_mean", "running_var")):
             assert torch.equal(value, before[key]), key
+
+
+def test_samples_stops_an_endless_loader_and_cuts_the_last_batch():
+    x = torch.randn(1000, 5) * 2 + 1
+
+    def endless():
+        while True:
+            for i in range(0, 1000, 64):
+                yield x[i:i + 64], torch.zeros(64)
+
+    model = linear_bn()
+    report = bnrepair.recalibrate(model, endless(), samples=150)
+    assert report.samples == 150
+    want = population(model[0](x[:150]))
+    np.testing.assert_allclose(stats(model[1])[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(stats(model[1])[1], want[1], rtol=1e-5)
+
+
+def test_a_float64_module_keeps_float64_and_a_torch_device_is_taken():
+    model = linear_bn().double()
+    x = np.random.default_rng(0).normal(3, 2, (64, 5))  # float64 arrays, as numpy makes them
+    bnrepair.recalibrate(model, x, batch_size=16, device=torch.device("cpu"))
+    assert model[1].running_mean.dtype == torch.float64
+    want = population(model[0](torch.as_tensor(x)))
+    np.testing.assert_allclose(stats(model[1])[0], want[0], rtol=1e-12)
+    np.testing.assert_allclose(stats(model[1])[1], want[1], rtol=1e-12)
+
+
+def test_a_module_without_bn_gets_a_report_that_says_so():
+    report = bnrepair.recalibrate(nn.Sequential(nn.Linear(5, 2)), [torch.randn(4, 5)])
+    assert report.layers == [] and "no BatchNorm layers" in report.summary()
