@@ -227,21 +227,28 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
     def call(inputs, training=None, mask=None, **kwargs):
         x = tf.cast(inputs, tf.float32)
         axis = layer.axis % len(x.shape)
-        if mode == "train" and len(x.shape) == 4 and axis in (1, 3) and layer.epsilon >= _FUSED_MIN_EPSILON:
+        if (mode == "train" and mask is None and len(x.shape) == 4 and axis in (1, 3)
+                and layer.epsilon >= _FUSED_MIN_EPSILON):
             out, moments = _fused_train_call(layer, x, axis)
             sink.setdefault(layer_id, []).append(moments)
             return tf.cast(out, inputs.dtype)
         axes = [i for i in range(len(x.shape)) if i != axis]
-        mean = tf.reduce_mean(x, axis=axes)
         shape = [1] * len(x.shape)
         shape[axis] = -1
-        centred = x - tf.reshape(mean, shape)
-        m2 = tf.reduce_sum(tf.square(centred), axis=axes)
-        count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
+        if mask is None:
+            mean = tf.reduce_mean(x, axis=axes)
+            m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axis=axes)
+            count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
+        else:  # masked (padded) positions are left out, as Keras's BN does: its mask gains the channel axis last
+            weight = tf.expand_dims(tf.cast(mask, tf.float32), -1)
+            total = tf.reduce_sum(weight * tf.ones_like(x[..., :1]))
+            mean = tf.reduce_sum(weight * x, axis=axes) / tf.maximum(total, 1.0)
+            m2 = tf.reduce_sum(weight * tf.square(x - tf.reshape(mean, shape)), axis=axes)
+            count = tf.cast(total, tf.int64)
         sink.setdefault(layer_id, []).append((count, mean, m2))
         if mode != "train":
             return original_call(inputs, training=False, mask=mask, **kwargs)
-        var = m2 / tf.cast(count, tf.float32)
+        var = m2 / tf.cast(tf.maximum(count, 1), tf.float32)
         inv = tf.math.rsqrt(var + layer.epsilon)
         if layer.scale:
             inv = inv * tf.cast(layer.gamma, tf.float32)

@@ -375,3 +375,19 @@ def test_bn_layer_called_twice_pools_both_calls():
     expected = Moments.from_array(np.concatenate([xa, xb]).astype(np.float64), -1)
     np.testing.assert_allclose(bn.moving_mean.numpy(), expected.mean, rtol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.numpy(), expected.variance(False), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_masked_positions_are_left_out_as_keras_bn_leaves_them_out(mode):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 12, 40)
+    x = rng.normal([1.5, 5.0], [1.0, 2.0], (40, 12, 2)).astype(np.float32)
+    for row, n in zip(x, lengths):
+        row[n:] = 0.0  # padding, which Masking turns into a mask
+    inputs = keras.Input((12, 2))
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(bn(keras.layers.Masking(0.0)(inputs))))
+    bnrepair.recalibrate(model, x, batch_size=16, mode=mode)
+    valid = np.concatenate([row[:n] for row, n in zip(x.astype(np.float64), lengths)])
+    np.testing.assert_allclose(bn.moving_mean.numpy(), valid.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), valid.var(0), rtol=1e-4)
