@@ -50,10 +50,10 @@ out = Console(highlight=False)
 def print_error(message: str) -> None:
     """One line on stderr, even when the message quotes an exception's multi-line text; plain text, not
     markup (a path may hold [brackets])."""
-    from rich.markup import escape
+    from .terminal import shown
 
     line = re.sub(r"\s*\n\s*", " ", message.strip())
-    err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {shown(line)}", highlight=False, soft_wrap=True)
 
 
 def user_errors(command):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .recalibration import Outcome
+from .terminal import shown
 from .version import __version__
 
 
@@ -100,10 +101,10 @@ class Report:
                               ("max |Δmean|/std", "right"), ("var new/old", "right")):
             table.add_column(name, justify=justify)
         for layer in self.layers:
-            table.add_row(layer.id, str(layer.channels), "yes" if layer.frozen else "",
+            table.add_row(shown(layer.id), str(layer.channels), "yes" if layer.frozen else "",
                           f"{layer.max_mean_shift:.3g}", f"{layer.var_ratio_min:.3g} – {layer.var_ratio_max:.3g}")
         console.print(table)
-        console.print(self.summary())
+        console.print(shown(self.summary()))
 
 
 def layer_change(layer_id: str, channels: int, frozen: bool, old, new) -> LayerChange:
@@ -169,15 +170,15 @@ class InspectReport:
     def render(self, console) -> None:
         from rich.table import Table
 
-        table = Table(title=f"BatchNorm layers of {self.source} ({self.framework})", title_justify="left")
+        table = Table(title=f"BatchNorm layers of {shown(self.source)} ({self.framework})", title_justify="left")
         for name in ("layer", "channels", "eps", "decay", "frozen", "mean min/med/max", "var min/med/max"):
             table.add_column(name)
         for bn, d in zip(self.layers, self.decays):
-            table.add_row(bn.id, str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
+            table.add_row(shown(bn.id), str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
                           "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var))
         console.print(table)
         for flag in self.flags:
-            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {flag.layer or ''}: {flag.message}",
+            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {shown(flag.layer or '')}: {shown(flag.message)}",
                           highlight=False)
         console.print("problems found" if self.problems else "no problems found in the stored statistics")
 
@@ -226,7 +227,7 @@ class DiagnoseReport:
             table.add_column(name)
         for e in self.ranked[:20]:
             style = "red" if e.problem else None
-            table.add_row(e.id, str(e.channels), "yes" if e.frozen else "",
+            table.add_row(shown(e.id), str(e.channels), "yes" if e.frozen else "",
                           f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
                           f"{e.share_off:.0%}",
                           "–" if e.ema_fraction is None else f"{e.ema_fraction:.2f} ({e.ema_misfit:.2f})", style=style)
@@ -248,9 +249,9 @@ class DiagnoseReport:
             style = "green" if verdict.cause == "healthy" else "bold red"
             console.print(f"[{style}]{verdict.title}[/]", highlight=False)
             for line in verdict.evidence:
-                console.print(f"  - {line}", highlight=False)
+                console.print(f"  - {shown(line)}", highlight=False)
             if verdict.fix:
-                console.print(f"  fix: {verdict.fix}", highlight=False, soft_wrap=True)
+                console.print(f"  fix: {shown(verdict.fix)}", highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -327,22 +328,22 @@ class DeployReport:
             for name in ("BN", "how", "into", "max |Δ|", "rel"):
                 table.add_column(name)
             for row in self.folded:
-                table.add_row(row.bn, row.how, ", ".join(row.into), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
+                table.add_row(shown(row.bn), row.how, shown(", ".join(row.into)), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
             console.print(table)
         if self.refused:
             table = Table(title="Left in place", title_justify="left")
             table.add_column("BN")
             table.add_column("reason")
             for refusal in self.refused:
-                table.add_row(refusal.bn, refusal.reason)
+                table.add_row(shown(refusal.bn), shown(refusal.reason))
             console.print(table)
         table = Table(title="Outputs against the source", title_justify="left")
         for name in ("output", "stage", "max |Δ|", "rel"):
             table.add_column(name)
         for check in self.checks:
-            table.add_row(check.output, check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
+            table.add_row(shown(check.output), check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
         console.print(table)
-        console.print(self.summary(), highlight=False)
+        console.print(shown(self.summary()), highlight=False)
 
 
 

@@ -117,3 +117,15 @@ def test_the_cli_refuses_an_option_of_another_format_in_one_line(tmp_path):
     done = CliRunner().invoke(app, ["inspect", str(h5), "--arch", "net.py:build"])
     assert done.exit_code == 2
     assert done.output.strip().splitlines() == [f"error: --arch applies to PyTorch checkpoints; {h5} is a Keras file"]
+
+
+def test_names_from_files_reach_the_terminal_escaped(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnrepair.cli import app
+
+    hostile = tmp_path / "m\x1b]0;owned\x07\x1b[2J[bold].h5"
+    done = CliRunner().invoke(app, ["inspect", str(hostile)])
+    assert done.exit_code == 2
+    assert "\x1b" not in done.output and "\x07" not in done.output
+    assert "m\\x1b]0;owned\\x07\\x1b[2J[bold].h5: no such file" in done.output

@@ -1,0 +1,1 @@
+"""Benchmarks and the model zoo; run each as a script (``python bench/zoo.py``)."""
