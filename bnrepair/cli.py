@@ -173,7 +173,9 @@ Arch = Annotated[Optional[str], typer.Option(help="torch state_dict: MODULE:CALL
 ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.", rich_help_panel="Loading: PyTorch")]
 Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.", rich_help_panel="Loading: PyTorch")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).", rich_help_panel="Loading: PyTorch")]
-TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives (runs code).", rich_help_panel="Loading: PyTorch")]
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives; SavedModel: allow "
+                                         "graph ops with side effects or file access (both run the file's code).",
+                                         rich_help_panel="Loading: PyTorch")]
 SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="torch: allow one more global "
                                                          "(mod.Name) in weights_only loading; repeatable.", rich_help_panel="Loading: PyTorch")]
 Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.", rich_help_panel="Loading: SavedModel")]

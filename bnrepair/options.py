@@ -29,7 +29,7 @@ class LoadOptions:
     arch_kwargs: str | None = _option(None, "--arch-kwargs", "torch")
     key: str | None = _option(None, "--key", "torch")
     trust_pickle: bool = _option(False, "--trust-pickle", "torch")
-    trust_code: bool = _option(False, "--trust-code", "torch")
+    trust_code: bool = _option(False, "--trust-code", "torch,savedmodel")
     safe_globals: tuple[str, ...] = _option(None, "--safe-global", "torch", factory=tuple)
     signature: str = _option("serving_default", "--signature", "savedmodel")
     input_name: str | None = _option(None, "--input", "savedmodel")
@@ -64,4 +64,4 @@ class LoadOptions:
 
 
 APPLIES_TO = {("keras",): "Keras .h5/.keras files", ("torch",): "PyTorch checkpoints",
-              ("savedmodel",): "TensorFlow SavedModels"}
+              ("savedmodel",): "TensorFlow SavedModels", ("torch", "savedmodel"): "PyTorch and SavedModel files"}

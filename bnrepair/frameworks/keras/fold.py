@@ -20,9 +20,9 @@ import numpy as np
 
 from ...errors import InputError
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
+from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
 from .onnx import keras_to_onnx
-from ..tf_runtime import import_keras
 
 SUFFIXES = (".keras", ".h5")
 """What a folded Keras model is written as (besides ONNX); the first is the default."""

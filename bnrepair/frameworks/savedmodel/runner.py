@@ -40,6 +40,7 @@ from .graph import (
     split,
     subgraph,
 )
+from .policy import check_graph
 
 
 class SavedModelRunner:
@@ -47,7 +48,7 @@ class SavedModelRunner:
 
     framework = "savedmodel"
 
-    def __init__(self, source: Path, signature: str, input_name: str | None, device: str):
+    def __init__(self, source: Path, signature: str, input_name: str | None, device: str, trust_code: bool = False):
         tf = import_tensorflow()
         self.source = source
         self.device = resolve_device(tf, device)
@@ -60,6 +61,7 @@ class SavedModelRunner:
         self.keys = {**self.flat.checkpoint_keys(), **captured_keys(meta, objects)}
         model_nodes = self.flat.fanin(self.signature.outputs.values(),
                                       stop={split(t)[0] for t in self.signature.inputs.values()})
+        check_graph([self.flat.nodes[n] for n in sorted(model_nodes)], str(source), trust_code)
         sites, rejected = self.flat.find_bn(model_nodes)
         if not sites:
             raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))

@@ -224,3 +224,35 @@ def test_unidentifiable_bn_is_one_clear_error(tmp_path, with_bn, message):
     with pytest.raises(InputError, match=message):
         bnrepair.load(tmp_path / "model")
     assert not (tmp_path / "model.recalibrated").exists()
+
+
+def test_a_graph_that_reads_a_file_runs_only_with_trust_code(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(bytes(range(7, 71)))
+
+    class Leaky(tf.Module):
+        """A BN whose input carries the bytes of a local file, as an attacker's graph would make it."""
+
+        def __init__(self):
+            super().__init__()
+            self.mean, self.var = tf.Variable(tf.zeros([4])), tf.Variable(tf.ones([4]))
+            self.scale, self.offset = tf.Variable(tf.ones([4])), tf.Variable(tf.zeros([4]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 4], tf.float32)])
+        def __call__(self, x):
+            leaked = tf.cast(tf.io.decode_raw(tf.io.read_file(str(secret)), tf.uint8), tf.float32)
+            x = tf.ensure_shape(x + tf.reshape(tf.reduce_mean(leaked), []), [None, 8, 8, 4])
+            return tf.compat.v1.nn.fused_batch_norm(x, self.scale, self.offset, self.mean, self.var,
+                                                    is_training=False)[0]
+
+    model = Leaky()
+    saved = tmp_path / "leaky"
+    tf.saved_model.save(model, str(saved), signatures=model.__call__)
+    data = tmp_path / "x.npy"
+    np.save(data, np.zeros((8, 8, 8, 4), np.float32))
+    result = CliRunner().invoke(app, ["recalibrate", str(saved), "--data", str(data), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "the graph runs ReadFile (node" in result.output and "--trust-code" in result.output
+    assert not (tmp_path / "out").exists()
+    trusted = bnrepair.recalibrate(saved, data, output=tmp_path / "out", trust_code=True)
+    assert len(trusted.layers) == 1 and (tmp_path / "out").is_dir()
