@@ -217,8 +217,10 @@ def capture(model, names: set[str], x) -> dict[str, np.ndarray]:
 
 
 def _recording(name: str, found: dict):
+    """A forward hook keeping a copy of the output: on the CPU ``.numpy()`` shares the tensor's memory, which
+    the model's later in-place ops (``out += identity``, ``ReLU(inplace=True)``) would overwrite."""
     def hook(module, inputs, output):
-        found[name] = output.detach().cpu().numpy()
+        found[name] = output.detach().cpu().numpy().copy()
 
     return hook
 

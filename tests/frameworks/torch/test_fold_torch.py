@@ -168,3 +168,35 @@ def test_fixtures_fold_including_frozen_lookalikes(tmp_path, monkeypatch):
                                samples=32, **options)
         assert [row.bn for row in report.folded] == ["features.1", "features.5", "features.9"]
         assert not report.refused and all(c.max_abs <= 1e-5 for c in report.checks)
+
+
+class Residual(nn.Module):
+    """torchvision's BasicBlock pattern: in-place ReLU after BN and ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def test_in_place_ops_after_bn_cannot_change_what_verification_compares():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Residual(), Residual()).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    report = bnrepair.fold(model, data=x)
+    assert len(report.folded) == 5 and not report.refused
+    assert max(row.max_abs for row in report.folded) <= 1e-4
+    with torch.no_grad():
+        np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
+                                   atol=1e-5)
