@@ -382,7 +382,7 @@ def diagnose(
 # Options of the deployment commands (fold, export).
 VerifySamples = Annotated[int, typer.Option("--samples", min=1, help="Verify on at most N samples of --data (or "
                                             "N generated inputs of the declared shape).", rich_help_panel="Verification")]
-Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * |source value|.", rich_help_panel="Verification")]
+Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * the largest |value| of that output or layer in the source (float32 errs relative to the size of what it sums).", rich_help_panel="Verification")]
 Rtol = Annotated[float, typer.Option(help="Verification: see --atol.", rich_help_panel="Verification")]
 Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output")]
 

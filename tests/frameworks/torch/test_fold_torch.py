@@ -200,3 +200,30 @@ def test_in_place_ops_after_bn_cannot_change_what_verification_compares():
     with torch.no_grad():
         np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("wrong", ["eps", "channel"])
+def test_a_wrong_fold_is_caught_and_nothing_is_written(tmp_path, monkeypatch, wrong):
+    """A fold that is subtly wrong (eps 10x off, two channels swapped) fails verification under the scaled
+    tolerance that lets correct float32 folds through."""
+    from bnrepair import folding
+
+    exact = folding.bn_affine
+
+    def broken(mean, var, eps, gamma=None, beta=None):
+        scale, shift = exact(mean, var, eps * 10 if wrong == "eps" else eps, gamma, beta)
+        if wrong == "channel":
+            scale, shift = scale[[1, 0, *range(2, len(scale))]], shift[[1, 0, *range(2, len(shift))]]
+        return scale, shift
+
+    monkeypatch.setattr("bnrepair.frameworks.torch.fold.bn_affine", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Residual()).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(1e-3, 2e-3)  # small variances: eps matters
+    x = np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(bnrepair.errors.BnrepairError, match="verification failed"):
+        bnrepair.fold(model, tmp_path / "m.pt2", data=x)
+    assert not list(tmp_path.iterdir())
