@@ -44,8 +44,10 @@ class Runner(Protocol):
     def infer(self, inputs: Any, mode: str = "eval") -> Any:
         """The model's outputs as numpy arrays."""
 
-    def collect(self, inputs: Any, mode: str, ids: list[str]) -> dict[str, Moments]:
-        """Per-channel moments of the inputs of the BN layers ``ids``, for one batch."""
+    def collect(self, inputs: Any, mode: str, ids: list[str],
+                batch_stats: frozenset[str] = frozenset()) -> dict[str, Moments]:
+        """Per-channel moments of the inputs of the BN layers ``ids``, for one batch; the layers in
+        ``batch_stats`` normalise with batch statistics in ``eval`` mode too."""
 
     def set_stats(self, stats: Stats) -> None:
         """Make the model normalise with these statistics at inference (and keep ``graph`` in step)."""

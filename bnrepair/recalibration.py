@@ -31,35 +31,34 @@ class Outcome:
     layers: list[BNLayer]
     samples: int
     passes: int
+    """passes made over the data (a pass made again with batch statistics after an overflow counts twice)"""
     converged: bool
     seconds: float
     change_per_pass: list[float] = field(default_factory=list)
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
-                   index: int = 0, iterating: bool = False) -> tuple[dict[str, Moments], int]:
+                   index: int = 0, batch_stats: frozenset = frozenset()) -> tuple[dict[str, Moments], int]:
     """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples."""
     totals = {i: Moments(0, np.zeros(()), np.zeros(())) for i in ids}
     seen = 0
     progress.start_pass(index, len(data) or None)
     for batch in data:
-        collected = runner.collect(runner.cast_input(batch.inputs), mode, ids)
+        inputs = runner.cast_input(batch.inputs)
+        collected = (runner.collect(inputs, mode, ids, batch_stats) if batch_stats else
+                     runner.collect(inputs, mode, ids))
         for layer_id, m in collected.items():
             totals[layer_id] = totals[layer_id].merge(m)
         seen += batch.size
         progress.advance(batch.size)
     progress.end_pass()
-    origin = data.origin
     if seen < 2:
-        raise InputError(f"{origin}: need at least 2 calibration samples, got {seen}")
-    for layer_id, m in totals.items():
-        if not m.is_finite() and iterating:  # the first pass was finite: the iteration, not the data, overflowed
-            raise BnrepairError(f"--mode eval: pass {index + 1} overflowed in BN layer {layer_id} while deeper layers "
-                                "still normalised with statistics of the previous pass; use --mode train")
-        if not m.is_finite():
-            raise InputError(f"{origin}: BN layer {layer_id}: the data gives NaN or infinite activations "
-                             "(check the data's scaling with --preprocess)")
+        raise InputError(f"{data.origin}: need at least 2 calibration samples, got {seen}")
     return totals, seen
+
+
+def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
+    return next((i for i in ids if not totals[i].is_finite()), None)
 
 
 def relative_change(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], eps: float) -> float:
@@ -74,9 +73,13 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``.
 
     ``eval`` starts its fixed point from the train-mode (PreciseBN) statistics of a first pass: stored
-    statistics may be broken badly enough to overflow deep activations, and PreciseBN's are already close
-    to the fixed point, so few passes follow. It stops when a pass moves nothing more than ``tol``, or
-    after ``max_passes`` passes in all (``Outcome.converged`` says which).
+    statistics may be broken badly enough to overflow deep activations, and PreciseBN's are a consistent
+    start. Each further pass measures every layer in inference mode with the statistics of the pass
+    before; it stops when a pass moves nothing more than ``tol``, or after ``max_passes`` passes in all
+    (``Outcome.converged`` says which). A pass whose activations overflow (layers deep in the network
+    still normalising with statistics that no longer fit their input) is made again with every layer
+    after the settled ones, in forward order, normalising with batch statistics instead: the settled
+    prefix stays exact, the rest cannot overflow, and the next pass tries inference mode again.
     """
     if mode not in MODES:
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -93,16 +96,28 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     progress = progress or NoProgress()
     start = time.perf_counter()
     limit = 1 if mode == "train" else max_passes
-    current, changes, converged, samples = dict(before), [], mode == "train", 0
+    current, changes, converged, samples, passes = dict(before), [], mode == "train", 0, 0
+    moved = {i: np.inf for i in ids}
     for index in range(limit):
         pass_mode = "train" if index == 0 else mode
-        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, iterating=index > 0)
+        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index)
+        passes += 1
+        guarded = frozenset()
+        if index > 0 and first_non_finite(totals, ids) is not None:
+            settled = next((k for k, i in enumerate(ids) if moved[i] >= tol), len(ids))
+            guarded = frozenset(ids[settled:])
+            totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded)
+            passes += 1
+        overflow = first_non_finite(totals, ids)
+        if overflow is not None:
+            raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
+                             "(check the data's scaling with --preprocess)")
         new = {i: (m.mean, m.variance(unbiased)) for i, m in totals.items()}
         runner.set_stats(new)
-        changes.append(max(relative_change(current[i], new[i], eps[i]) for i in ids))
+        moved = {i: relative_change(current[i], new[i], eps[i]) for i in ids}
+        changes.append(max(moved.values()))
         current = new
-        if mode == "eval" and index > 0 and changes[-1] < tol:
+        if mode == "eval" and index > 0 and not guarded and changes[-1] < tol:
             converged = True
             break
-    return Outcome(before, current, chosen, samples, len(changes), converged,
-                   time.perf_counter() - start, changes)
+    return Outcome(before, current, chosen, samples, passes, converged, time.perf_counter() - start, changes)

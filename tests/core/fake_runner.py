@@ -33,13 +33,14 @@ class ChainRunner:
     def cast_input(self, x):
         return np.asarray(x, np.float64)
 
-    def _forward(self, x, mode: str):
+    def _forward(self, x, mode: str, batch_stats=frozenset()):
         seen = {}
 
         def bn(name, a):
             seen[name] = a
             layer = self.graph.layer(name)
-            mean, var = (a.mean(0), a.var(0)) if mode == "train" else (layer.mean, layer.var)
+            train = mode == "train" or name in batch_stats
+            mean, var = (a.mean(0), a.var(0)) if train else (layer.mean, layer.var)
             return (a - mean) / np.sqrt(var + EPS)
 
         out = bn("bn2", np.maximum(bn("bn1", x) * self.w + self.b, 0.0))
@@ -48,8 +49,8 @@ class ChainRunner:
     def infer(self, inputs, mode="eval"):
         return self._forward(inputs, mode)[0]
 
-    def collect(self, inputs, mode, ids):
-        seen = self._forward(inputs, mode)[1]
+    def collect(self, inputs, mode, ids, batch_stats=frozenset()):
+        seen = self._forward(inputs, mode, batch_stats)[1]
         return {i: Moments.from_array(seen[i], axis=1) for i in ids}
 
     def set_stats(self, stats):

@@ -143,23 +143,26 @@ class KerasRunner:
     # --- runner protocol ---------------------------------------------------------------------------
     def infer(self, inputs, mode: str = "eval"):
         """The model's outputs as numpy; ``mode="train"``: BN layers use batch statistics, nothing else does."""
-        return self._run(inputs, mode, [bn.id for bn in self.graph.bn_layers], outputs=True)
+        ids = [bn.id for bn in self.graph.bn_layers]
+        return self._run(inputs, frozenset(ids) if mode == "train" else frozenset(), ids, outputs=True)
 
-    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
-        results = self._run(inputs, mode, ids, outputs=False)
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
+        train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
+        results = self._run(inputs, train, ids, outputs=False)
         pooled = {}
         for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
             calls = [Moments.of(*(t.numpy() for t in call)) for call in results[layer_id]]
             pooled[layer_id] = functools.reduce(Moments.merge, calls)
         return pooled
 
-    def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
-        key = (mode, tuple(ids), outputs)
+    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
+        """One traced forward pass; the ``train`` layers normalise with batch statistics."""
+        key = (train, tuple(ids), outputs)
         if key not in self._functions:
             self._functions[key] = self._capture_function(ids, outputs, inputs)
         _, tf = import_keras()
         try:
-            with tf.device(self.device), _patched(self._by_id, ids, mode, self._sink):
+            with tf.device(self.device), _patched(self._by_id, ids, train, self._sink):
                 results = self._functions[key](inputs)
         except BnrepairError:
             raise
@@ -283,13 +286,14 @@ def _fused_train_call(layer, x, axis: int):
 class _patched:
     """Swap the chosen layers' ``call`` for capturing ones while a forward pass is traced."""
 
-    def __init__(self, by_id: dict, ids: list[str], mode: str, sink: dict):
+    def __init__(self, by_id: dict, ids: list[str], train: frozenset, sink: dict):
         self.targets = [(by_id[i], i) for i in ids]
-        self.mode, self.sink = mode, sink
+        self.train, self.sink = train, sink
 
     def __enter__(self):
         for layer, layer_id in self.targets:
-            layer.call = _capture_call(layer, type(layer).call.__get__(layer), self.mode, self.sink, layer_id)
+            mode = "train" if layer_id in self.train else "eval"
+            layer.call = _capture_call(layer, type(layer).call.__get__(layer), mode, self.sink, layer_id)
 
     def __exit__(self, *exc):
         for layer, _ in self.targets:

@@ -114,7 +114,7 @@ class SavedModelRunner:
         sites = list(self._sites.values())
         tensors = [s.x for s in sites] + [self.flat.nodes[slot[0]].input[slot[1]]
                                           for s in sites if not s.fused for slot in (s.mean_slot, s.var_slot)]
-        graph_def, _ = self._program(tensors, False, [self.signature.input_name])
+        graph_def, _ = self._program(tensors, frozenset(), [self.signature.input_name])
         ranks, dtypes = {}, {}
         with tf.Graph().as_default() as probe:
             tf.graph_util.import_graph_def(graph_def, name="")
@@ -141,8 +141,9 @@ class SavedModelRunner:
             kind="FusedBatchNorm" if site.fused else "batch_normalization")
 
     # --- graphs to run ---------------------------------------------------------------------------------
-    def _program(self, fetches: list[str], train: bool, feeds: list[str]):
-        """The GraphDef computing ``fetches`` from the signature inputs ``feeds``, and its variable nodes."""
+    def _program(self, fetches: list[str], train: frozenset, feeds: list[str]):
+        """The GraphDef computing ``fetches`` from the signature inputs ``feeds``, and its variable nodes; the
+        BN layers ``train`` normalise with batch statistics."""
         tf = import_tensorflow()
         stops = {split(self.signature.inputs[n])[0]: n for n in feeds}
         keep = self.flat.fanin(fetches, stop=set(stops))
@@ -153,8 +154,8 @@ class SavedModelRunner:
             placeholders[name] = tf.resource.as_datatype_enum if node.op == "VarHandleOp" else node.attr["dtype"].type
         graph_def = subgraph(self.flat, keep, placeholders)
         if train:
-            graph_def = rewire_for_batch_statistics(graph_def, list(self._sites.values()), keep, self._dtypes,
-                                                    self._ranks)
+            graph_def = rewire_for_batch_statistics(graph_def, [self._sites[i] for i in sorted(train)], keep,
+                                                    self._dtypes, self._ranks)
         return graph_def, variables
 
     def _input_map(self, feeds: dict, variables: list[str]) -> dict:
@@ -176,14 +177,16 @@ class SavedModelRunner:
     def infer(self, inputs, mode: str = "eval") -> dict[str, np.ndarray]:
         """The signature outputs that the calibration input alone determines, as numpy, sorted by name;
         ``mode="train"``: BN ops normalise with batch statistics."""
-        return {name: t.numpy() for name, t in self._run(inputs, mode, [], outputs=True).items()}
+        train = frozenset(self._sites) if mode == "train" else frozenset()
+        return {name: t.numpy() for name, t in self._run(inputs, train, [], outputs=True).items()}
 
-    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
         shared = [i for i in ids if self.call_counts()[i] > 1]
         if shared:
             raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "
                                 "op in one forward pass; they cannot be recalibrated as one layer")
-        results = self._run(inputs, mode, ids, outputs=False)
+        train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
+        results = self._run(inputs, train, ids, outputs=False)
         return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
 
     def call_counts(self) -> dict[str, int]:
@@ -227,18 +230,18 @@ class SavedModelRunner:
         return x.astype(dtype, copy=False)
 
     # --- capture -------------------------------------------------------------------------------------------
-    def _run(self, inputs, mode: str, ids: list[str], outputs: bool):
+    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
         tf = import_tensorflow()
-        key = (mode, tuple(ids), outputs)
+        key = (train, tuple(ids), outputs)
         if key not in self._functions:
-            self._functions[key] = self._trace(tf, mode, ids, outputs)
+            self._functions[key] = self._trace(tf, train, ids, outputs)
         try:
             with tf.device(self.device):
                 return self._functions[key](inputs)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise data_misfit(exc, inputs) from exc
 
-    def _trace(self, tf, mode: str, ids: list[str], outputs: bool):
+    def _trace(self, tf, train: frozenset, ids: list[str], outputs: bool):
         """One ``tf.function`` importing the graph: the signature outputs, or the moments of BN inputs."""
         if outputs:
             names = self._computable_outputs()
@@ -247,7 +250,7 @@ class SavedModelRunner:
             sites = [self._sites[i] for i in ids]
             tensors = [canonical(s.x) for s in sites]
             axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
-        graph_def, variables = self._program(tensors, mode == "train", [self.signature.input_name])
+        graph_def, variables = self._program(tensors, train, [self.signature.input_name])
 
         @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
         def run(x):

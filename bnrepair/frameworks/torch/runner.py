@@ -98,10 +98,11 @@ class TorchRunner:
     def infer(self, inputs, mode: str = "eval"):
         """The model's outputs as numpy; ``mode="train"``: BN layers use batch statistics, nothing else does."""
         ids = [bn.id for bn in self.graph.bn_layers if bn.tracks_stats] if mode == "train" else []
-        return _numpy_outputs(self._run(inputs, mode, ids)[0])
+        return _numpy_outputs(self._run(inputs, frozenset(ids), ids)[0])
 
-    def collect(self, inputs, mode: str, ids: list[str]) -> dict[str, Moments]:
-        return self._to_host(self._run(inputs, mode, ids)[1], ids)
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
+        train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
+        return self._to_host(self._run(inputs, train, ids)[1], ids)
 
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
@@ -162,13 +163,14 @@ class TorchRunner:
         return value.to(self.device)
 
     # --- capture ----------------------------------------------------------------------------------
-    def _run(self, inputs, mode: str, ids: list[str]):
-        """One forward pass, everything in ``eval()``: (outputs, [(layer id, count, mean, m2) per BN call])."""
+    def _run(self, inputs, train: frozenset, ids: list[str]):
+        """One forward pass, everything in ``eval()``, the ``train`` layers on batch statistics:
+        (outputs, [(layer id, count, mean, m2) per BN call])."""
         try:
             with _all_eval(self._modules), self.torch.inference_mode():
                 if not ids:
                     return _call(self.module, inputs), []
-                return self._script_run(inputs, mode, ids) if self.scripted else self._eager_run(inputs, mode, ids)
+                return self._script_run(inputs, train, ids) if self.scripted else self._eager_run(inputs, train, ids)
         except BnrepairError:
             raise
         except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
@@ -176,9 +178,9 @@ class TorchRunner:
             raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
                              f"{text}") from exc
 
-    def _eager_run(self, inputs, mode: str, ids: list[str]):
+    def _eager_run(self, inputs, train: frozenset, ids: list[str]):
         sink: list = []
-        probes = [_Probe(self.torch, self._by_id[i], i, mode, sink, self._scratch) for i in ids]
+        probes = [_Probe(self.torch, self._by_id[i], i, i in train, sink, self._scratch) for i in ids]
         try:
             for probe in probes:
                 probe.attach()
@@ -187,10 +189,10 @@ class TorchRunner:
             for probe in probes:
                 probe.detach()
 
-    def _script_run(self, inputs, mode: str, ids: list[str]):
-        key = (mode, tuple(ids))
+    def _script_run(self, inputs, train: frozenset, ids: list[str]):
+        key = (train, tuple(ids))
         if key not in self._script_functions:
-            self._script_functions[key] = capture_function(self.module, mode, ids)
+            self._script_functions[key] = capture_function(self.module, train, ids)
         fn, order = self._script_functions[key]
         if isinstance(inputs, dict):
             raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
@@ -221,8 +223,8 @@ class _Probe:
     """Measures one BN module's input while the module runs its own ``forward`` (timm's ``BatchNormAct2d`` keeps
     its activation, ``FrozenBatchNorm2d`` its arithmetic, a user subclass whatever it adds).
 
-    A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (two-pass). In
-    ``train`` mode it then lends the module the batch's mean and (biased) variance in place of its
+    A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (two-pass). With
+    ``train`` it then lends the module the batch's mean and (biased) variance in place of its
     ``running_mean`` / ``running_var`` for that call only, so the module, still in ``eval()``, normalises
     with batch statistics; the forward hook gives the stored buffers back. The buffers' contents,
     ``num_batches_tracked`` and momentum are never touched, and a batch of one cannot trip BatchNorm1d's
@@ -230,8 +232,8 @@ class _Probe:
     batch: a fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
     """
 
-    def __init__(self, torch, module, layer_id: str, mode: str, sink: list, scratch: dict):
-        self.torch, self.module, self.layer_id, self.mode = torch, module, layer_id, mode
+    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict):
+        self.torch, self.module, self.layer_id, self.train = torch, module, layer_id, train
         self.sink, self.scratch = sink, scratch
         self.handles: list = []
         self.stored: dict | None = None
@@ -258,7 +260,7 @@ class _Probe:
         m2 = centred.mul_(centred).sum(dims)
         count = x.numel() // x.shape[1]
         self.sink.append((self.layer_id, count, mean, m2))
-        if self.mode == "train":
+        if self.train:
             self._give_back()  # a module called twice per forward lends its buffers once per call
             buffers = module._buffers
             self.stored = {name: buffers[name] for name in ("running_mean", "running_var")}

@@ -2,8 +2,8 @@
 
 The module's forward graph is copied and inlined; before each chosen ``aten::batch_norm`` node a two-pass
 per-channel reduction of its input is inserted (element count, mean, sum of squared deviations) and
-returned as extra outputs of a new function that takes the module as its ``self``. In ``train`` mode
-the node gets no running statistics and ``training=True``, so it normalises with the batch's own
+returned as extra outputs of a new function that takes the module as its ``self``. A node that is to
+normalise with batch statistics gets no running statistics and ``training=True``, so it normalises with the batch's own
 statistics and updates nothing. The module itself is never modified, so it is saved back as it was.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 from ...errors import InputError
 
 
-def capture_function(module, mode: str, ids: list[str]):
+def capture_function(module, train: frozenset, ids: list[str]):
     """``(fn, order)``: ``fn(module._c, *inputs)`` returns ``(output, count, mean, m2, count, ...)``,
-    one (count, mean, m2) per BN call, whose layer ids ``order`` lists."""
+    one (count, mean, m2) per BN call, whose layer ids ``order`` lists; the ``train`` layers normalise with
+    batch statistics."""
     import torch
 
     graph = module.forward.graph.copy()
@@ -25,7 +26,7 @@ def capture_function(module, mode: str, ids: list[str]):
             continue
         layer_id = _attribute_path(node.inputsAt(3))
         if layer_id in wanted:
-            for value in _instrument(graph, node, mode):
+            for value in _instrument(graph, node, layer_id in train):
                 graph.registerOutput(value)
             order.append(layer_id)
     missing = [i for i in ids if i not in order]
@@ -37,7 +38,7 @@ def capture_function(module, mode: str, ids: list[str]):
     return torch._C._create_function_from_graph("bnrepair_capture", graph), order
 
 
-def _instrument(graph, node, mode: str):
+def _instrument(graph, node, train: bool):
     """Insert the reduction of ``node``'s input before it; returns the (count, mean, m2) values."""
     x = node.inputsAt(0)
     with graph.insert_point_guard(node):
@@ -48,7 +49,7 @@ def _instrument(graph, node, mode: str):
         centred = graph.insert("aten::sub", [flat, mean])
         m2 = graph.insert("aten::sum", [graph.insert("aten::mul", [centred, centred]), const([0, 2])])
         count = graph.insert("aten::numel", [x])
-        if mode == "train":
+        if train:
             none = const(None)
             node.replaceInput(3, none)
             node.replaceInput(4, none)
