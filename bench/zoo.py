@@ -39,6 +39,8 @@ import zoo_models  # noqa: E402
 ARCH = f"{HERE / 'zoo_models.py'}:torch_model"
 LEGACY_H5 = {"ResNet50", "DenseNet121"}
 """saved as legacy .h5 (Keras 3 cannot load every application back from .h5: MobileNetV3's ops need .keras)"""
+FAILED = {"passes": 0, "converged": False, "seconds": np.nan}
+"""the report of a command that failed (its message goes into the row's note)"""
 MAX_PASSES = 300
 """enough for DenseNet121's depth: the point is to measure how many passes eval mode takes"""
 
@@ -194,11 +196,16 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     inspected = cli("inspect", ckpt, *arch)
     train_ref, eval_ref = torch_reference(model, batches)
     eps = {n: float(getattr(m, "eps", 1e-5)) for n, m in torch_bn(model).items()}
-    result = {}
+    result, notes = {}, []
     for mode in ("train", "eval"):
         out = folder / f"{name}.{mode}.pt"
-        report = cli("recalibrate", ckpt, *arch, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
-                     "--batch-size", batch_size, "--max-passes", MAX_PASSES)
+        try:
+            report = cli("recalibrate", ckpt, *arch, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
+                         "--batch-size", batch_size, "--max-passes", MAX_PASSES)
+        except RuntimeError as exc:
+            result[mode] = FAILED, np.nan
+            notes.append(f"{mode}: {exc}")
+            continue
         written = torch.load(out, weights_only=True)
         written = written.get("model", written)
         got = {n: (written[f"{n}.running_mean"].double().numpy(), written[f"{n}.running_var"].double().numpy())
@@ -206,7 +213,8 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
         result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
     plain = torch_plain_seconds(model, batches)
     return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
-               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain)
+               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain,
+               "; ".join(notes))
 
 
 # --- Keras ---------------------------------------------------------------------------------------------------
@@ -256,18 +264,24 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     model.predict(x, batch_size=batch_size, verbose=0)
     plain = time.perf_counter() - start
     train_ref, eval_ref, eps = keras_reference(keras.models.load_model(ckpt, compile=False), batches)
-    result = {}
+    result, notes = {}, []
     for mode in ("train", "eval"):
         out = folder / f"{name}.{mode}{ckpt.suffix}"
-        report = cli("recalibrate", ckpt, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
-                     "--batch-size", batch_size, "--max-passes", MAX_PASSES)
+        try:
+            report = cli("recalibrate", ckpt, "--data", folder / f"{name}.npy", "-o", out, "--mode", mode,
+                         "--batch-size", batch_size, "--max-passes", MAX_PASSES)
+        except RuntimeError as exc:
+            result[mode] = FAILED, np.nan
+            notes.append(f"{mode}: {exc}")
+            continue
         fixed = keras.models.load_model(out, compile=False)
         got = {layer.name: (np.asarray(layer.moving_mean, np.float64), np.asarray(layer.moving_variance, np.float64))
                for layer in fixed._flatten_layers(include_self=False, recursive=True)
                if isinstance(layer, keras.layers.BatchNormalization)}
         result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
     return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
-               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain)
+               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain,
+               "; ".join(notes))
 
 
 # --- the table -----------------------------------------------------------------------------------------------
