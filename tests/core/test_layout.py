@@ -129,3 +129,9 @@ def test_names_from_files_reach_the_terminal_escaped(tmp_path):
     assert done.exit_code == 2
     assert "\x1b" not in done.output and "\x07" not in done.output
     assert "m\\x1b]0;owned\\x07\\x1b[2J[bold].h5: no such file" in done.output
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test modules by basename (no __init__.py in the framework folders): twins collide."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
