@@ -15,13 +15,11 @@ from bnrepair.deploy import ort_max_opset
 from bnrepair.errors import InputError
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.frameworks.torch import fold as torch_fold
-from fixtures import ARCH_FLAGS, CALIB, HERE, REPO
+from fixtures import ARCH_FLAGS, CALIB, KERAS_STALE, REPO, TORCH_STALE
 
 keras, _ = import_keras()
 ROOT = REPO
-KERAS = HERE / "keras" / "stale_ema.h5"
-TORCH = HERE / "torch" / "stale_ema.pt"
-ARCH = ARCH_FLAGS
+KERAS, TORCH, ARCH = KERAS_STALE, TORCH_STALE, ARCH_FLAGS
 cli = CliRunner()
 
 TWO_INPUTS = '''

@@ -17,13 +17,11 @@ from bnrepair.cli import app
 from bnrepair.deploy import cuda_usable
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.writers import sha256
-from fixtures import ARCH_FLAGS, CALIB, HERE, REPO, synthetic
+from fixtures import ARCH_FLAGS, CALIB, KERAS_STALE, REPO, TORCH_STALE, synthetic
 
 keras, _ = import_keras()
 ROOT = REPO
-KERAS = HERE / "keras" / "stale_ema.h5"
-TORCH = HERE / "torch" / "stale_ema.pt"
-ARCH = ARCH_FLAGS
+KERAS, TORCH, ARCH = KERAS_STALE, TORCH_STALE, ARCH_FLAGS
 cli = CliRunner()
 
 
