@@ -21,14 +21,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bnrepair.cli import app
-from fixtures import ARCH_FLAGS, CALIB, REPO
+from fixtures import ARCH_FLAGS, CALIB, HERE, KERAS_STALE, REPO, TORCH_STALE
 
-ROOT = REPO
-FIXTURES = ROOT / "fixtures"
-KERAS = FIXTURES / "keras" / "stale_ema.h5"
-TORCH = FIXTURES / "torch" / "stale_ema.pt"
-ARCH = ["--arch", f"{FIXTURES / 'torch' / 'arch.py'}:build"]
-CALIB = FIXTURES / "data" / "a" / "calib"
+ROOT, FIXTURES = REPO, HERE
+KERAS, TORCH, ARCH = KERAS_STALE, TORCH_STALE, ARCH_FLAGS
 cli = CliRunner()
 
 
