@@ -2,7 +2,6 @@
 is refused with its reason, the user's module is untouched, and .pt2 / ONNX outputs match the source."""
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
