@@ -34,7 +34,7 @@ class Op:
     name: str
     kind: str
     """``conv``, ``separable``, ``depthwise``, ``conv_transpose``, ``dense``, ``bn``, ``concat``,
-    ``activation``, ``input`` or ``other``"""
+    ``activation``, ``identity`` (the identity at inference: Dropout, drop-path), ``input`` or ``other``"""
     type: str
     inputs: list[str] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
@@ -194,13 +194,22 @@ def _producer_problem(ops: dict[str, Op], op: Op, axis: int, only_user: str) -> 
     return None
 
 
+def _through_identities(ops: dict[str, Op], name: str, reader: str) -> tuple[Op, str]:
+    """The op that feeds ``reader`` once inference identities (Dropout, drop-path) in between are looked
+    through, and the name of the op it feeds directly; an identity whose output has other users stops it."""
+    src = ops[name]
+    while src.kind == "identity" and src.users == [reader] and src.inputs:
+        reader, src = src.name, ops[src.inputs[0]]
+    return src, reader
+
+
 def _backward(ops: dict[str, Op], bn: Op) -> Decision | str:
-    src = ops[bn.inputs[0]]
+    src, reader = _through_identities(ops, bn.inputs[0], bn.name)
     if src.kind in PRODUCERS:
-        problem = _producer_problem(ops, src, bn.out_axis, bn.name)
+        problem = _producer_problem(ops, src, bn.out_axis, reader)
         return problem or Decision(bn.name, "backward", [src.name], axis=bn.out_axis)
     if src.kind == "concat":
-        problem = _producer_problem(ops, src, bn.out_axis, bn.name)
+        problem = _producer_problem(ops, src, bn.out_axis, reader)
         if problem:
             return problem
         for branch in (ops[i] for i in src.inputs):

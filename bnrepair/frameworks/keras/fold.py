@@ -22,7 +22,7 @@ from ...errors import InputError
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
-from .onnx import keras_to_onnx
+from .onnx import IDENTITY_LAYERS, keras_to_onnx
 
 SUFFIXES = (".keras", ".h5")
 """What a folded Keras model is written as (besides ONNX); the first is the default."""
@@ -36,6 +36,7 @@ KINDS = {
     "Concatenate": "concat",
     **dict.fromkeys(("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "PReLU"), "activation"),
     "InputLayer": "input",
+    **dict.fromkeys(IDENTITY_LAYERS, "identity"),
 }
 
 
@@ -74,7 +75,7 @@ def _op(call: Call, users: list[str], calls: int) -> Op:
     kind = KINDS.get(call.cls, "other")
     rank = len(call.shapes[0]) if call.shapes and call.shapes[0] else None
     op = Op(call.name, kind, call.cls, inputs=[r[0] for r in call.inputs], users=users, calls=calls)
-    if rank is None or kind in ("other", "input", "activation"):
+    if rank is None or kind in ("other", "input", "activation", "identity"):
         return op
     if kind == "dense":
         op.out_axis = op.in_axis = rank - 1

@@ -27,6 +27,10 @@ ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "
                         "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softmax",
                         "log_softmax", "prelu"}
 CONCAT_FUNCTIONS = {"cat", "concat", "concatenate"}
+IDENTITY_MODULES = {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout",
+                    "DropPath", "StochasticDepth"}
+"""Modules that pass their input through at inference (torch's dropouts, timm's DropPath, torchvision's
+StochasticDepth): BN folds through them."""
 SUFFIXES = (".pt2",)
 """What a folded torch module is written as (besides ONNX)."""
 
@@ -151,6 +155,8 @@ def _op(torch, gm, node, name: str, bn_ids: set[str]) -> Op:
             return Op(name, "dense", kind_type, inputs, out_axis=rank - 1, in_axis=rank - 1)
         if kind_type.lower() in ACTIVATION_FUNCTIONS | {"leakyrelu", "logsoftmax"}:
             return Op(name, "activation", kind_type, inputs)
+        if kind_type in IDENTITY_MODULES:
+            return Op(name, "identity", kind_type, inputs)
         return Op(name, "other", kind_type, inputs)
     function = getattr(node.target, "__name__", str(node.target))
     if function in CONCAT_FUNCTIONS and rank:

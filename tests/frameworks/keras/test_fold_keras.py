@@ -161,3 +161,19 @@ def test_fixture_folds_on_its_calibration_images(tmp_path):
     x = synthetic.load_split("a", "calib")[0][:64].astype(np.float32) / 255.0
     got = keras.models.load_model(tmp_path / "nested.keras", compile=False)(x, training=False)
     assert float(np.max(np.abs(numpy(got) - numpy(original(x, training=False))))) <= 1e-5
+
+
+def test_bn_folds_through_dropout(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization(name="bn")(L.Dropout(0.3)(L.Conv2D(4, 3, name="conv")(inputs)))
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    bn = model.get_layer("bn")
+    bn.moving_mean.assign(np.linspace(-1, 1, 4).astype(np.float32))
+    bn.moving_variance.assign(np.linspace(0.5, 2, 4).astype(np.float32))
+    x = np.random.default_rng(0).normal(0, 1, (8, 8, 8, 3)).astype(np.float32)
+    report = bnrepair.fold(model, tmp_path / "folded.keras", data=x)
+    assert [row.bn for row in report.folded] == ["bn"] and not report.refused
+    folded = keras.models.load_model(tmp_path / "folded.keras", compile=False)
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers)
+    np.testing.assert_allclose(numpy(folded(x, training=False)), numpy(model(x, training=False)), atol=1e-5)

@@ -226,3 +226,20 @@ def test_a_wrong_fold_is_caught_and_nothing_is_written(tmp_path, monkeypatch, wr
     with pytest.raises(bnrepair.errors.BnrepairError, match="verification failed"):
         bnrepair.fold(model, tmp_path / "m.pt2", data=x)
     assert not list(tmp_path.iterdir())
+
+
+def test_bn_folds_through_inference_identities():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.Identity(), nn.Dropout2d(0.2), nn.BatchNorm2d(4)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    report = bnrepair.fold(model, data=x)
+    assert {row.bn for row in report.folded} == {"2", "7"} and not report.refused
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in report.model.modules())
+    with torch.no_grad():
+        np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
+                                   atol=1e-5)
