@@ -47,7 +47,7 @@ class Op:
     groups: int = 1
     padded: bool = False
     activation: str | None = None
-    """an activation the layer applies itself (Keras ``activation=``)"""
+    """an activation the layer applies itself (Keras ``activation=``; a BN-act module's own)"""
     stats: bool = True
     """BN: normalises with stored statistics at inference"""
 
@@ -230,6 +230,8 @@ def _backward(ops: dict[str, Op], bn: Op) -> Decision | str:
 
 
 def _forward(ops: dict[str, Op], bn: Op) -> Decision | str:
+    if bn.activation:
+        return f"it applies {bn.activation} after normalising, before its reader"
     if len(bn.users) != 1 or bn.users[0] == OUTPUT:
         return "its output is a model output" if OUTPUT in bn.users else f"its output has {len(bn.users)} users"
     user = ops[bn.users[0]]

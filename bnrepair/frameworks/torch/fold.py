@@ -71,23 +71,41 @@ def fold(model, bn_ids: set[str], example) -> Folded:
             m = gm.get_submodule(name)
             m.weight = torch.nn.Parameter(torch.as_tensor(p.weight, dtype=m.weight.dtype, device=m.weight.device))
             m.bias = torch.nn.Parameter(torch.as_tensor(p.bias, dtype=m.weight.dtype, device=m.weight.device))
+    kept = {}
     for d in accepted:
-        node = nodes[d.bn]
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
+        tail = _after_norm(torch, gm.get_submodule(d.bn))
+        if tail is None:
+            node = nodes[d.bn]
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        else:  # a BN-act module: the normalisation folds, its drop and activation stay where it was
+            gm.add_submodule(d.bn, tail)
+            kept[d.bn] = [(d.bn, None, d.bn)]
     gm.delete_all_unused_submodules()
     gm.recompile()
     channels = {name: p.channels for name, p in params.items()}
-    return Folded(gm.eval(), decisions, {d.bn: probes(d, channels) for d in accepted},
+    return Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels) for d in accepted},
                   {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
 
 
+def _after_norm(torch, m):
+    """What a BN-act module (timm's ``BatchNormAct2d``: ``act(drop(bn(x)))``) does after normalising, as a
+    module to leave in the BN's place when the normalisation folds; None for a plain BN."""
+    if not (isinstance(getattr(m, "act", None), torch.nn.Module) and isinstance(getattr(m, "drop", None),
+                                                                                torch.nn.Module)):
+        return None
+    return torch.nn.Sequential(m.drop, m.act)
+
+
 def trace(torch, module, leaves: set[str]):
-    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules kept as single calls."""
+    """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules, and every conv / linear module
+    (subclasses defined outside ``torch.nn`` included), kept as single calls."""
+
+    layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # subclasses too: torchvision's Conv3DSimple
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualified_name: str) -> bool:
-            return qualified_name in leaves or super().is_leaf_module(m, qualified_name)
+            return qualified_name in leaves or isinstance(m, layers) or super().is_leaf_module(m, qualified_name)
 
     return torch.fx.GraphModule(module, Tracer().trace(module))
 
@@ -145,7 +163,9 @@ def _op(torch, gm, node, name: str, bn_ids: set[str]) -> Op:
         kind_type = type(m).__name__
         if node.target in bn_ids:
             tracks = getattr(m, "running_mean", None) is not None
-            return Op(name, "bn", kind_type, inputs, out_axis=1, stats=tracks)
+            tail = _after_norm(torch, m)
+            return Op(name, "bn", kind_type, inputs, out_axis=1, stats=tracks,
+                      activation=None if tail is None else f"{type(m.act).__name__} ({kind_type})")
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             return Op(name, "conv_transpose", kind_type, inputs, out_axis=1, groups=m.groups)
         if isinstance(m, nn.modules.conv._ConvNd):

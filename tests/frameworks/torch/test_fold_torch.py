@@ -243,3 +243,35 @@ def test_bn_folds_through_inference_identities():
     with torch.no_grad():
         np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
                                    atol=1e-5)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` shape: ``act(drop(bn(x)))`` in one module, with ``drop`` and ``act`` children."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class OwnConv(nn.Conv2d):
+    """A conv defined outside torch.nn (torchvision's ``Conv3DSimple`` shape), which fx would trace through."""
+
+
+def test_bn_act_modules_fold_their_bn_and_keep_their_activation():
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnConv(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 1), BatchNormAct(4)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    report = bnrepair.fold(model, data=x)
+    assert {row.bn for row in report.folded} == {"1", "3"} and not report.refused
+    assert sum(isinstance(m, nn.SiLU) for m in report.model.modules()) == 2
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in report.model.modules())
+    with torch.no_grad():
+        np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
+                                   atol=1e-5)
