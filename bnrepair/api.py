@@ -16,7 +16,7 @@ import numpy as np
 
 from . import frameworks
 from .data import Cached, calibration, check_fits, check_path, check_preprocess, image_spec
-from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, prepare
+from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, prepare, require_onnx
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
 from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
@@ -69,6 +69,8 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
             raise InputError(f"{output}: the repaired checkpoint has the input's format; name it *{source.suffix} "
                              "(use --export for ONNX)")
     onnx_path = export_target(source, export, fold, output)
+    if onnx_path is not None:
+        require_onnx()
     _checked_request(data, preprocess)
     try:
         runner = load(model, device=device, **load_options)
@@ -193,6 +195,8 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
     source = Path(model) if isinstance(model, (str, Path)) else None
     if output is not None:
         output = check_output(source, Path(output))
+    if output is not None and output.suffix == ".onnx":
+        require_onnx()
     if data is not None:
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
@@ -219,6 +223,7 @@ def export(model, output, *, fold: bool = False, opset: int = DEFAULT_OPSET, dat
     with ``fold``; verified in onnxruntime against the source before anything is written."""
     source = Path(model) if isinstance(model, (str, Path)) else None
     output = onnx_output(source, output)
+    require_onnx()
     if data is not None:
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)

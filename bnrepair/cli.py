@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from .errors import BnrepairError
+from .errors import BnrepairError, require
 from .version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
@@ -352,6 +352,8 @@ def diagnose(
     from .api import diagnose as run_diagnose
 
     apart_from_input(checkpoint, json_path, plot)
+    if plot:
+        require(("matplotlib",), "--plot", "plot")  # before the diagnosis, not after it
     source = calibration_source(data, data_fn)
     given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,

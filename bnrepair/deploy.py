@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import calibration, check_fits, image_spec
-from .errors import BnrepairError, InputError, first_line
+from .errors import BnrepairError, InputError, first_line, require
 from .protocols import FoldBackend, Runner
 from .report import Check, DeployReport, FoldRow, Refusal
 from .version import __version__
@@ -244,12 +244,14 @@ def _label(proto, report: DeployReport) -> None:
         raise VerificationError(f"the exported model fails onnx.checker: {first_line(exc)}") from None
 
 
+def require_onnx() -> None:
+    require(("onnx", "onnxruntime"), "ONNX export", "onnx")
+
+
 def import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise BnrepairError(f"ONNX export needs onnxruntime ({exc}); install it with: pip install "
-                            "'bnrepair[onnx]'") from None
+    require_onnx()
+    import onnxruntime as ort
+
     return ort
 
 

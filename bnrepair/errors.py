@@ -19,3 +19,14 @@ def first_line(exc: BaseException) -> str:
 
 class NoBatchNorm(InputError):
     """The model has no BN layer: a bad checkpoint for the CLI, nothing to do for a model passed in memory."""
+
+
+def require(modules: tuple[str, ...], purpose: str, extra: str) -> None:
+    """Refuse, before any work, what needs an optional dependency that is not installed. bnrepair is installed
+    from a checkout, so the hint names the extra of this project, not a package index."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BnrepairError(f"{purpose} needs {' and '.join(missing)}, not installed: from the bnrepair checkout, "
+                            f"pip install '.[{extra}]'")

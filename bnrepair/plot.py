@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BnrepairError
+from .errors import require
 from .writers import atomic_path
 
 
 def plot_evidence(report, path: Path) -> int:
     """Draw the figure to ``path``; returns the number of bars per panel (one per BN layer)."""
-    try:
-        import matplotlib
+    require(("matplotlib",), "--plot", "plot")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BnrepairError("--plot needs matplotlib: pip install 'bnrepair[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     layers = report.layers
     depth = range(len(layers))
     colours = ["tab:red" if e.problem else "tab:blue" for e in layers]

@@ -40,7 +40,7 @@ def import_tensorflow():
 
                 tf.config.list_physical_devices("GPU")
     except ImportError as exc:
-        raise BnrepairError(f"this model needs TensorFlow ({exc}); install it with: pip install 'bnrepair[keras]'") \
+        raise BnrepairError(f"this model needs TensorFlow ({exc}); from the bnrepair checkout: pip install '.[keras]'") \
             from None
     return tf
 
@@ -53,7 +53,7 @@ def import_keras():
         import keras
     except ImportError as exc:
         raise BnrepairError(f"Keras models need TensorFlow and Keras ({exc}); "
-                            "install them with: pip install 'bnrepair[keras]'") from None
+                            "from the bnrepair checkout: pip install '.[keras]'") from None
     if keras.backend.backend() != "tensorflow":
         raise BnrepairError(f"bnrepair runs Keras models on the TensorFlow backend, "
                             f"but KERAS_BACKEND is {keras.backend.backend()!r}")

@@ -135,3 +135,25 @@ def test_test_files_have_unique_names():
     """pytest imports test modules by basename (no __init__.py in the framework folders): twins collide."""
     names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_a_missing_optional_dependency_is_named_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from bnrepair.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("onnx", "matplotlib")
+                        else real(name, *a))
+    h5 = tmp_path / "model.h5"
+    with h5py.File(h5, "w") as f:
+        f["x"] = np.zeros(1)
+    for args, hint in ((["export", str(h5), "-o", str(tmp_path / "m.onnx")], "ONNX export needs onnx"),
+                       (["diagnose", str(h5), "--data", str(tmp_path), "--plot", str(tmp_path / "p.png")],
+                        "--plot needs matplotlib")):
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 2, done.output
+        assert hint in done.output and "pip install '.[" in done.output and len(done.output.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5"]

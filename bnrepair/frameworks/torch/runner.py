@@ -26,7 +26,7 @@ def import_torch():
         import torch
     except ImportError as exc:
         raise BnrepairError(f"PyTorch checkpoints need torch ({exc}); "
-                            "install it with: pip install 'bnrepair[torch]'") from None
+                            "from the bnrepair checkout: pip install '.[torch]'") from None
     return torch
 
 
