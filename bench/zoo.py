@@ -161,7 +161,7 @@ def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
                 twin(torch.as_tensor(x))
         for h in handles:
             h.remove()
-        return {name: p.stats(unbiased=True) for name, p in pools.items()}
+        return {name: p.stats(unbiased=True) for name, p in pools.items() if p.n}  # unreached: left alone
 
     train = one_pass(True)
     return train, fixed_point(lambda s: one_pass(False, s), train)
@@ -212,7 +212,7 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
                for n in train_ref}
         result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
     plain = torch_plain_seconds(model, batches)
-    return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
+    return Row(name, len(inspected["layers"]), len(eps), result["train"][1], result["eval"][1],
                result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain,
                "; ".join(notes))
 

@@ -35,6 +35,8 @@ class Outcome:
     converged: bool
     seconds: float
     change_per_pass: list[float] = field(default_factory=list)
+    unreached: list[str] = field(default_factory=list)
+    """layers the forward pass never reached (in inference mode): left as they were"""
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
@@ -97,7 +99,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     start = time.perf_counter()
     limit = 1 if mode == "train" else max_passes
     current, changes, converged, samples, passes = dict(before), [], mode == "train", 0, 0
-    moved = {i: np.inf for i in ids}
+    moved, unreached = {i: np.inf for i in ids}, []
     for index in range(limit):
         pass_mode = "train" if index == 0 else mode
         totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index)
@@ -108,16 +110,22 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
             guarded = frozenset(ids[settled:])
             totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded)
             passes += 1
+        if index == 0:
+            unreached = [i for i in ids if totals[i].count == 0]
+            if len(unreached) == len(ids):
+                raise InputError(f"{data.origin}: the forward pass reaches none of the BN layers to recalibrate")
+            ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
         overflow = first_non_finite(totals, ids)
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
                              "(check the data's scaling with --preprocess)")
-        new = {i: (m.mean, m.variance(unbiased)) for i, m in totals.items()}
+        new = {i: (totals[i].mean, totals[i].variance(unbiased)) for i in ids}
         runner.set_stats(new)
         moved = {i: relative_change(current[i], new[i], eps[i]) for i in ids}
         changes.append(max(moved.values()))
-        current = new
+        current = {**current, **new}
         if mode == "eval" and index > 0 and not guarded and changes[-1] < tol:
             converged = True
             break
-    return Outcome(before, current, chosen, samples, passes, converged, time.perf_counter() - start, changes)
+    return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,
+                   time.perf_counter() - start, changes, unreached)

@@ -45,6 +45,8 @@ class Report:
     skipped_bad: int = 0
     change_per_pass: list[float] = field(default_factory=list)
     """largest change of any statistic in each pass, in std units (eval mode converges on it)"""
+    unreached: list[str] = field(default_factory=list)
+    """BN layers the forward pass never reaches in inference mode, left unchanged"""
     version: str = __version__
     export: object | None = None
     """``deploy.DeployReport`` of the ONNX file written with ``--export``"""
@@ -59,7 +61,8 @@ class Report:
         return cls(framework=framework, mode=mode, device=device, samples=outcome.samples, seed=seed,
                    passes=outcome.passes, converged=outcome.converged, seconds=outcome.seconds,
                    layers=[layer_change(bn.id, bn.channels, bn.frozen, outcome.before[bn.id], outcome.after[bn.id])
-                           for bn in outcome.layers], change_per_pass=outcome.change_per_pass, **kw)
+                           for bn in outcome.layers], change_per_pass=outcome.change_per_pass,
+                   unreached=outcome.unreached, **kw)
 
     def convergence_note(self) -> str:
         last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
@@ -81,6 +84,9 @@ class Report:
                 f"{moved} layer(s) changed materially, largest mean shift {self.worst_shift:.3g} std")
         if not self.converged:
             text += f" ({self.convergence_note()})"
+        if self.unreached:
+            text += (f"; left {len(self.unreached)} BN layer(s) that inference never reaches unchanged "
+                     f"({', '.join(self.unreached[:3])}{', ...' if len(self.unreached) > 3 else ''})")
         if self.skipped_bad:
             text += f"; skipped {self.skipped_bad} undecodable image(s)"
         if self.output:

@@ -377,3 +377,27 @@ def test_a_float64_module_keeps_float64_and_a_torch_device_is_taken():
 def test_a_module_without_bn_gets_a_report_that_says_so():
     report = bnrepair.recalibrate(nn.Sequential(nn.Linear(5, 2)), [torch.randn(4, 5)])
     assert report.layers == [] and "no BatchNorm layers" in report.summary()
+
+
+class WithAuxHead(nn.Module):
+    """Inception's shape: an auxiliary head that only training runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = conv_bn()
+        self.aux = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        out = self.main(x)
+        return (out, self.aux(x)) if self.training else out
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_layers_inference_never_reaches_are_left_alone_with_a_note(mode, data):
+    model = WithAuxHead().eval()
+    before = model.aux[1].running_mean.clone()
+    report = bnrepair.recalibrate(model, batches(data["image"], [50, 50]), mode=mode)
+    assert report.unreached == ["aux.1"] and [layer.id for layer in report.layers] == ["main.1"]
+    assert torch.equal(model.aux[1].running_mean, before)
+    assert "inference never reaches unchanged (aux.1)" in report.summary()
+    np.testing.assert_allclose(stats(model.main[1])[0], population(model.main[0](data["image"]))[0], rtol=1e-5)
