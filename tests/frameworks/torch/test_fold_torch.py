@@ -169,6 +169,15 @@ def test_fixtures_fold_including_frozen_lookalikes(tmp_path, monkeypatch):
         assert not report.refused and all(c.max_abs <= 1e-5 for c in report.checks)
 
 
+def with_stats(model, var_low: float, var_high: float, samples: int) -> np.ndarray:
+    """Give every BN of ``model`` random statistics (means in [-1, 1], variances in [low, high]); a batch for it."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(var_low, var_high)
+    return np.random.default_rng(0).normal(0, 1, (samples, 3, 8, 8)).astype(np.float32)
+
+
 class Residual(nn.Module):
     """torchvision's BasicBlock pattern: in-place ReLU after BN and ``out += identity``."""
 
@@ -188,11 +197,7 @@ class Residual(nn.Module):
 def test_in_place_ops_after_bn_cannot_change_what_verification_compares():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Residual(), Residual()).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    x = np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    x = with_stats(model, 0.5, 2, 16)
     report = bnrepair.fold(model, data=x)
     assert len(report.folded) == 5 and not report.refused
     assert max(row.max_abs for row in report.folded) <= 1e-4
@@ -218,11 +223,7 @@ def test_a_wrong_fold_is_caught_and_nothing_is_written(tmp_path, monkeypatch, wr
     monkeypatch.setattr("bnrepair.frameworks.torch.fold.bn_affine", broken)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Residual()).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(1e-3, 2e-3)  # small variances: eps matters
-    x = np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    x = with_stats(model, 1e-3, 2e-3, 16)  # small variances: eps matters
     with pytest.raises(bnrepair.errors.BnrepairError, match="verification failed"):
         bnrepair.fold(model, tmp_path / "m.pt2", data=x)
     assert not list(tmp_path.iterdir())
@@ -232,11 +233,7 @@ def test_bn_folds_through_inference_identities():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.3), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 1), nn.Identity(), nn.Dropout2d(0.2), nn.BatchNorm2d(4)).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    x = with_stats(model, 0.5, 2, 8)
     report = bnrepair.fold(model, data=x)
     assert {row.bn for row in report.folded} == {"2", "7"} and not report.refused
     assert not any(isinstance(m, nn.BatchNorm2d) for m in report.model.modules())
@@ -263,11 +260,7 @@ class OwnConv(nn.Conv2d):
 def test_bn_act_modules_fold_their_bn_and_keep_their_activation():
     torch.manual_seed(0)
     model = nn.Sequential(OwnConv(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 1), BatchNormAct(4)).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-    x = np.random.default_rng(0).normal(0, 1, (8, 3, 8, 8)).astype(np.float32)
+    x = with_stats(model, 0.5, 2, 8)
     report = bnrepair.fold(model, data=x)
     assert {row.bn for row in report.folded} == {"1", "3"} and not report.refused
     assert sum(isinstance(m, nn.SiLU) for m in report.model.modules()) == 2
