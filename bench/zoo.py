@@ -142,7 +142,7 @@ def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
         pools = {name: Pool() for name in bns}
         handles = []
         for name, m in bns.items():
-            if stats is not None:
+            if stats is not None and name in stats:  # layers inference never reaches have none
                 m.running_mean.copy_(torch.as_tensor(stats[name][0]))
                 m.running_var.copy_(torch.as_tensor(stats[name][1]))
             m.training = train and isinstance(m, _BatchNorm)  # this module only: Dropout / drop-path stay off
