@@ -151,7 +151,8 @@ class KerasRunner:
         results = self._run(inputs, train, ids, outputs=False)
         pooled = {}
         for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
-            calls = [Moments.of(*(t.numpy() for t in call)) for call in results[layer_id]]
+            calls = [Moments.of(count.numpy(), shift.numpy().astype(np.float64) + offset.numpy(), m2.numpy())
+                     for count, shift, offset, m2 in results[layer_id]]
             pooled[layer_id] = functools.reduce(Moments.merge, calls)
         return pooled
 
@@ -230,25 +231,32 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
     def call(inputs, training=None, mask=None, **kwargs):
         x = tf.cast(inputs, tf.float32)
         axis = layer.axis % len(x.shape)
-        if (mode == "train" and mask is None and len(x.shape) == 4 and axis in (1, 3)
-                and layer.epsilon >= _FUSED_MIN_EPSILON):
-            out, moments = _fused_train_call(layer, x, axis)
-            sink.setdefault(layer_id, []).append(moments)
-            return tf.cast(out, inputs.dtype)
-        axes = [i for i in range(len(x.shape)) if i != axis]
         shape = [1] * len(x.shape)
         shape[axis] = -1
+        # reduced around one sample's values, within a few std of the mean: float32 then errs by eps x std,
+        # not eps x |mean| (activations whose mean dwarfs their spread, as in Inception); BN's output does not
+        # depend on the shift
+        begin, size = [0] * len(x.shape), list(shape)
+        shift = tf.slice(x, begin, size)
+        if (mode == "train" and mask is None and len(x.shape) == 4 and axis in (1, 3)
+                and layer.epsilon >= _FUSED_MIN_EPSILON):
+            out, (count, offset, m2) = _fused_train_call(layer, x - shift, axis)
+            sink.setdefault(layer_id, []).append((count, tf.reshape(shift, [-1]), offset, m2))
+            return tf.cast(out, inputs.dtype)
+        axes = [i for i in range(len(x.shape)) if i != axis]
+        centred = x - shift
         if mask is None:
-            mean = tf.reduce_mean(x, axis=axes)
-            m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axis=axes)
+            offset = tf.reduce_mean(centred, axis=axes)
+            m2 = tf.reduce_sum(tf.square(centred - tf.reshape(offset, shape)), axis=axes)
             count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
         else:  # masked (padded) positions are left out, as Keras's BN does: its mask gains the channel axis last
             weight = tf.expand_dims(tf.cast(mask, tf.float32), -1)
             total = tf.reduce_sum(weight * tf.ones_like(x[..., :1]))
-            mean = tf.reduce_sum(weight * x, axis=axes) / tf.maximum(total, 1.0)
-            m2 = tf.reduce_sum(weight * tf.square(x - tf.reshape(mean, shape)), axis=axes)
+            offset = tf.reduce_sum(weight * centred, axis=axes) / tf.maximum(total, 1.0)
+            m2 = tf.reduce_sum(weight * tf.square(centred - tf.reshape(offset, shape)), axis=axes)
             count = tf.cast(total, tf.int64)
-        sink.setdefault(layer_id, []).append((count, mean, m2))
+        sink.setdefault(layer_id, []).append((count, tf.reshape(shift, [-1]), offset, m2))
+        mean = tf.reshape(shift, [-1]) + offset
         if mode != "train":
             return original_call(inputs, training=False, mask=mask, **kwargs)
         var = m2 / tf.cast(tf.maximum(count, 1), tf.float32)

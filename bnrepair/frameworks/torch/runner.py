@@ -165,7 +165,7 @@ class TorchRunner:
     # --- capture ----------------------------------------------------------------------------------
     def _run(self, inputs, train: frozenset, ids: list[str]):
         """One forward pass, everything in ``eval()``, the ``train`` layers on batch statistics:
-        (outputs, [(layer id, count, mean, m2) per BN call])."""
+        (outputs, [(layer id, count, shift, mean - shift, m2) per BN call])."""
         try:
             with _all_eval(self._modules), self.torch.inference_mode():
                 if not ids:
@@ -198,21 +198,24 @@ class TorchRunner:
             raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
         out = fn(self.module._c, *(inputs if isinstance(inputs, tuple) else (inputs,)))
         return out[0], [(layer_id, out[1 + 3 * i] // self._by_id[layer_id].running_mean.numel(),
-                         out[2 + 3 * i].reshape(-1), out[3 + 3 * i]) for i, layer_id in enumerate(order)]
+                         self.torch.zeros_like(out[2 + 3 * i]), out[2 + 3 * i], out[3 + 3 * i])
+                        for i, layer_id in enumerate(order)]
 
     def _to_host(self, sink: list, ids: list[str]) -> dict[str, Moments]:
-        """One device-to-host copy per batch: every layer's (mean, m2) concatenated, then merged in float64.
+        """One device-to-host copy per batch: every layer's (shift, mean of the shifted input, m2) concatenated,
+        then merged in float64.
         A layer the forward pass did not reach (Inception's auxiliary head in ``eval()``) has no entry."""
         if not sink:
             return {}
-        host = self.torch.cat([t.reshape(-1) for _, _, mean, m2 in sink for t in (mean, m2)])
+        host = self.torch.cat([t.reshape(-1) for entry in sink for t in entry[2:]])
         host = host.to("cpu", self.torch.float64).numpy()
         result: dict[str, Moments] = {}
         offset = 0
-        for layer_id, count, mean, _ in sink:
-            channels = mean.numel()
-            m = Moments.of(count, host[offset:offset + channels], host[offset + channels:offset + 2 * channels])
-            offset += 2 * channels
+        for layer_id, count, shift, _, _ in sink:
+            c = shift.numel()
+            mean = host[offset:offset + c] + host[offset + c:offset + 2 * c]  # shift + mean of the shifted input
+            m = Moments.of(count, mean, host[offset + 2 * c:offset + 3 * c])
+            offset += 3 * c
             result[layer_id] = result[layer_id].merge(m) if layer_id in result else m
         return result
 
@@ -250,19 +253,22 @@ class _Probe:
         x = args[0]
         stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = (0, *range(2, x.dim()))
-        mean = stats.mean(dims, keepdim=True)
+        # reduced around one sample's values, within a few std of the mean: float32 then errs by eps x std,
+        # not eps x |mean| (activations whose mean dwarfs their spread, as in Inception)
+        shift = stats[(0, slice(None)) + (0,) * (x.dim() - 2)].reshape(1, -1, *([1] * (x.dim() - 2)))
         key = (stats.device, stats.dtype)
         if key not in self.scratch or self.scratch[key].numel() < stats.numel():
             self.scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
-        centred = torch.sub(stats, mean, out=self.scratch[key][:stats.numel()].view(stats.shape))
-        m2 = centred.mul_(centred).sum(dims)
+        centred = torch.sub(stats, shift, out=self.scratch[key][:stats.numel()].view(stats.shape))
+        offset = centred.mean(dims, keepdim=True)
+        m2 = centred.sub_(offset).square_().sum(dims)
         count = x.numel() // x.shape[1]
-        self.sink.append((self.layer_id, count, mean, m2))
+        self.sink.append((self.layer_id, count, shift, offset, m2))
         if self.train:
             self._give_back()  # a module called twice per forward lends its buffers once per call
             buffers = module._buffers
             self.stored = {name: buffers[name] for name in ("running_mean", "running_var")}
-            buffers["running_mean"] = mean.reshape(-1).to(self.stored["running_mean"].dtype)
+            buffers["running_mean"] = (shift + offset).reshape(-1).to(self.stored["running_mean"].dtype)
             buffers["running_var"] = (m2 / max(count, 1)).to(self.stored["running_var"].dtype)
 
     def after(self, module, args, output):

@@ -401,3 +401,15 @@ def test_layers_inference_never_reaches_are_left_alone_with_a_note(mode, data):
     assert torch.equal(model.aux[1].running_mean, before)
     assert "inference never reaches unchanged (aux.1)" in report.summary()
     np.testing.assert_allclose(stats(model.main[1])[0], population(model.main[0](data["image"]))[0], rtol=1e-5)
+
+
+def test_a_mean_far_larger_than_the_spread_keeps_float32_relative_precision():
+    """Inception-like activations: means 3e4 to 3e5 times the spread. The reference is float64 over the same float32
+    inputs; the variance keeps float32's relative precision, the mean is right to the float32 buffer's last bit."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4096, 3, 7, 7, generator=g) + torch.tensor([3e4, -1e5, 3e5])[None, :, None, None]).float()
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    bnrepair.recalibrate(model, batches(x, [512] * 8, with_labels=False))
+    mean, var = population(x)
+    np.testing.assert_allclose(stats(model[0])[1], var, rtol=1e-5)
+    assert np.all(np.abs(stats(model[0])[0] - mean) <= np.spacing(np.abs(mean).astype(np.float32)))
