@@ -77,7 +77,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     except NoBatchNorm:
         if source is not None:  # a checkpoint without BN is the wrong file
             raise
-        return Report.nothing_to_do(type(model).__module__.split(".")[0], mode, str(device))  # as update_bn does
+        return Report.nothing_to_do(frameworks.claimant(model), mode, str(device))  # as update_bn does
     if onnx_path is not None:
         runner.fold_backend()  # refuses a format that cannot be exported before the recalibration runs
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,

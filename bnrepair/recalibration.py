@@ -46,10 +46,7 @@ def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], prog
     seen = 0
     progress.start_pass(index, len(data) or None)
     for batch in data:
-        inputs = runner.cast_input(batch.inputs)
-        collected = (runner.collect(inputs, mode, ids, batch_stats) if batch_stats else
-                     runner.collect(inputs, mode, ids))
-        for layer_id, m in collected.items():
+        for layer_id, m in runner.collect(runner.cast_input(batch.inputs), mode, ids, batch_stats).items():
             totals[layer_id] = totals[layer_id].merge(m)
         seen += batch.size
         progress.advance(batch.size)

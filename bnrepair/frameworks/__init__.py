@@ -78,10 +78,15 @@ def load(path: Path, options: LoadOptions, device: str = "auto"):
     return wing(name).load(path, options, device)
 
 
-def wrap(model, device: str = "auto"):
-    """A runner for a model already in memory (a ``keras.Model``, a ``torch.nn.Module``)."""
+def claimant(model) -> str:
+    """The wing name of a model already in memory (a ``keras.Model``, a ``torch.nn.Module``)."""
     for name in WINGS:
         if wing(name).claims(model):
-            return wing(name).wrap(model, device)
+            return name
     raise InputError(f"cannot recalibrate a {type(model).__name__}: pass a keras.Model, a torch.nn.Module "
                      "or a checkpoint path")
+
+
+def wrap(model, device: str = "auto"):
+    """A runner for a model already in memory."""
+    return wing(claimant(model)).wrap(model, device)
