@@ -141,17 +141,24 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
 Checkpoint = Annotated[Path, typer.Argument(help="Keras .h5/.keras, TF SavedModel dir or PyTorch .pt checkpoint "
                                             "(never modified).")]
 Data = Annotated[Optional[Path], typer.Option("--data", "-d", help="Image folder (recursive; class sub-folders "
-                                              "allowed), .npy, or .npz (array 'x' or its only array; 'y' labels).", rich_help_panel="Data")]
+                                              "allowed), .npy, or .npz (array 'x' or its only array; 'y' labels).",
+                                              rich_help_panel="Data")]
 Mode = Annotated[str, typer.Option(help="train: BN uses batch statistics while measured, one pass (PreciseBN). "
-                                   "eval: inference-consistent fixed point over repeated passes.", rich_help_panel="Recalibration")]
+                                   "eval: inference-consistent fixed point over repeated passes.",
+                                   rich_help_panel="Recalibration")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.", rich_help_panel="Data")]
-Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.", rich_help_panel="Data")]
-Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).", rich_help_panel="Recalibration")]
+Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.",
+                                   rich_help_panel="Data")]
+Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).",
+                                    rich_help_panel="Recalibration")]
 Device = Annotated[str, typer.Option(help="auto, cpu, or gpu/cuda.", rich_help_panel="Recalibration")]
 ImageSize = Annotated[Optional[tuple[int, int]], typer.Option("--image-size", help="Resize images to H W "
-                                                              "[default: the model's declared input size].", rich_help_panel="Data")]
-Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.", rich_help_panel="Data")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.", rich_help_panel="Data")]
+                                                              "[default: the model's declared input size].",
+                                                              rich_help_panel="Data")]
+Preprocess = Annotated[str, typer.Option(help="Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, imagenet.",
+                                         rich_help_panel="Data")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip undecodable images (counted) instead of failing.",
+                                       rich_help_panel="Data")]
 def writable_folder(path: Optional[Path]) -> Optional[Path]:
     """--json and --plot are written after the work: their folders are checked before any of it starts."""
     from .writers import check_output
@@ -164,26 +171,35 @@ def writable_folder(path: Optional[Path]) -> Optional[Path]:
 
 JsonPath = Annotated[Optional[Path], typer.Option("--json", callback=writable_folder,
                                                   help="Also write the report as JSON here.", rich_help_panel="Output")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.", rich_help_panel="Output")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.",
+                                     rich_help_panel="Output")]
 CustomObjects = Annotated[Optional[Path], typer.Option("--custom-objects", help="Keras: a .py file whose Keras "
-                                                       "classes are needed to load the model (it is run).", rich_help_panel="Loading: Keras")]
-Unsafe = Annotated[bool, typer.Option("--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode).", rich_help_panel="Loading: Keras")]
+                                                       "classes are needed to load the model (it is run).",
+                                                       rich_help_panel="Loading: Keras")]
+Unsafe = Annotated[bool, typer.Option("--unsafe", help="Keras: turn safe_mode off (runs Lambda bytecode).",
+                                      rich_help_panel="Loading: Keras")]
 Arch = Annotated[Optional[str], typer.Option(help="torch state_dict: MODULE:CALLABLE or FILE.py:CALLABLE that "
                                              "builds the module.", rich_help_panel="Loading: PyTorch")]
-ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.", rich_help_panel="Loading: PyTorch")]
-Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.", rich_help_panel="Loading: PyTorch")]
-TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).", rich_help_panel="Loading: PyTorch")]
+ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="torch: JSON keyword arguments for --arch.",
+                                                   rich_help_panel="Loading: PyTorch")]
+Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the entry holding the state_dict.",
+                                            rich_help_panel="Loading: PyTorch")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).",
+                                           rich_help_panel="Loading: PyTorch")]
 TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives; SavedModel: allow "
                                          "graph ops with side effects or file access (both run the file's code).",
                                          rich_help_panel="Loading: PyTorch")]
 SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="torch: allow one more global "
-                                                         "(mod.Name) in weights_only loading; repeatable.", rich_help_panel="Loading: PyTorch")]
-Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.", rich_help_panel="Loading: SavedModel")]
+                                                         "(mod.Name) in weights_only loading; repeatable.",
+                                                         rich_help_panel="Loading: PyTorch")]
+Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.",
+                                        rich_help_panel="Loading: SavedModel")]
 InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed, "
                                                   "when it has several.", rich_help_panel="Loading: SavedModel")]
 DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABLE returning an iterable of "
                                                "batches (instead of --data).", rich_help_panel="Data")]
-InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.", rich_help_panel="Data")]
+InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.",
+                                         rich_help_panel="Data")]
 
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
@@ -219,11 +235,13 @@ def recalibrate(
     checkpoint: Checkpoint,
     data: Data = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path [default: "
-                                                   "<stem>.recalibrated<suffix> beside the input].", rich_help_panel="Output")] = None,
+                                                   "<stem>.recalibrated<suffix> beside the input].",
+                                                   rich_help_panel="Output")] = None,
     mode: Mode = "train",
     batch_size: BatchSize = 32,
     seed: Seed = 0,
-    samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].", rich_help_panel="Data")] = None,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Use at most N samples [default: all].",
+                                                   rich_help_panel="Data")] = None,
     tol: Tol = 1e-4,
     max_passes: Annotated[int, typer.Option("--max-passes", min=2, help="eval mode: at most this many passes, the "
                                             "PreciseBN start included.", rich_help_panel="Recalibration")] = 50,
@@ -325,7 +343,8 @@ def diagnose(
     mode: Mode = "train",
     batch_size: BatchSize = 32,
     seed: Seed = 0,
-    samples: Annotated[Optional[int], typer.Option(min=2, help="Read at most N samples (kept in memory).", rich_help_panel="Data")] = 1024,
+    samples: Annotated[Optional[int], typer.Option(min=2, help="Read at most N samples (kept in memory).",
+                                                   rich_help_panel="Data")] = 1024,
     tol: Tol = 1e-4,
     device: Device = "auto",
     image_size: ImageSize = None,
@@ -383,8 +402,12 @@ def diagnose(
 
 # Options of the deployment commands (fold, export).
 VerifySamples = Annotated[int, typer.Option("--samples", min=1, help="Verify on at most N samples of --data (or "
-                                            "N generated inputs of the declared shape).", rich_help_panel="Verification")]
-Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * the largest |value| of that output or layer in the source (float32 errs relative to the size of what it sums).", rich_help_panel="Verification")]
+                                            "N generated inputs of the declared shape).",
+                                            rich_help_panel="Verification")]
+Atol = Annotated[float, typer.Option(help="Verification: allowed |difference| = atol + rtol * the largest |value| "
+                                     "of that output or layer in the source (float32 errs relative to the size "
+                                     "of what it sums).",
+                                     rich_help_panel="Verification")]
 Rtol = Annotated[float, typer.Option(help="Verification: see --atol.", rich_help_panel="Verification")]
 Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output")]
 
@@ -451,7 +474,8 @@ def fold(
 def export(
     checkpoint: Checkpoint,
     output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write.", rich_help_panel="Output")],
-    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into conv/dense weights first.", rich_help_panel="Output")] = False,
+    fold: Annotated[bool, typer.Option("--fold/--no-fold", help="Fold BN into conv/dense weights first.",
+                                       rich_help_panel="Output")] = False,
     opset: Opset = 17,
     data: Data = None,
     samples: VerifySamples = 64,

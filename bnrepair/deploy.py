@@ -111,7 +111,8 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
     return Prepared(report, write)
 
 
-def _verified(frame: FoldBackend, runner: Runner, output, batches, described, fold, to_onnx, atol, rtol, opset, source_path):
+def _verified(frame: FoldBackend, runner: Runner, output, batches, described, fold, to_onnx, atol, rtol, opset,
+              source_path):
     """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
     source = frame.source(runner.model)
     try:

@@ -184,7 +184,8 @@ class InspectReport:
                           "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var))
         console.print(table)
         for flag in self.flags:
-            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {shown(flag.layer or '')}: {shown(flag.message)}",
+            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {shown(flag.layer or '')}: "
+                          f"{shown(flag.message)}",
                           highlight=False)
         console.print("problems found" if self.problems else "no problems found in the stored statistics")
 
@@ -334,7 +335,8 @@ class DeployReport:
             for name in ("BN", "how", "into", "max |Δ|", "rel"):
                 table.add_column(name)
             for row in self.folded:
-                table.add_row(shown(row.bn), row.how, shown(", ".join(row.into)), f"{row.max_abs:.2g}", f"{row.max_rel:.2g}")
+                table.add_row(shown(row.bn), row.how, shown(", ".join(row.into)), f"{row.max_abs:.2g}",
+                              f"{row.max_rel:.2g}")
             console.print(table)
         if self.refused:
             table = Table(title="Left in place", title_justify="left")

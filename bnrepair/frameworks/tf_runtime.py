@@ -40,8 +40,8 @@ def import_tensorflow():
 
                 tf.config.list_physical_devices("GPU")
     except ImportError as exc:
-        raise BnrepairError(f"this model needs TensorFlow ({exc}); from the bnrepair checkout: pip install '.[keras]'") \
-            from None
+        raise BnrepairError(f"this model needs TensorFlow ({exc}); from the bnrepair checkout: "
+                            "pip install '.[keras]'") from None
     return tf
 
 

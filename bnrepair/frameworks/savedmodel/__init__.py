@@ -1,7 +1,8 @@
 """SavedModel wing: TensorFlow SavedModel folders (TF2 and TF1), run from the saved graph itself.
 
 ``graph`` flattens the saved graph and finds BN in it, ``checkpoint`` reads and rewrites the variables
-checkpoint, ``policy`` refuses graphs that would do more than compute, ``runner`` measures through the signature. There is no in-memory form and no fold backend.
+checkpoint, ``policy`` refuses graphs that would do more than compute, ``runner`` measures through the
+signature. There is no in-memory form and no fold backend.
 """
 
 from __future__ import annotations
