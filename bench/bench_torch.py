@@ -5,7 +5,10 @@ times the three in rotating order; the ratios are of medians. Targets: ours / up
 ours / eval forward <= 1.15. Printed only, never asserted. On CPU the process's CPU time is printed
 too: on a machine shared with other work it is the steadier measure of our own overhead.
 
-    python bench/bench_torch.py [--device cpu|cuda] [--batches 8] [--batch-size 64] [--reps 5] [--threads N]
+    python bench/bench_torch.py [--model small|resnet18] [--device cpu|cuda] [--batches 8] [--batch-size 64]
+                                [--reps 5] [--threads N]
+
+``--model resnet18``: torchvision's, random weights, at 64x64 (needs torchvision, see bench/README.md).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def model() -> nn.Module:
                          nn.Dropout(0.2), nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
 
 
+def resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=10)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -38,6 +47,7 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("small", "resnet18"), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -48,8 +58,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = model().to(device)
-    loader = [(torch.rand(args.batch_size, 3, 32, 32), torch.zeros(args.batch_size, dtype=torch.long))
+    net, side = (model(), 32) if args.model == "small" else (resnet18(), 64)
+    net = net.to(device)
+    loader = [(torch.rand(args.batch_size, 3, side, side), torch.zeros(args.batch_size, dtype=torch.long))
               for _ in range(args.batches)]
 
     def ours():
@@ -80,7 +91,7 @@ def main() -> None:
                 times[(clock, name)].append(read() - start[clock])
     median = {key: statistics.median(t) for key, t in times.items()}
     samples = args.batches * args.batch_size
-    print(f"device {device}, {samples} samples in {args.batches} batches of {args.batch_size}, {args.reps} "
+    print(f"{args.model}, device {device}, {samples} samples in {args.batches} batches of {args.batch_size}, {args.reps} "
           f"repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for clock in clocks:
         print(f"{clock} time, median: " + ", ".join(f"{name} {median[(clock, name)] * 1e3:.0f} ms" for name in runs))

@@ -7,11 +7,13 @@ Keras: ``.keras`` or ``.h5``), then run ``bnrepair inspect``, ``recalibrate --mo
 ``--mode eval`` on random calibration arrays and compare what was written with
 
 - train: the framework's own training-mode BN (torch ``train()`` on the BN modules only, Keras
-  ``training=True`` with every Dropout's rate set to 0), every BN input recorded and pooled in float64;
+  ``training=True`` with every Dropout's rate set to 0), every BN input recorded and pooled;
 - eval: the inference-consistent fixed point, iterated here from the train reference until it stops moving.
 
-Errors are in units of the reference std (|Δmean| / σ and |Δvar| / σ², eps included). The table also gives
-BN layers found / true, eval passes, and train-mode time over one plain inference pass of the same batches.
+References run in float64. Errors are in units of the reference std (|Δmean| / σ and |Δvar| / σ², eps
+included). The table also gives BN layers found / true, the float32 floor (the framework's own float32
+train-mode statistics against the float64 reference: what float32 arithmetic alone costs a deep net), eval
+passes, and train-mode time over one plain inference pass of the same batches.
 
     python bench/zoo.py [--framework torch|keras|all] [--only NAME ...] [--samples 64] [--batch-size 16]
 
@@ -50,6 +52,8 @@ class Row:
     model: str
     found: int
     true: int
+    floor: float
+    """the framework's own float32 train-mode statistics against the float64 reference"""
     train_error: float
     eval_error: float
     passes: int
@@ -59,7 +63,8 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        return (self.found == self.true and self.train_error <= 1e-4 and self.eval_error <= 1e-4 and self.converged
+        bound = max(1e-4, 2 * self.floor)  # deep nets' float32 arithmetic alone can land further off
+        return (self.found == self.true and self.train_error <= bound and self.eval_error <= bound and self.converged
                 and self.passes <= 5)
 
 
@@ -131,11 +136,12 @@ def torch_bn(model) -> dict:
             if isinstance(getattr(m, "running_mean", None), torch.Tensor) and "InstanceNorm" not in type(m).__name__}
 
 
-def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
+def torch_passes(model, batches: list[np.ndarray], dtype):
+    """``one_pass(train, stats)``: every BN input's pooled moments, a copy of the model run in ``dtype``."""
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
-    twin = copy.deepcopy(model).eval()
+    twin = copy.deepcopy(model).to(dtype).eval()
     bns = torch_bn(twin)
 
     def one_pass(train: bool, stats: dict | None = None) -> dict:
@@ -158,13 +164,22 @@ def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
             handles.append(m.register_forward_pre_hook(hook))
         with torch.no_grad():
             for x in batches:
-                twin(torch.as_tensor(x))
+                twin(torch.as_tensor(x).to(dtype))
         for h in handles:
             h.remove()
         return {name: p.stats(unbiased=True) for name, p in pools.items() if p.n}  # unreached: left alone
 
+    return one_pass
+
+
+def torch_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict, dict]:
+    """train and eval references in float64 (float32's own noise is not the reference), and torch's own
+    float32 train-mode statistics: how far float32 arithmetic alone lands from the reference."""
+    import torch
+
+    one_pass = torch_passes(model, batches, torch.float64)
     train = one_pass(True)
-    return train, fixed_point(lambda s: one_pass(False, s), train)
+    return train, fixed_point(lambda s: one_pass(False, s), train), torch_passes(model, batches, torch.float32)(True)
 
 
 def torch_plain_seconds(model, batches) -> float:
@@ -194,7 +209,7 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     batches = shuffled_batches(x, batch_size)
     arch = ["--arch", ARCH, "--arch-kwargs", json.dumps({"name": name})]
     inspected = cli("inspect", ckpt, *arch)
-    train_ref, eval_ref = torch_reference(model, batches)
+    train_ref, eval_ref, float32 = torch_reference(model, batches)
     eps = {n: float(getattr(m, "eps", 1e-5)) for n, m in torch_bn(model).items()}
     result, notes = {}, []
     for mode in ("train", "eval"):
@@ -212,13 +227,14 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
                for n in train_ref}
         result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
     plain = torch_plain_seconds(model, batches)
-    return Row(name, len(inspected["layers"]), len(eps), result["train"][1], result["eval"][1],
-               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain,
-               "; ".join(notes))
+    return Row(name, len(inspected["layers"]), len(eps), error(float32, train_ref, eps), result["train"][1],
+               result["eval"][1], result["eval"][0]["passes"], result["eval"][0]["converged"],
+               result["train"][0]["seconds"] / plain, "; ".join(notes))
 
 
 # --- Keras ---------------------------------------------------------------------------------------------------
-def keras_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
+def keras_passes(model, batches: list[np.ndarray]):
+    """``one_pass(train, stats)``: every BN input's pooled moments, ``model`` run in its own dtype."""
     import keras
 
     bns = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
@@ -231,17 +247,32 @@ def keras_reference(model, batches: list[np.ndarray]) -> tuple[dict, dict]:
     def one_pass(train: bool, stats: dict | None = None) -> dict:
         if stats is not None:
             for bn in bns:
-                bn.moving_mean.assign(stats[bn.name][0].astype(np.float32))
-                bn.moving_variance.assign(stats[bn.name][1].astype(np.float32))
+                bn.moving_mean.assign(stats[bn.name][0])
+                bn.moving_variance.assign(stats[bn.name][1])
         pools = {bn.name: Pool() for bn in bns}
         for x in batches:
-            for bn, value in zip(bns, probe(x, training=train)):
+            for bn, value in zip(bns, probe(x.astype(model.dtype), training=train)):
                 pools[bn.name].add(keras.ops.convert_to_numpy(value), bn.axis if isinstance(bn.axis, int)
                                    else bn.axis[0])
         return {name: p.stats(unbiased=False) for name, p in pools.items()}
 
+    return one_pass, {bn.name: bn.epsilon for bn in bns}
+
+
+def keras_reference(name: str, loaded, batches: list[np.ndarray]) -> tuple[dict, dict, dict, dict]:
+    """train and eval references from ``name`` rebuilt in float64 with ``loaded``'s weights (float32's own
+    noise is not the reference), Keras's own float32 train-mode statistics, and each layer's epsilon."""
+    import keras
+
+    keras.config.set_dtype_policy("float64")
+    try:
+        model = zoo_models.keras_model(name)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    model.set_weights([np.asarray(w, np.float64) for w in loaded.get_weights()])
+    one_pass, eps = keras_passes(model, batches)
     train = one_pass(True)
-    return train, fixed_point(lambda s: one_pass(False, s), train), {bn.name: bn.epsilon for bn in bns}
+    return train, fixed_point(lambda s: one_pass(False, s), train), keras_passes(loaded, batches)[0](True), eps
 
 
 def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
@@ -263,7 +294,7 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     start = time.perf_counter()
     model.predict(x, batch_size=batch_size, verbose=0)
     plain = time.perf_counter() - start
-    train_ref, eval_ref, eps = keras_reference(keras.models.load_model(ckpt, compile=False), batches)
+    train_ref, eval_ref, float32, eps = keras_reference(name, keras.models.load_model(ckpt, compile=False), batches)
     result, notes = {}, []
     for mode in ("train", "eval"):
         out = folder / f"{name}.{mode}{ckpt.suffix}"
@@ -279,9 +310,9 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
                for layer in fixed._flatten_layers(include_self=False, recursive=True)
                if isinstance(layer, keras.layers.BatchNormalization)}
         result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
-    return Row(name, len(inspected["layers"]), len(train_ref), result["train"][1], result["eval"][1],
-               result["eval"][0]["passes"], result["eval"][0]["converged"], result["train"][0]["seconds"] / plain,
-               "; ".join(notes))
+    return Row(name, len(inspected["layers"]), len(train_ref), error(float32, train_ref, eps), result["train"][1],
+               result["eval"][1], result["eval"][0]["passes"], result["eval"][0]["converged"],
+               result["train"][0]["seconds"] / plain, "; ".join(notes))
 
 
 # --- the table -----------------------------------------------------------------------------------------------
@@ -303,7 +334,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     plans = [(f, run) for f, run in (("torch", run_torch), ("keras", run_keras)) if args.framework in (f, "all")]
     rows = []
-    print(f"{'model':28} {'BN found/true':>13} {'train err':>10} {'eval err':>10} {'passes':>6} "
+    print(f"{'model':28} {'BN found/true':>13} {'f32 floor':>10} {'train err':>10} {'eval err':>10} {'passes':>6} "
           f"{'train/plain':>11}  ok", flush=True)
     for framework, run in plans:
         reason = available(framework)
@@ -316,11 +347,14 @@ def main(argv=None) -> int:
                 try:
                     row = run(name, Path(tmp), args.samples, args.batch_size)
                 except Exception as exc:  # a failure is a row of the table, not the end of the run
-                    row = Row(name, 0, 0, np.nan, np.nan, 0, False, np.nan, f"{type(exc).__name__}: {exc}"[:200])
+                    row = Row(name, 0, 0, np.nan, np.nan, np.nan, 0, False, np.nan,
+                              f"{type(exc).__name__}: {exc}"[:200])
             rows.append(row)
-            print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.train_error:>10.2e} {row.eval_error:>10.2e} "
+            print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.floor:>10.2e} {row.train_error:>10.2e} "
+                  f"{row.eval_error:>10.2e} "
                   f"{row.passes:>6} {row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} {row.note}", flush=True)
-    print(f"{sum(r.ok for r in rows)} of {len(rows)} models within 1e-4 std, eval converged in <= 5 passes")
+    print(f"{sum(r.ok for r in rows)} of {len(rows)} models within max(1e-4, 2 x float32 floor) std, "
+          "eval converged in <= 5 passes")
     return 0 if all(r.ok for r in rows) else 1
 
 

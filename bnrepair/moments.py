@@ -48,3 +48,10 @@ class Moments:
 
     def is_finite(self) -> bool:
         return bool(np.isfinite(self.mean).all() and np.isfinite(self.m2).all())
+
+
+def relative_change(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], eps: float) -> float:
+    """Largest change of mean or variance, in units of the new std / variance as the layer normalises with
+    them (eps included): a dead channel (variance 0) cannot make a tiny change look huge."""
+    scale = np.asarray(new[1], np.float64) + eps
+    return float(max(np.max(np.abs(new[0] - old[0]) / np.sqrt(scale)), np.max(np.abs(new[1] - old[1]) / scale)))

@@ -37,6 +37,8 @@ class Runner(Protocol):
     device: Any
     model: Any
     """the model in its framework (``keras.Model``, ``torch.nn.Module``, ...), for folding and export"""
+    drift_corrections: bool
+    """whether ``collect`` takes ``corrections`` (eval mode's drift-corrected passes, see ``drift``)"""
 
     def cast_input(self, x: Any) -> Any:
         """A batch as numpy / framework tensors (or a tuple / dict of them), ready for ``infer``."""
@@ -44,10 +46,11 @@ class Runner(Protocol):
     def infer(self, inputs: Any, mode: str = "eval") -> Any:
         """The model's outputs as numpy arrays."""
 
-    def collect(self, inputs: Any, mode: str, ids: list[str],
-                batch_stats: frozenset[str] = frozenset()) -> dict[str, Moments]:
+    def collect(self, inputs: Any, mode: str, ids: list[str], batch_stats: frozenset[str] = frozenset(),
+                corrections: Stats | None = None) -> dict[str, Moments]:
         """Per-channel moments of the inputs of the BN layers ``ids``, for one batch; the layers in
-        ``batch_stats`` normalise with batch statistics in ``eval`` mode too."""
+        ``batch_stats`` normalise with batch statistics in ``eval`` mode too, plus their ``corrections``
+        (added to the batch's mean and biased variance) where given."""
 
     def set_stats(self, stats: Stats) -> None:
         """Make the model normalise with these statistics at inference (and keep ``graph`` in step)."""
@@ -103,10 +106,12 @@ class Batch(Protocol):
 
 
 class Stream(Protocol):
-    """Calibration batches; every iteration is one pass over the same samples in the same order."""
+    """Calibration batches; every iteration is one pass over the same samples."""
 
     origin: str
     seed: int | None
+    repeatable: bool
+    """whether every pass is known to give the same batches in the same order (a shuffling loader may not)"""
     bad: set[int]
     """indices of samples skipped as undecodable"""
 

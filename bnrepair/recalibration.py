@@ -1,10 +1,10 @@
 """The recalibration loop, shared by every framework: stream batches, pool moments, set statistics.
 
 ``train`` (PreciseBN): BN layers normalise with each batch's own statistics while their inputs are
-measured, one pass. ``eval``: everything in inference mode; repeated passes, statistics set between
-them, reach the inference-consistent fixed point (the statistics that inference itself produces); we
-stop when the largest change, in units of the new standard deviation, is below ``tol``. Pooled moments
-are exact, so the fixed point does not depend on batch size or order.
+measured, one pass. ``eval``: repeated passes, statistics set between them, reach the
+inference-consistent fixed point (the statistics that inference itself produces); we stop when the
+largest change, in units of the new standard deviation, is below ``tol``. Pooled moments are exact, so
+the fixed point does not depend on batch size or order.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import BnrepairError, InputError
 from .graph import BNLayer
-from .moments import Moments
+from .drift import Drift
+from .moments import Moments, relative_change
 from .protocols import NoProgress, Progress, Runner, Stream
 
 MODES = ("train", "eval")
@@ -40,13 +41,22 @@ class Outcome:
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
-                   index: int = 0, batch_stats: frozenset = frozenset()) -> tuple[dict[str, Moments], int]:
+                   index: int = 0, batch_stats: frozenset = frozenset(),
+                   drift: Drift | None = None) -> tuple[dict[str, Moments], int]:
     """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples."""
     totals = {i: Moments(0, np.zeros(()), np.zeros(())) for i in ids}
     seen = 0
     progress.start_pass(index, len(data) or None)
-    for batch in data:
-        for layer_id, m in runner.collect(runner.cast_input(batch.inputs), mode, ids, batch_stats).items():
+    for number, batch in enumerate(data):
+        inputs = runner.cast_input(batch.inputs)
+        if drift is not None and drift.correcting:
+            corrections = drift.corrections(number)
+            moments = runner.collect(inputs, "eval", ids, frozenset(corrections), corrections)
+        else:
+            moments = runner.collect(inputs, mode, ids, batch_stats)
+        if drift is not None:
+            drift.record(number, moments)
+        for layer_id, m in moments.items():
             totals[layer_id] = totals[layer_id].merge(m)
         seen += batch.size
         progress.advance(batch.size)
@@ -60,24 +70,19 @@ def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
     return next((i for i in ids if not totals[i].is_finite()), None)
 
 
-def relative_change(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], eps: float) -> float:
-    """Largest change of mean or variance, in units of the new std / variance as the layer normalises with
-    them (eps included): a dead channel (variance 0) cannot make a tiny change look huge."""
-    scale = np.asarray(new[1], np.float64) + eps
-    return float(max(np.max(np.abs(new[0] - old[0]) / np.sqrt(scale)), np.max(np.abs(new[1] - old[1]) / scale)))
-
-
 def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, layers: str | None = None,
         skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None) -> Outcome:
     """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``.
 
     ``eval`` starts its fixed point from the train-mode (PreciseBN) statistics of a first pass: stored
     statistics may be broken badly enough to overflow deep activations, and PreciseBN's are a consistent
-    start. Each further pass measures every layer in inference mode with the statistics of the pass
-    before; it stops when a pass moves nothing more than ``tol``, or after ``max_passes`` passes in all
-    (``Outcome.converged`` says which). A pass whose activations overflow (layers deep in the network
-    still normalising with statistics that no longer fit their input) is made again with every layer
-    after the settled ones, in forward order, normalising with batch statistics instead: the settled
+    start. Then plain passes (every layer in inference mode with the statistics of the pass before)
+    alternate with drift-corrected ones (``drift``) where the runner and the stream allow, else plain
+    passes only. It stops when a pass moves nothing more than ``tol`` (a corrected pass only if it also
+    normalised within ``tol`` of plain inference), or after ``max_passes`` passes in all
+    (``Outcome.converged`` says which). A plain pass whose activations overflow (layers deep in the
+    network still normalising with statistics that no longer fit their input) is made again with every
+    layer after the settled ones, in forward order, normalising with batch statistics instead: the settled
     prefix stays exact, the rest cannot overflow, and the next pass tries inference mode again.
     """
     if mode not in MODES:
@@ -97,12 +102,17 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     limit = 1 if mode == "train" else max_passes
     current, changes, converged, samples, passes = dict(before), [], mode == "train", 0, 0
     moved, unreached = {i: np.inf for i in ids}, []
+    drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
+    plain_before = False  # the pass before was a plain inference pass: a corrected one may follow
     for index in range(limit):
         pass_mode = "train" if index == 0 else mode
-        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index)
+        if drift is not None:
+            drift.plan(plain_before, current)
+        corrected = drift is not None and drift.correcting
+        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, drift=drift)
         passes += 1
         guarded = frozenset()
-        if index > 0 and first_non_finite(totals, ids) is not None:
+        if index > 0 and not corrected and first_non_finite(totals, ids) is not None:
             settled = next((k for k, i in enumerate(ids) if moved[i] >= tol), len(ids))
             guarded = frozenset(ids[settled:])
             totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded)
@@ -112,6 +122,8 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
             if len(unreached) == len(ids):
                 raise InputError(f"{data.origin}: the forward pass reaches none of the BN layers to recalibrate")
             ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
+            if drift is not None and not drift.fits(ids):  # plain passes only
+                drift = None
         overflow = first_non_finite(totals, ids)
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
@@ -121,7 +133,8 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         moved = {i: relative_change(current[i], new[i], eps[i]) for i in ids}
         changes.append(max(moved.values()))
         current = {**current, **new}
-        if mode == "eval" and index > 0 and not guarded and changes[-1] < tol:
+        plain_before = index > 0 and not corrected and not guarded
+        if (plain_before or corrected and drift.moved < tol) and changes[-1] < tol:
             converged = True
             break
     return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,

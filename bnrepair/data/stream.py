@@ -54,6 +54,7 @@ class Calibration:
         self.origin = str(getattr(source, "origin", getattr(source, "root", "data")))
         self.batch_size = batch_size
         self.seed = seed
+        self.repeatable = True
         self.skip_bad = skip_bad
         self.prefetch = max(1, prefetch)
         self.workers = max(1, workers)
@@ -132,6 +133,7 @@ class IterableCalibration:
         self.seed = None
         self.bad: set[int] = set()
         self._count: int | None = None
+        self.repeatable = _same_batches_each_pass(batches)
 
     def __len__(self) -> int:
         return self._count or 0
@@ -180,6 +182,7 @@ class Cached:
         self.batches = list(stream)
         self.origin = getattr(stream, "origin", "calibration data")
         self.seed = getattr(stream, "seed", None)
+        self.repeatable = True
         self.bad = getattr(stream, "bad", set())
         self.has_labels = all(b.labels is not None for b in self.batches) and bool(self.batches)
 
@@ -188,6 +191,14 @@ class Cached:
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self.batches)
+
+
+def _same_batches_each_pass(batches) -> bool:
+    """A list, tuple or unshuffled DataLoader; a shuffling loader or an unknown iterable may reorder."""
+    if isinstance(batches, (list, tuple)):
+        return True
+    sampler = getattr(batches, "sampler", None)
+    return type(sampler).__name__ == "SequentialSampler" and getattr(batches, "batch_sampler", None) is not None
 
 
 def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,

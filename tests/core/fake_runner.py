@@ -1,8 +1,9 @@
 """A framework-free ``protocols.Runner`` in numpy, so the recalibration loop is tested without any framework.
 
-The model is a two-BN chain on (N, C) features: ``bn1 -> x * w + b -> relu -> bn2``, every statistic in
-float64. It implements the protocol's modes exactly: ``train`` normalises each BN with the batch's own
-statistics, ``eval`` with the stored ones.
+The model is a chain of BN layers on (N, C) features, ``bn1 -> x * w + b -> relu -> bn2 -> ...`` (two by
+default, each link with its own ``w``, ``b``), every statistic in float64. It implements the protocol's modes
+exactly: ``train`` normalises each BN with the batch's own statistics, ``eval`` with the stored ones, and
+drift corrections as ``collect`` documents them.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ class ChainRunner:
     device = "cpu"
     model = None
 
-    def __init__(self, channels: int = 3, seed: int = 0):
+    def __init__(self, channels: int = 3, seed: int = 0, depth: int = 2, drift_corrections: bool = True):
         rng = np.random.default_rng(seed)
-        self.w, self.b = rng.normal(1.0, 0.3, channels), rng.normal(0.2, 0.3, channels)
-        self.graph = ModelGraph("fake", "chain", [self._layer(name, channels) for name in ("bn1", "bn2")])
+        self.links = [(rng.normal(1.0, 0.3, channels), rng.normal(0.2, 0.3, channels)) for _ in range(depth - 1)]
+        self.w, self.b = self.links[0]
+        self.drift_corrections = drift_corrections
+        self.graph = ModelGraph("fake", "chain", [self._layer(f"bn{k + 1}", channels) for k in range(depth)])
 
     @staticmethod
     def _layer(name: str, channels: int) -> BNLayer:
@@ -33,7 +36,7 @@ class ChainRunner:
     def cast_input(self, x):
         return np.asarray(x, np.float64)
 
-    def _forward(self, x, mode: str, batch_stats=frozenset()):
+    def _forward(self, x, mode: str, batch_stats=frozenset(), corrections=None):
         seen = {}
 
         def bn(name, a):
@@ -41,16 +44,20 @@ class ChainRunner:
             layer = self.graph.layer(name)
             train = mode == "train" or name in batch_stats
             mean, var = (a.mean(0), a.var(0)) if train else (layer.mean, layer.var)
+            if train and name in (corrections or {}):
+                mean, var = mean + corrections[name][0], np.maximum(var + corrections[name][1], 0.0)
             return (a - mean) / np.sqrt(var + EPS)
 
-        out = bn("bn2", np.maximum(bn("bn1", x) * self.w + self.b, 0.0))
+        out = bn("bn1", x)
+        for k, (w, b) in enumerate(self.links):
+            out = bn(f"bn{k + 2}", np.maximum(out * w + b, 0.0))
         return out, seen
 
     def infer(self, inputs, mode="eval"):
         return self._forward(inputs, mode)[0]
 
-    def collect(self, inputs, mode, ids, batch_stats=frozenset()):
-        seen = self._forward(inputs, mode, batch_stats)[1]
+    def collect(self, inputs, mode, ids, batch_stats=frozenset(), corrections=None):
+        seen = self._forward(inputs, mode, batch_stats, corrections)[1]
         return {i: Moments.from_array(seen[i], axis=1) for i in ids}
 
     def set_stats(self, stats):
@@ -62,7 +69,7 @@ class ChainRunner:
         raise InputError("an in-memory model has no file to write")
 
     def call_counts(self):
-        return None
+        return {bn.id: 1 for bn in self.graph.bn_layers}
 
     def fold_backend(self):
         raise InputError("the chain cannot be folded")

@@ -125,7 +125,59 @@ def test_eval_mode_starts_from_precise_bn_and_stops_at_its_pass_limit():
 
 
 def test_a_dead_channel_cannot_dominate_the_change():
-    from bnrepair.recalibration import relative_change
+    from bnrepair.moments import relative_change
 
     old, new = (np.zeros(2), np.array([1.0, 0.0])), (np.array([0.0, 1e-6]), np.array([1.0, 1e-30]))
     assert relative_change(old, new, 1e-3) < 1e-4
+
+
+def deep_chain(drift_corrections: bool) -> ChainRunner:
+    runner = ChainRunner(depth=12, seed=3, drift_corrections=drift_corrections)
+    runner.links = [(w, b + 2.0) for w, b in runner.links]  # few dead units: every link carries its input on
+    return runner
+
+
+def test_drift_corrected_passes_reach_the_fixed_point_of_the_whole_set_in_fewer_passes():
+    """The inference fixed point is what one train-mode batch of the whole set measures (the reference);
+    plain inference passes need about one pass per layer in depth to get there."""
+    reference = deep_chain(True)
+    seen = reference._forward(X, "train")[1]
+    chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
+    outcomes = {}
+    for corrected in (True, False):
+        runner = deep_chain(corrected)
+        outcomes[corrected] = run(runner, calibration(chunks), mode="eval", tol=1e-4)
+        exact = run(runner, calibration(chunks), mode="eval", tol=1e-9)
+        assert exact.converged
+        for name, x in seen.items():
+            np.testing.assert_allclose(runner.graph.layer(name).mean, x.mean(0), atol=1e-7)
+            np.testing.assert_allclose(runner.graph.layer(name).var, x.var(0), rtol=1e-7)
+    assert outcomes[True].converged and outcomes[False].converged
+    assert outcomes[True].passes < outcomes[False].passes - 2
+
+
+class Reshuffled:
+    """A re-iterable that is not a list: it may give other batches each pass, so eval mode makes plain passes."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+
+def test_a_stream_not_known_to_repeat_gets_plain_passes():
+    chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
+    plain = run(deep_chain(False), calibration(chunks), mode="eval")
+    unknown = run(deep_chain(True), calibration(Reshuffled(chunks)), mode="eval")
+    assert unknown.change_per_pass == plain.change_per_pass
+
+
+def test_a_stream_that_gives_more_batches_on_a_later_pass_is_refused():
+    class Growing(list):
+        def __iter__(self):
+            self.append(X[16 * len(self):16 * len(self) + 16])
+            return super().__iter__()
+
+    with pytest.raises(InputError, match="more batches on a later pass"):
+        run(deep_chain(True), calibration(Growing([])), mode="eval")

@@ -88,6 +88,7 @@ class KerasRunner:
     """``protocols.Runner`` for a Keras model."""
 
     framework = "keras"
+    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", source: Path | None = None, file_kind: str | None = None):
         keras, tf = import_keras()
@@ -108,6 +109,8 @@ class KerasRunner:
                                 unbiased_var=False)
         self._functions: dict = {}
         self._sink: dict = {}
+        self._corrections: dict = {}
+        """per layer: (mean, variance) variables a drift-corrected pass adds to the batch's statistics"""
 
     def fold_backend(self):
         from . import fold
@@ -123,7 +126,6 @@ class KerasRunner:
             mean=np.array(layer.moving_mean.numpy(), np.float64),
             var=np.array(layer.moving_variance.numpy(), np.float64),
             producer=producer, producer_kind=producer_kind,
-            tracks_stats=not getattr(layer, "renorm", False),
             kind="BatchNormalization(renorm)" if getattr(layer, "renorm", False) else "BatchNormalization")
 
     # --- where the statistics live in the file -------------------------------------------------
@@ -146,9 +148,17 @@ class KerasRunner:
         ids = [bn.id for bn in self.graph.bn_layers]
         return self._run(inputs, frozenset(ids) if mode == "train" else frozenset(), ids, outputs=True)
 
-    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
+                corrections=None) -> dict[str, Moments]:
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        results = self._run(inputs, train, ids, outputs=False)
+        for layer_id, (mean, var) in (corrections or {}).items():
+            if layer_id not in self._corrections:
+                _, tf = import_keras()
+                self._corrections[layer_id] = (tf.Variable(mean, dtype=tf.float32, trainable=False),
+                                               tf.Variable(var, dtype=tf.float32, trainable=False))
+            self._corrections[layer_id][0].assign(np.asarray(mean, np.float32))
+            self._corrections[layer_id][1].assign(np.asarray(var, np.float32))
+        results = self._run(inputs, train, ids, outputs=False, corrected=frozenset(corrections or ()))
         pooled = {}
         for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
             calls = [Moments.of(count.numpy(), shift.numpy().astype(np.float64) + offset.numpy(), m2.numpy())
@@ -156,14 +166,16 @@ class KerasRunner:
             pooled[layer_id] = functools.reduce(Moments.merge, calls)
         return pooled
 
-    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
-        """One traced forward pass; the ``train`` layers normalise with batch statistics."""
-        key = (train, tuple(ids), outputs)
+    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool, corrected: frozenset = frozenset()):
+        """One traced forward pass; the ``train`` layers normalise with batch statistics (plus the
+        ``corrected`` ones' corrections)."""
+        key = (train, tuple(ids), outputs, corrected)
         if key not in self._functions:
             self._functions[key] = self._capture_function(ids, outputs, inputs)
         _, tf = import_keras()
         try:
-            with tf.device(self.device), _patched(self._by_id, ids, train, self._sink):
+            corrections = {i: self._corrections[i] for i in corrected}
+            with tf.device(self.device), _patched(self._by_id, ids, train, self._sink, corrections):
                 results = self._functions[key](inputs)
         except BnrepairError:
             raise
@@ -224,8 +236,9 @@ class KerasRunner:
         return run
 
 
-def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
-    """A stand-in for ``layer.call`` that records the input's per-channel moments."""
+def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str, correction=None):
+    """A stand-in for ``layer.call`` that records the input's per-channel moments; in train mode it
+    normalises with the batch's statistics, plus ``correction`` (mean, variance variables) when given."""
     _, tf = import_keras()
 
     def call(inputs, training=None, mask=None, **kwargs):
@@ -238,7 +251,7 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
         # depend on the shift
         begin, size = [0] * len(x.shape), list(shape)
         shift = tf.slice(x, begin, size)
-        if (mode == "train" and mask is None and len(x.shape) == 4 and axis in (1, 3)
+        if (mode == "train" and correction is None and mask is None and len(x.shape) == 4 and axis in (1, 3)
                 and layer.epsilon >= _FUSED_MIN_EPSILON):
             out, (count, offset, m2) = _fused_train_call(layer, x - shift, axis)
             sink.setdefault(layer_id, []).append((count, tf.reshape(shift, [-1]), offset, m2))
@@ -260,6 +273,8 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str):
         if mode != "train":
             return original_call(inputs, training=False, mask=mask, **kwargs)
         var = m2 / tf.cast(tf.maximum(count, 1), tf.float32)
+        if correction is not None:
+            mean, var = mean + correction[0], tf.maximum(var + correction[1], 0.0)
         inv = tf.math.rsqrt(var + layer.epsilon)
         if layer.scale:
             inv = inv * tf.cast(layer.gamma, tf.float32)
@@ -294,14 +309,15 @@ def _fused_train_call(layer, x, axis: int):
 class _patched:
     """Swap the chosen layers' ``call`` for capturing ones while a forward pass is traced."""
 
-    def __init__(self, by_id: dict, ids: list[str], train: frozenset, sink: dict):
+    def __init__(self, by_id: dict, ids: list[str], train: frozenset, sink: dict, corrections: dict):
         self.targets = [(by_id[i], i) for i in ids]
-        self.train, self.sink = train, sink
+        self.train, self.sink, self.corrections = train, sink, corrections
 
     def __enter__(self):
         for layer, layer_id in self.targets:
             mode = "train" if layer_id in self.train else "eval"
-            layer.call = _capture_call(layer, type(layer).call.__get__(layer), mode, self.sink, layer_id)
+            layer.call = _capture_call(layer, type(layer).call.__get__(layer), mode, self.sink, layer_id,
+                                       self.corrections.get(layer_id))
 
     def __exit__(self, *exc):
         for layer, _ in self.targets:

@@ -47,6 +47,7 @@ class SavedModelRunner:
     """``protocols.Runner`` for a SavedModel signature."""
 
     framework = "savedmodel"
+    drift_corrections = False  # the signature's graph is rewritten once per set of batch-statistics layers
 
     def __init__(self, source: Path, signature: str, input_name: str | None, device: str, trust_code: bool = False):
         tf = import_tensorflow()
@@ -180,7 +181,10 @@ class SavedModelRunner:
         train = frozenset(self._sites) if mode == "train" else frozenset()
         return {name: t.numpy() for name, t in self._run(inputs, train, [], outputs=True).items()}
 
-    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
+                corrections=None) -> dict[str, Moments]:
+        if corrections:
+            raise BnrepairError("SavedModel signatures take no drift corrections")
         shared = [i for i in ids if self.call_counts()[i] > 1]
         if shared:
             raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "

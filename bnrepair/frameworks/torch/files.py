@@ -241,7 +241,7 @@ def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None
     prefix = _common_prefix(state)
     try:
         result = module.load_state_dict(_stripped(state, prefix), strict=False)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # modules' own load hooks raise any of these
         raise InputError(f"{where}: does not fit --arch {arch}: {' '.join(str(exc).split())}") from None
     if result.missing_keys or result.unexpected_keys:
         raise InputError(f"{where}: does not fit --arch {arch}: missing keys {_names(result.missing_keys)}; "

@@ -49,6 +49,7 @@ class TorchRunner:
         self.module = _unwrap(torch, model)
         self.checkpoint = checkpoint
         self.scripted = isinstance(self.module, torch.jit.ScriptModule)
+        self.drift_corrections = not self.scripted  # a scripted graph's capture takes no corrections
         origin = str(checkpoint.path) if checkpoint else "module"
         self.device = _resolve_device(torch, device, self.module, owned=checkpoint is not None)
         self.dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
@@ -100,9 +101,10 @@ class TorchRunner:
         ids = [bn.id for bn in self.graph.bn_layers if bn.tracks_stats] if mode == "train" else []
         return _numpy_outputs(self._run(inputs, frozenset(ids), ids)[0])
 
-    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset()) -> dict[str, Moments]:
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
+                corrections=None) -> dict[str, Moments]:
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        return self._to_host(self._run(inputs, train, ids)[1], ids)
+        return self._to_host(self._run(inputs, train, ids, corrections)[1], ids)
 
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
@@ -163,14 +165,18 @@ class TorchRunner:
         return value.to(self.device)
 
     # --- capture ----------------------------------------------------------------------------------
-    def _run(self, inputs, train: frozenset, ids: list[str]):
+    def _run(self, inputs, train: frozenset, ids: list[str], corrections=None):
         """One forward pass, everything in ``eval()``, the ``train`` layers on batch statistics:
         (outputs, [(layer id, count, shift, mean - shift, m2) per BN call])."""
         try:
             with _all_eval(self._modules), self.torch.inference_mode():
                 if not ids:
                     return _call(self.module, inputs), []
-                return self._script_run(inputs, train, ids) if self.scripted else self._eager_run(inputs, train, ids)
+                if self.scripted:
+                    if corrections:
+                        raise BnrepairError("TorchScript modules take no drift corrections")
+                    return self._script_run(inputs, train, ids)
+                return self._eager_run(inputs, train, ids, corrections or {})
         except BnrepairError:
             raise
         except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
@@ -178,9 +184,10 @@ class TorchRunner:
             raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
                              f"{text}") from exc
 
-    def _eager_run(self, inputs, train: frozenset, ids: list[str]):
+    def _eager_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
         sink: list = []
-        probes = [_Probe(self.torch, self._by_id[i], i, i in train, sink, self._scratch) for i in ids]
+        probes = [_Probe(self.torch, self._by_id[i], i, i in train, sink, self._scratch,
+                         self._correction(corrections.get(i))) for i in ids]
         try:
             for probe in probes:
                 probe.attach()
@@ -188,6 +195,11 @@ class TorchRunner:
         finally:
             for probe in probes:
                 probe.detach()
+
+    def _correction(self, pair):
+        if pair is None:
+            return None
+        return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in pair)
 
     def _script_run(self, inputs, train: frozenset, ids: list[str]):
         key = (train, tuple(ids))
@@ -203,17 +215,17 @@ class TorchRunner:
 
     def _to_host(self, sink: list, ids: list[str]) -> dict[str, Moments]:
         """One device-to-host copy per batch: every layer's (shift, mean of the shifted input, m2) concatenated,
-        then merged in float64.
+        then merged in float64 (shift and mean added there: their float32 sum would lose the mean's precision).
         A layer the forward pass did not reach (Inception's auxiliary head in ``eval()``) has no entry."""
         if not sink:
             return {}
-        host = self.torch.cat([t.reshape(-1) for entry in sink for t in entry[2:]])
-        host = host.to("cpu", self.torch.float64).numpy()
+        host = self.torch.cat([t.reshape(-1).to(self.torch.float64) for entry in sink for t in entry[2:]])
+        host = host.cpu().numpy()
         result: dict[str, Moments] = {}
         offset = 0
         for layer_id, count, shift, _, _ in sink:
             c = shift.numel()
-            mean = host[offset:offset + c] + host[offset + c:offset + 2 * c]  # shift + mean of the shifted input
+            mean = host[offset:offset + c] + host[offset + c:offset + 2 * c]
             m = Moments.of(count, mean, host[offset + 2 * c:offset + 3 * c])
             offset += 3 * c
             result[layer_id] = result[layer_id].merge(m) if layer_id in result else m
@@ -224,18 +236,17 @@ class _Probe:
     """Measures one BN module's input while the module runs its own ``forward`` (timm's ``BatchNormAct2d`` keeps
     its activation, ``FrozenBatchNorm2d`` its arithmetic, a user subclass whatever it adds).
 
-    A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (two-pass). With
-    ``train`` it then lends the module the batch's mean and (biased) variance in place of its
-    ``running_mean`` / ``running_var`` for that call only, so the module, still in ``eval()``, normalises
-    with batch statistics; the forward hook gives the stored buffers back. The buffers' contents,
-    ``num_batches_tracked`` and momentum are never touched, and a batch of one cannot trip BatchNorm1d's
-    training check. The centred copy of the input goes to one scratch buffer reused by every layer and
-    batch: a fresh allocation of that size per BN call costs more than the arithmetic (page faults on CPU).
+    A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (centred on one
+    sample, then a mean and a norm). With ``train`` it then lends the module the batch's mean and (biased) variance,
+    plus a drift ``correction`` when given, in place of its ``running_mean`` / ``running_var`` for that
+    call only, so the module, still in ``eval()``, normalises with batch statistics; the forward hook gives
+    the stored buffers back. The buffers' contents, ``num_batches_tracked`` and momentum are never touched,
+    and a batch of one cannot trip BatchNorm1d's training check.
     """
 
-    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict):
+    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict, correction=None):
         self.torch, self.module, self.layer_id, self.train = torch, module, layer_id, train
-        self.sink, self.scratch = sink, scratch
+        self.sink, self.scratch, self.correction = sink, scratch, correction
         self.handles: list = []
         self.stored: dict | None = None
 
@@ -253,23 +264,30 @@ class _Probe:
         x = args[0]
         stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = (0, *range(2, x.dim()))
-        # reduced around one sample's values, within a few std of the mean: float32 then errs by eps x std,
-        # not eps x |mean| (activations whose mean dwarfs their spread, as in Inception)
+        # around one sample's values, within a few std of the mean (the subtraction is exact): float32 then errs
+        # by eps x std, not eps x |mean| (activations whose mean dwarfs their spread, as in Inception). The
+        # centred copy goes to one scratch buffer reused by every layer and batch: a fresh allocation of that
+        # size per BN call costs more than the arithmetic (page faults on CPU)
         shift = stats[(0, slice(None)) + (0,) * (x.dim() - 2)].reshape(1, -1, *([1] * (x.dim() - 2)))
         key = (stats.device, stats.dtype)
         if key not in self.scratch or self.scratch[key].numel() < stats.numel():
             self.scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
         centred = torch.sub(stats, shift, out=self.scratch[key][:stats.numel()].view(stats.shape))
-        offset = centred.mean(dims, keepdim=True)
-        m2 = centred.sub_(offset).square_().sum(dims)
         count = x.numel() // x.shape[1]
-        self.sink.append((self.layer_id, count, shift, offset, m2))
+        offset = centred.mean(dims)
+        # centred on a sample a few std from the mean, the sum of squares keeps float32 precision; squaring the
+        # scratch copy in place and summing is several times faster on CPU than torch.var_mean over these dims
+        m2 = centred.square_().sum(dims).sub_(offset.square() * count).clamp_(min=0)
+        self.sink.append((self.layer_id, count, shift.reshape(-1), offset, m2))
         if self.train:
             self._give_back()  # a module called twice per forward lends its buffers once per call
             buffers = module._buffers
             self.stored = {name: buffers[name] for name in ("running_mean", "running_var")}
-            buffers["running_mean"] = (shift + offset).reshape(-1).to(self.stored["running_mean"].dtype)
-            buffers["running_var"] = (m2 / max(count, 1)).to(self.stored["running_var"].dtype)
+            mean, var = shift.reshape(-1) + offset, m2 / max(count, 1)
+            if self.correction is not None:
+                mean, var = mean + self.correction[0], (var + self.correction[1]).clamp_(min=0)
+            buffers["running_mean"] = mean.to(self.stored["running_mean"].dtype)
+            buffers["running_var"] = var.to(self.stored["running_var"].dtype)
 
     def after(self, module, args, output):
         self._give_back()

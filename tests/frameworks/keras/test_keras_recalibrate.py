@@ -406,3 +406,25 @@ def test_a_mean_far_larger_than_the_spread_keeps_float32_relative_precision(mode
     np.testing.assert_allclose(bn.moving_variance.numpy(), flat.var(0), rtol=1e-5)
     last_bits = 2 * np.spacing(np.abs(flat.mean(0)).astype(np.float32))
     assert np.all(np.abs(bn.moving_mean.numpy() - flat.mean(0)) <= last_bits)
+
+
+@pytest.mark.parametrize("options", [{"renorm": True}, {"synchronized": True}])
+def test_renorm_and_synchronized_layers_get_the_statistics_inference_uses(options):
+    """Keras's renorm and synchronized BN normalise at inference with moving_mean / moving_variance, as plain BN
+    does: those are recalibrated (a renorm layer's own renorm_* averages only serve training)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal([2.0, -3.0, 0.5, 8.0], [1.0, 2.0, 0.3, 4.0], (96, 4)).astype(np.float32)
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(5, name="dense")
+    bn1 = keras.layers.BatchNormalization(name="bn1", **options)
+    bn2 = keras.layers.BatchNormalization(name="bn2", **options)
+    model = keras.Model(inputs, bn2(keras.layers.ReLU()(dense(bn1(inputs)))))
+    report = bnrepair.recalibrate(model, x, batch_size=32, mode="eval")
+    assert [layer.id for layer in report.layers] == ["bn1", "bn2"] and report.converged
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), x.astype(np.float64).mean(0), rtol=1e-5)
+    # the fixed point, independently: bn2's input with bn1 normalising by the whole set's statistics
+    w, b = (v.numpy().astype(np.float64) for v in dense.weights)
+    gamma, beta = (v.numpy().astype(np.float64) for v in (bn1.gamma, bn1.beta))
+    h = np.maximum(((x - x.mean(0)) / np.sqrt(x.var(0) + bn1.epsilon) * gamma + beta) @ w + b, 0.0)
+    np.testing.assert_allclose(bn2.moving_mean.numpy(), h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn2.moving_variance.numpy(), h.var(0), rtol=1e-4, atol=1e-6)

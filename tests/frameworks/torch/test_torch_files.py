@@ -212,8 +212,19 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, calib):
     truncated.write_bytes((FILES / "stale_ema.pt").read_bytes()[:3000])
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "noweights.pt")
     np.save(tmp_path / "bytes.npy", np.zeros((4, 3, 32, 32), np.uint8))
+    (tmp_path / "versioned.py").write_text(  # as torchvision's MNASNet does when _metadata has no version
+        "import torch\n"
+        "class Versioned(torch.nn.BatchNorm2d):\n"
+        "    def _load_from_state_dict(self, state, prefix, metadata, *args):\n"
+        "        raise ValueError('MNASNet checkpoints before version 2 are not supported')\n"
+        "def build():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), Versioned(4))\n")
+    torch.save({"0.weight": torch.zeros(4, 3, 3, 3), "0.bias": torch.zeros(4), "1.weight": torch.ones(4),
+                "1.bias": torch.zeros(4), "1.running_mean": torch.zeros(4), "1.running_var": torch.ones(4),
+                "1.num_batches_tracked": torch.tensor(0)}, tmp_path / "versioned.pt")
     stale = str(FILES / "stale_ema.pt")
     cases = [
+        ([str(tmp_path / "versioned.pt"), "--arch", f"{tmp_path / 'versioned.py'}:build"],
+         "does not fit --arch"),
         ([stale], "a state_dict holds weights only; give --arch"),
         ([str(tmp_path / "misfit.pt"), "--arch", ARCH],
          "missing keys features.0.weight; unexpected keys features.99.weight"),

@@ -1,0 +1,79 @@
+"""Drift-corrected passes: eval mode's fixed point in a few passes instead of one per BN layer in depth.
+
+The inference fixed point (statistics that inference itself reproduces) is what a train-mode pass with
+the whole data set as one batch would measure. Plain inference passes reach it slowly: a correction to
+one layer changes the next layer's input only on the following pass, so a network ``n`` BN layers deep
+needs about ``n`` passes. A drift-corrected pass lets a correction reach every later layer within one
+forward: after a plain pass at statistics ``A`` has recorded each batch's own moments ``c_b`` and
+pooled them into ``F(A)``, each layer normalises batch ``b`` with ``F(A) + (m_b - c_b)``, where ``m_b``
+is the batch's moment now. The term ``m_b - c_b`` is the batch's own estimate of how far the layer's
+input moved since that pass; averaged over the set it is the population's, so the error left is of
+second order (batch-to-batch spread times the step), and a plain pass after it checks convergence.
+
+Assumptions: the stream gives the same batches in the same order every pass; each corrected layer is
+called once per forward (its moments then belong to one normalisation); the runner takes corrections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .moments import Moments, relative_change
+from .protocols import Runner, Stats, Stream
+
+MEMORY = 1 << 30
+"""bytes of per-batch moments a run may keep; beyond that eval mode makes plain passes only"""
+
+
+class Drift:
+    """Per-batch moments of the last plain pass, and the corrections they give the next pass."""
+
+    def __init__(self, layers: frozenset[str], eps: dict[str, float]):
+        self.layers, self.eps = layers, eps
+        self.own: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
+        """each batch's moments (mean, biased variance) in the last plain pass"""
+        self.target: Stats = {}
+        self.correcting = False
+        """whether the pass under way is a corrected one"""
+        self.moved = 0.0
+        """in a corrected pass: the largest correction yet, in std units (what the normalisation differed by
+        from the target statistics); below ``tol`` the pass was as good as a plain one"""
+
+    @classmethod
+    def of(cls, runner: Runner, data: Stream, ids: list[str], eps: dict[str, float]) -> Drift | None:
+        """None where the assumptions do not hold: eval mode then makes plain passes only."""
+        if not getattr(runner, "drift_corrections", False) or not getattr(data, "repeatable", False):
+            return None
+        counts = runner.call_counts()
+        layers = frozenset(i for i in ids if counts is not None and counts.get(i) == 1)
+        return cls(layers, eps) if layers else None
+
+    def fits(self, reached: list[str]) -> bool:
+        """After the first pass: keeps the reached layers; False when their per-batch moments take too much."""
+        self.layers &= frozenset(reached)
+        channels = sum(len(self.own[0][i][0]) for i in self.layers if i in self.own[0]) if self.own else 0
+        return bool(self.layers) and len(self.own) * channels * 16 <= MEMORY
+
+    def plan(self, plain_pass_before: bool, stats: Stats) -> None:
+        """A corrected pass follows every plain one; its target is the statistics that plain pass gave."""
+        self.correcting, self.target, self.moved = plain_pass_before, stats, 0.0
+        if not plain_pass_before:
+            self.own = []
+
+    def corrections(self, number: int) -> Stats:
+        if number >= len(self.own):
+            raise InputError("the calibration data gave more batches on a later pass than on the one before; "
+                             "eval mode needs the same batches every pass")
+        own = self.own[number]
+        return {i: (self.target[i][0] - own[i][0], self.target[i][1] - own[i][1]) for i in self.layers if i in own}
+
+    def record(self, number: int, moments: dict[str, Moments]) -> None:
+        """Batch ``number``'s moments: kept in a plain pass, compared with the kept ones in a corrected pass."""
+        own = {i: (m.mean, m.variance(False)) for i, m in moments.items() if i in self.layers}
+        if not self.correcting:
+            if number == len(self.own):
+                self.own.append(own)
+            return
+        before = self.own[number]
+        self.moved = max([self.moved, *(relative_change(before[i], own[i], self.eps[i]) for i in own if i in before)])
