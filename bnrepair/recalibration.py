@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .drift import Drift
 from .errors import BnrepairError, InputError
 from .graph import BNLayer
-from .drift import Drift
 from .moments import Moments, relative_change
 from .protocols import NoProgress, Progress, Runner, Stream
 

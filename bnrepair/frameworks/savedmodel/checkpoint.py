@@ -121,6 +121,18 @@ def trainable_v1(meta, keys: dict[str, str]) -> set[str]:
 
 
 # --- writer --------------------------------------------------------------------------------------------
+def check_links(source: Path) -> None:
+    """Refuse a SavedModel holding a symbolic link that leads out of its folder: copying it into the output
+    would copy whatever it points at (``assets/`` linked to ``/etc/shadow``). Links within stay links."""
+    root = source.resolve()
+    for folder, dirs, files in os.walk(source):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() and root not in path.resolve().parents:
+                raise InputError(f"{source}: {path.relative_to(source)} is a symbolic link out of the SavedModel "
+                                 f"(to {os.readlink(path)}); refusing to read or copy it")
+
+
 def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
     """Copy the SavedModel at ``source`` to ``dest`` with the checkpoint entries in ``values`` replaced.
 
@@ -134,7 +146,8 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_checkpoint_files)
+        check_links(source)
+        shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
         _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
         _replace_dir(tmp, dest)
     except BaseException:

@@ -26,7 +26,15 @@ from ...errors import BnrepairError, InputError
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from ..tf_runtime import data_misfit, import_tensorflow, resolve_device
-from .checkpoint import CheckpointReader, captured_keys, checkpointed_objects, same_bytes, trainable_v1, write_patched
+from .checkpoint import (
+    CheckpointReader,
+    captured_keys,
+    check_links,
+    checkpointed_objects,
+    same_bytes,
+    trainable_v1,
+    write_patched,
+)
 from .graph import (
     VARIABLE_OPS,
     FlatGraph,
@@ -53,6 +61,7 @@ class SavedModelRunner:
         tf = import_tensorflow()
         self.source = source
         self.device = resolve_device(tf, device)
+        check_links(source)
         meta = read_meta_graph(source)
         self.signature = choose_signature(meta, signature, input_name, str(source))
         saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []

@@ -256,3 +256,21 @@ def test_a_graph_that_reads_a_file_runs_only_with_trust_code(tmp_path):
     assert not (tmp_path / "out").exists()
     trusted = bnrepair.recalibrate(saved, data, output=tmp_path / "out", trust_code=True)
     assert len(trusted.layers) == 1 and (tmp_path / "out").is_dir()
+
+
+def test_a_link_out_of_the_savedmodel_is_refused_before_anything_is_read_or_copied(tmp_path):
+    import shutil
+
+    source = tmp_path / "linked"
+    shutil.copytree(FIXTURES / "tf1_slim", source)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the output")
+    (source / "assets").mkdir(exist_ok=True)
+    (source / "assets" / "vocab.txt").symlink_to(secret)
+    (source / "assets" / "inner.txt").symlink_to(source / "saved_model.pb")  # a link within stays a link
+    with pytest.raises(InputError, match=r"assets/vocab.txt is a symbolic link out of the SavedModel"):
+        bnrepair.recalibrate(source, CALIB, output=tmp_path / "out", input_name="images", samples=20)
+    assert not (tmp_path / "out").exists()
+    (source / "assets" / "vocab.txt").unlink()
+    bnrepair.recalibrate(source, CALIB, output=tmp_path / "out", input_name="images", samples=20)
+    assert (tmp_path / "out" / "assets" / "inner.txt").is_symlink()
