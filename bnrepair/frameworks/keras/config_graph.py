@@ -63,20 +63,27 @@ def container(model, config: dict, prefix: str = "") -> Container:
                 continue
             shape = tuple(entry.get("build_config", {}).get("input_shape") or ())
             inputs = [previous] if previous else [(prefix + "<input>", 0, 0)]
-            calls.append(Call(name, entry, model.get_layer(entry["config"]["name"]), inputs, [shape]))
+            calls.append(Call(name, entry, operation(model, entry["config"]["name"]), inputs, [shape]))
             previous = (name, 0, 0)
         first = calls[0].inputs[0] if calls else (prefix + "<input>", 0, 0)
         return Container(calls, [first], [previous])
     calls = []
     for entry in entries:
         name = prefix + entry["config"]["name"]
-        layer = None if entry["class_name"] == "InputLayer" else model.get_layer(entry["config"]["name"])
+        layer = None if entry["class_name"] == "InputLayer" else operation(model, entry["config"]["name"])
         for node in entry.get("inbound_nodes", []):
             read = tensors(node)
             calls.append(Call(name, entry, layer, [_qualified(prefix, t["keras_history"]) for t in read],
                               [tuple(t.get("shape") or ()) for t in read]))
     return Container(calls, [_qualified(prefix, r) for r in _layer_refs(config["input_layers"])],
                      [_qualified(prefix, r) for r in _layer_refs(config["output_layers"])])
+
+
+def operation(model, name: str):
+    """The layer, or the Keras 3 operation (``x + 3.0`` in MobileNetV3's hard-swish is one, not a layer), that a
+    config entry names."""
+    found = next((op for op in getattr(model, "operations", ()) if op.name == name), None)
+    return found if found is not None else model.get_layer(name)
 
 
 def tensors(fragment) -> list[dict]:

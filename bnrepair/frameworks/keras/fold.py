@@ -109,7 +109,10 @@ def fold(model, bn_ids: set[str], example=None) -> Folded:
     params = apply(decisions, {d.bn: _affine(layers[d.bn]) for d in accepted},
                    {name: _params(layers[name], ops[name].kind) for name in targets})
     _edit(data["config"], "", {d.bn for d in accepted}, targets)
-    classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers(include_self=True)}
+    # the model's own custom classes; Keras's are found by their module, and a name such as Add would otherwise
+    # shadow the operation of that name (MobileNetV3's ``x + 3.0``)
+    classes = {type(layer).__name__: type(layer) for layer in model._flatten_layers(include_self=True)
+               if not type(layer).__module__.startswith("keras.")}
     try:  # safe_mode off: the config comes from the model already loaded (its Lambda code runs already)
         folded = keras.saving.deserialize_keras_object(data, custom_objects=classes, safe_mode=False)
     except Exception as exc:

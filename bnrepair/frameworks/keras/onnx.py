@@ -38,8 +38,16 @@ HANDLERS = {
     "Dense": "emit_dense", "BatchNormalization": "emit_batch_normalization", "Activation": "emit_activation",
     "ReLU": "emit_relu", "LeakyReLU": "emit_leaky_relu", "ELU": "emit_elu", "Softmax": "emit_softmax",
     "Concatenate": "emit_concatenate", "Flatten": "emit_flatten", "Reshape": "emit_reshape",
+    "Rescaling": "emit_rescaling", "Normalization": "emit_normalization",
+    **dict.fromkeys(("Cropping1D", "Cropping2D", "Cropping3D"), "emit_cropping"),
 }
 """Keras layer class -> the Emitter method that writes it."""
+OPERATIONS = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div"}
+"""Keras 3 operations a Functional config records outside layers (``x + 3.0`` in MobileNetV3's hard-swish)."""
+
+
+def is_operation(entry: dict) -> bool:
+    return str(entry.get("module", "")).startswith("keras.src.ops")
 
 
 @dataclass
@@ -97,6 +105,9 @@ def _unsupported(model, config: dict, prefix: str = "") -> set[str]:
     for call in container(model, config, prefix).calls:
         if is_container(call.entry):
             found |= _unsupported(call.layer, call.entry["config"], call.name + "/")
+        elif is_operation(call.entry):
+            if call.cls not in OPERATIONS:
+                found.add(f"{call.name} (operation {call.cls})")
         elif call.cls not in HANDLERS and call.cls not in IDENTITY_LAYERS and call.cls not in MERGE_OPS:
             found.add(f"{call.name} ({call.cls})")
     return found
@@ -202,6 +213,8 @@ class Emitter:
                                  "computed before it") from None
             if is_container(call.entry):
                 outs = self.container(call.layer, call.entry["config"], call.name + "/", args)
+            elif is_operation(call.entry):
+                outs = [self.operation(call.name, call.cls, call.entry["inbound_nodes"][node]["args"], args)]
             else:
                 outs = [self.layer(call.name, call.cls, call.layer, args)]
             for i, value in enumerate(outs):
@@ -224,6 +237,20 @@ class Emitter:
             return Value(out, x.perm, out_shape)
         value = getattr(self, HANDLERS[cls])(name, layer, x, args)
         return Value(value.name, value.perm, out_shape)
+
+    def operation(self, name: str, cls: str, arguments: list, tensors: list[Value]) -> Value:
+        """A binary element-wise operation whose arguments are tensors (in order, ``tensors``) or numbers."""
+        tensors, first, names = iter(tensors), None, []
+        for argument in arguments:
+            if isinstance(argument, dict):
+                value = next(tensors)
+                first = first or value
+                names.append(self.layout(value, first.perm).name)
+            else:
+                names.append(self.const(f"{name}/constant", argument))
+        if first is None or len(names) != 2:
+            raise InputError(f"cannot export to ONNX: {name} (operation {cls} of {len(names)} arguments)")
+        return Value(self.node(OPERATIONS[cls], names, name), first.perm, first.shape)
 
     # --- layers ----------------------------------------------------------------------------------------------
     def conv(self, name, layer, x, weight, bias, group: int, strides, dilations, padding: str) -> Value:
@@ -388,6 +415,38 @@ class Emitter:
         padding = np.reshape(layer.padding, (-1, 2))
         pads = [0, 0, *padding[:, 0], 0, 0, *padding[:, 1]]
         return Value(self.node("Pad", [x.name, self.const(f"{name}/pads", pads, np.int64)], name), x.perm, x.shape)
+
+
+    def emit_rescaling(self, name, layer, x, args):
+        """``x * scale + offset``; per-channel values broadcast over Keras's last axis."""
+        scale, offset = np.asarray(layer.scale, np.float32), np.asarray(layer.offset, np.float32)
+        if scale.ndim or offset.ndim:
+            x = self.layout(x, None)
+        out = self.node("Mul", [x.name, self.const(f"{name}/scale", scale)], name)
+        return Value(self.node("Add", [out, self.const(f"{name}/offset", offset)], name), x.perm, x.shape)
+
+    def emit_normalization(self, name, layer, x, args):
+        """Keras: ``(x - mean) / max(sqrt(variance), epsilon)``, mean and variance in the input's broadcast shape
+        (``invert``: the other way round)."""
+        import keras
+
+        x = self.layout(x, None)
+        mean = np.asarray(layer.mean, np.float32)
+        spread = np.maximum(np.sqrt(np.asarray(layer.variance, np.float32)), keras.backend.epsilon())
+        if layer.invert:
+            out = self.node("Mul", [x.name, self.const(f"{name}/spread", spread)], name)
+            return Value(self.node("Add", [out, self.const(f"{name}/mean", mean)], name), None, x.shape)
+        out = self.node("Sub", [x.name, self.const(f"{name}/mean", mean)], name)
+        return Value(self.node("Div", [out, self.const(f"{name}/spread", spread)], name), None, x.shape)
+
+    def emit_cropping(self, name, layer, x, args):
+        x = self.spatial(x, layer)
+        crops = np.reshape(layer.cropping, (-1, 2))
+        ends = [-int(end) if end else np.iinfo(np.int64).max for end in crops[:, 1]]
+        inputs = [x.name, self.const(f"{name}/starts", crops[:, 0], np.int64),
+                  self.const(f"{name}/ends", ends, np.int64),
+                  self.const(f"{name}/axes", list(range(2, 2 + len(crops))), np.int64)]
+        return Value(self.node("Slice", inputs, name), x.perm, x.shape)
 
 
 def _onnx_kernel(kernel: np.ndarray) -> np.ndarray:

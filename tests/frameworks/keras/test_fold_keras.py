@@ -177,3 +177,26 @@ def test_bn_folds_through_dropout(tmp_path):
     folded = keras.models.load_model(tmp_path / "folded.keras", compile=False)
     assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers)
     np.testing.assert_allclose(numpy(folded(x, training=False)), numpy(model(x, training=False)), atol=1e-5)
+
+
+def test_preprocessing_layers_cropping_and_operations_export_as_keras_computes_them(tmp_path):
+    """keras.applications' own pieces: Rescaling and Normalization up front (EfficientNet), Cropping2D (NASNet),
+    and Keras 3 operations on a tensor and a number (MobileNetV3's hard-swish ``relu6(x + 3) * (1 / 6)``, which
+    are not layers and once crashed folding and export); a model whose Add layer shares its class name with the
+    operation."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 3))
+    norm = L.Normalization(mean=[0.5, -1.0, 2.0], variance=[4.0, 0.25, 1.0])
+    x = norm(L.Rescaling(1 / 127.5, offset=-1.0)(inputs))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", name="conv")(x))
+    x = L.Cropping2D(((1, 2), (0, 3)))(x)
+    swish = L.Multiply()([x, L.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)])
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(L.Add()([swish, x])))
+    randomise_bn(model)
+    data = np.random.default_rng(0).uniform(0, 255, (8, 12, 12, 3)).astype(np.float32)
+    for fold in (False, True):
+        report = bnrepair.export(model, tmp_path / f"fold{fold}.onnx", fold=fold, data=data, batch_size=4)
+        assert [row.bn for row in report.folded] == (["bn"] if fold else [])
+        session = ort.InferenceSession(str(tmp_path / f"fold{fold}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: data})[0]
+        np.testing.assert_allclose(got, numpy(model(data, training=False)), atol=1e-4, rtol=1e-4)
