@@ -270,9 +270,15 @@ def keras_reference(name: str, loaded, batches: list[np.ndarray]) -> tuple[dict,
     finally:
         keras.config.set_dtype_policy("float32")
     model.set_weights([np.asarray(w, np.float64) for w in loaded.get_weights()])
-    one_pass, eps = keras_passes(model, batches)
+    one_pass, eps64 = keras_passes(model, batches)
+    float32, eps = keras_passes(loaded, batches)
     train = one_pass(True)
-    return train, fixed_point(lambda s: one_pass(False, s), train), keras_passes(loaded, batches)[0](True), eps
+    named = dict(zip(eps64, eps))  # BN layers in the same order; unnamed ones got other names in the rebuild
+
+    def renamed(stats: dict) -> dict:
+        return {named[k]: v for k, v in stats.items()}
+
+    return renamed(train), renamed(fixed_point(lambda s: one_pass(False, s), train)), float32(True), eps
 
 
 def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:

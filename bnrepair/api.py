@@ -8,6 +8,7 @@ re-iterable of batches.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -98,8 +99,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     with removed_on_failure(output if source is not None else None):
         if source is not None:
             report.output_sha256 = sha256(output) if output.is_file() else None
-        if pending is not None:
-            pending.write()
+        if pending is not None:  # the ONNX names the checkpoint it was exported from and how it was repaired
+            pending.write({"bnrepair.repaired_sha256": report.output_sha256 or "",
+                           "bnrepair.recalibrated": json.dumps({"mode": mode, "samples": report.samples,
+                                                                "seed": stream.seed, "passes": report.passes})})
             report.export = pending.report
     return report
 

@@ -36,10 +36,11 @@ class VerificationError(BnrepairError):
 
 @dataclass
 class Prepared:
-    """A verified result not yet on disk: ``write()`` puts it at ``report.output`` atomically."""
+    """A verified result not yet on disk: ``write(props)`` puts it at ``report.output`` atomically, an ONNX
+    with ``props`` added to its provenance (what only the caller knows: the repaired checkpoint's digest)."""
 
     report: DeployReport
-    write: Callable[[], None]
+    write: Callable[..., None]
 
 
 class Error:
@@ -98,10 +99,12 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
             raise type(exc)(f"{source_path}: {exc}") from None
     report.seconds = time.perf_counter() - started
 
-    def write() -> None:
+    def write(props: dict[str, str] | None = None) -> None:
         if output is None:
             return
         if proto is not None:
+            if props:
+                _add_props(proto, props)
             with atomic_path(Path(output)) as tmp:
                 tmp.write_bytes(proto.SerializeToString())
         else:
@@ -230,6 +233,12 @@ def _check_opset(opset: int, frame) -> None:
                          f"onnxruntime and exporter all support), got {opset}")
 
 
+def _add_props(proto, props: dict[str, str]) -> None:
+    import onnx
+
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **props})
+
+
 def _label(proto, report: DeployReport) -> None:
     """Provenance in ``metadata_props`` (the graph keeps no trace of a folded BN), then ``onnx.checker``."""
     import onnx
@@ -238,7 +247,7 @@ def _label(proto, report: DeployReport) -> None:
              "bnrepair.source_sha256": report.input_sha256 or "",
              "bnrepair.folded": json.dumps({row.bn: row.into for row in report.folded}),
              "bnrepair.refused": json.dumps({r.bn: r.reason for r in report.refused})}
-    onnx.helper.set_model_props(proto, props)
+    _add_props(proto, props)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:

@@ -81,6 +81,11 @@ def test_pipeline_onnx_accuracy_equals_the_recalibrated_model(tmp_path, framewor
     done = cli.invoke(app, ["recalibrate", str(source), "--data", str(CALIB), "-o", str(checkpoint), "--export",
                             str(exported), "--fold", "-q", *extra])
     assert done.exit_code == 0, done.output
+    meta = {p.key: p.value for p in onnx.load(exported).metadata_props}  # which checkpoint, repaired how
+    assert meta["bnrepair.source_sha256"] == sha256(source)
+    assert meta["bnrepair.repaired_sha256"] == sha256(checkpoint) != sha256(source)
+    assert json.loads(meta["bnrepair.recalibrated"]) == {"mode": "train", "samples": len(images("calib")[0]),
+                                                         "seed": 0, "passes": 1}
     x, y = images("heldout", channels_first=framework == "torch")
     if framework == "keras":
         fixed = keras.models.load_model(checkpoint, compile=False).predict(x, verbose=0)

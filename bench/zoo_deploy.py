@@ -1,0 +1,150 @@
+"""Fold and export on the model zoo: every model of ``zoo_models`` through ``bnrepair fold``, ``export --fold``
+and ``export --no-fold``, each verified by bnrepair itself against the source (layer by layer, then the
+outputs in onnxruntime); this script adds what the written ONNX holds.
+
+For each model: build it with random weights, give every BN layer random statistics and affine parameters
+of a trained net's size (so a wrong fold cannot hide behind identity BN), save it as a user would, and run
+the three commands on random inputs. The table gives BN layers, folded / refused with the reasons, the
+BatchNormalization nodes left in the folded ONNX (must equal the refused count), the largest verified
+difference of each command, and its time over one plain inference pass.
+
+    python bench/zoo_deploy.py [--framework torch|keras|all] [--only NAME ...] [--samples 32]
+
+Needs onnx and onnxruntime besides the zoo's own dependencies (see ``zoo.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import zoo  # noqa: E402
+import zoo_models  # noqa: E402
+
+
+def saved_torch(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
+    """The checkpoint, its CLI arguments, the inputs and one plain inference pass's seconds."""
+    import torch
+
+    model = zoo_models.torch_model(name)
+    rng = np.random.default_rng(2)
+    for m in zoo.torch_bn(model).values():
+        m.running_mean.copy_(torch.as_tensor(rng.normal(0, 0.5, m.running_mean.shape)))
+        m.running_var.copy_(torch.as_tensor(rng.uniform(0.5, 2.0, m.running_var.shape)))
+        if getattr(m, "weight", None) is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.weight.shape)))
+                m.bias.copy_(torch.as_tensor(rng.normal(0, 0.5, m.bias.shape)))
+    ckpt = folder / f"{name}.pt"
+    torch.save(model.state_dict(), ckpt)
+    x = rng.normal(0, 1, (samples, *zoo_models.torch_input_shape(name))).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    plain = zoo.torch_plain_seconds(model, [x])
+    return ckpt, ["--arch", zoo.ARCH, "--arch-kwargs", json.dumps({"name": name})], folder / "x.npy", plain
+
+
+def saved_keras(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
+    import keras
+
+    model = zoo_models.keras_model(name)
+    rng = np.random.default_rng(2)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, c).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, c).astype(np.float32))
+            if layer.scale:
+                layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype(np.float32))
+            if layer.center:
+                layer.beta.assign(rng.normal(0, 0.5, c).astype(np.float32))
+    ckpt = folder / (f"{name}.h5" if name in zoo.LEGACY_H5 else f"{name}.keras")
+    model.save(ckpt)
+    x = rng.normal(0, 1, (samples, 96, 96, 3)).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    model.predict(x, verbose=0)
+    start = time.perf_counter()
+    model.predict(x, verbose=0)
+    return ckpt, [], folder / "x.npy", time.perf_counter() - start
+
+
+def worst(report: dict, stage: str) -> float:
+    return max((c["max_abs"] for c in report["checks"] if c["stage"] == stage), default=float("nan"))
+
+
+def run(name: str, framework: str, folder: Path, samples: int) -> dict:
+    import onnx
+
+    ckpt, extra, data, plain = (saved_torch if framework == "torch" else saved_keras)(name, folder, samples)
+    row = {"model": name, "notes": []}
+    folded_suffix = ".pt2" if framework == "torch" else ckpt.suffix  # torch.export's program for torch
+    for command, args in (("fold", ["fold", ckpt, *extra, "-o", folder / f"folded{folded_suffix}"]),
+                          ("export --fold", ["export", ckpt, *extra, "-o", folder / "folded.onnx", "--fold"]),
+                          ("export --no-fold", ["export", ckpt, *extra, "-o", folder / "plain.onnx", "--no-fold"])):
+        try:
+            report = zoo.cli(*args, "--data", data, "--samples", samples)
+        except RuntimeError as exc:
+            row[command] = None
+            row["notes"].append(f"{command}: {exc}"[:160])
+            continue
+        row[command] = report
+        row[f"{command} |Δ|"] = worst(report, "onnx" if command.startswith("export") else "fold")
+        row[f"{command} time"] = report["seconds"] / plain
+    folded = row.get("export --fold") or row.get("fold")
+    if folded:
+        row["bn"] = len(folded["folded"]) + len(folded["refused"])
+        row["folded"] = len(folded["folded"])
+        row["reasons"] = Counter(r["reason"].split(":")[0][:60] for r in folded["refused"])
+    if row.get("export --fold"):
+        graph = onnx.load(folder / "folded.onnx").graph
+        row["bn nodes left"] = sum(n.op_type == "BatchNormalization" for n in graph.node)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=("torch", "keras", "all"), default="all")
+    parser.add_argument("--only", nargs="*", help="model names (see zoo_models.py)")
+    parser.add_argument("--samples", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(f"{'model':28} {'folded/BN':>10} {'ONNX BN':>7} {'fold |Δ|':>9} {'x plain':>7} {'onnx |Δ|':>9} "
+          f"{'x plain':>7} {'no-fold |Δ|':>11}  refused because / failures", flush=True)
+    good = total = 0
+    for framework in ("torch", "keras"):
+        if args.framework not in (framework, "all"):
+            continue
+        reason = zoo.available(framework)
+        if reason:
+            print(reason)
+            continue
+        names = zoo_models.TORCH_MODELS if framework == "torch" else zoo_models.KERAS_MODELS
+        for name in [n for n in names if not args.only or n in args.only]:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    row = run(name, framework, Path(tmp), args.samples)
+                except Exception as exc:  # a failure is a row of the table, not the end of the run
+                    row = {"model": name, "notes": [f"{type(exc).__name__}: {exc}"[:160]]}
+            total += 1
+            ok = all(row.get(c) for c in ("fold", "export --fold", "export --no-fold")) and \
+                row.get("bn nodes left") == row["bn"] - row["folded"]
+            good += ok
+            refused = "; ".join(f"{n} x {why}" for why, n in row.get("reasons", {}).items())
+            print(f"{name:28} {row.get('folded', '-'):>4}/{row.get('bn', '-'):<5} {row.get('bn nodes left', '-'):>7} "
+                  f"{row.get('fold |Δ|', np.nan):>9.1e} {row.get('fold time', np.nan):>7.1f} "
+                  f"{row.get('export --fold |Δ|', np.nan):>9.1e} {row.get('export --fold time', np.nan):>7.1f} "
+                  f"{row.get('export --no-fold |Δ|', np.nan):>11.1e}  {refused} {' '.join(row['notes'])}",
+                  flush=True)
+    print(f"{good} of {total} models fold, export folded and unfolded, and verify")
+    return 0 if good == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
