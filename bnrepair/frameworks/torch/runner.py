@@ -64,6 +64,7 @@ class TorchRunner:
         self._modules = [m for _, m in self.module.named_modules()]
         self._script_functions: dict = {}
         self._scratch: dict = {}
+        self._kernel_ok: dict[str, bool] = {}
 
     @property
     def model(self):
@@ -104,7 +105,24 @@ class TorchRunner:
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
                 corrections=None) -> dict[str, Moments]:
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        return self._to_host(self._run(inputs, train, ids, corrections)[1], ids)
+        moments = self._to_host(self._run(inputs, train, ids, corrections)[1], ids)
+        if mode == "train":
+            self._judge_kernel(moments)
+        return moments
+
+    def _judge_kernel(self, moments: dict[str, Moments]) -> None:
+        """After a first train-mode batch: which layers torch's own training kernel may measure from now on.
+
+        Plain ``nn.BatchNorm1d/2d/3d`` only (a subclass's forward may do more in training), and only where the
+        batch's |mean| is within 100 std: the kernel sums raw values in float32, whose error grows with the
+        mean's size (measured on CPU: |mean| = 100 std errs by 4e-6 std; 1000 std by 3e-5), while our own
+        reduction around one sample's values keeps float32 precision for any mean."""
+        plain = (self.torch.nn.BatchNorm1d, self.torch.nn.BatchNorm2d, self.torch.nn.BatchNorm3d)
+        for layer_id, m in moments.items():
+            if layer_id not in self._kernel_ok and m.count > 1:
+                var = m.variance(False) + self.graph.layer(layer_id).eps
+                self._kernel_ok[layer_id] = (type(self._by_id[layer_id]) in plain
+                                             and bool(np.all(np.abs(m.mean) <= 100 * np.sqrt(var))))
 
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
@@ -187,7 +205,9 @@ class TorchRunner:
     def _eager_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
         sink: list = []
         probes = [_Probe(self.torch, self._by_id[i], i, i in train, sink, self._scratch,
-                         self._correction(corrections.get(i))) for i in ids]
+                         self._correction(corrections.get(i)),
+                         kernel=i in train and i not in corrections and self._kernel_ok.get(i, False))
+                  for i in ids]
         try:
             for probe in probes:
                 probe.attach()
@@ -237,18 +257,27 @@ class _Probe:
     its activation, ``FrozenBatchNorm2d`` its arithmetic, a user subclass whatever it adds).
 
     A forward pre-hook reduces the input to per-channel (count, mean, M2) on the device (centred on one
-    sample, then a mean and a norm). With ``train`` it then lends the module the batch's mean and (biased) variance,
-    plus a drift ``correction`` when given, in place of its ``running_mean`` / ``running_var`` for that
-    call only, so the module, still in ``eval()``, normalises with batch statistics; the forward hook gives
-    the stored buffers back. The buffers' contents, ``num_batches_tracked`` and momentum are never touched,
-    and a batch of one cannot trip BatchNorm1d's training check.
+    sample, then a mean and a sum of squares). With ``train`` it then lends the module the batch's mean and
+    (biased) variance, plus a drift ``correction`` when given, in place of its ``running_mean`` /
+    ``running_var`` for that call only, so the module, still in ``eval()``, normalises with batch
+    statistics; the forward hook gives the stored buffers back. The buffers' contents,
+    ``num_batches_tracked`` and momentum are never touched, and a batch of one cannot trip BatchNorm1d's
+    training check.
+
+    ``kernel``: a plain ``nn.BatchNorm1d/2d/3d`` in train mode is instead switched to training for its call,
+    with momentum 1 and scratch buffers in place of its own, so torch's fused training kernel both measures
+    the batch and normalises with it (one pass fewer than measuring first; the runner allows it where the
+    kernel is exact enough: see ``TorchRunner._kernel_ok``).
     """
 
-    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict, correction=None):
+    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict, correction=None,
+                 kernel: bool = False):
         self.torch, self.module, self.layer_id, self.train = torch, module, layer_id, train
-        self.sink, self.scratch, self.correction = sink, scratch, correction
+        self.sink, self.scratch, self.correction, self.kernel = sink, scratch, correction, kernel
         self.handles: list = []
         self.stored: dict | None = None
+        self.flags: tuple | None = None
+        """(momentum, training, count) while the module's own training kernel measures this call"""
 
     def attach(self) -> None:
         self.handles = [self.module.register_forward_pre_hook(self.before),
@@ -262,6 +291,17 @@ class _Probe:
     def before(self, module, args):
         torch = self.torch
         x = args[0]
+        count = x.numel() // x.shape[1]
+        if self.kernel and count > 1 and (x.is_contiguous() or x.is_cuda):
+            self._give_back()
+            buffers = module._buffers
+            self.stored = {n: buffers[n] for n in ("running_mean", "running_var", "num_batches_tracked")}
+            buffers["running_mean"] = torch.zeros_like(self.stored["running_mean"])
+            buffers["running_var"] = torch.ones_like(self.stored["running_var"])
+            buffers["num_batches_tracked"] = torch.zeros((), dtype=torch.long, device=x.device)
+            self.flags = (module.momentum, module.training, count)
+            module.momentum, module.training = 1.0, True
+            return
         stats = x if x.dtype in (torch.float32, torch.float64) else x.float()
         dims = (0, *range(2, x.dim()))
         # around one sample's values, within a few std of the mean (the subtraction is exact): float32 then errs
@@ -273,7 +313,6 @@ class _Probe:
         if key not in self.scratch or self.scratch[key].numel() < stats.numel():
             self.scratch[key] = torch.empty(stats.numel(), dtype=stats.dtype, device=stats.device)
         centred = torch.sub(stats, shift, out=self.scratch[key][:stats.numel()].view(stats.shape))
-        count = x.numel() // x.shape[1]
         offset = centred.mean(dims)
         # centred on a sample a few std from the mean, the sum of squares keeps float32 precision; squaring the
         # scratch copy in place and summing is several times faster on CPU than torch.var_mean over these dims
@@ -290,9 +329,18 @@ class _Probe:
             buffers["running_var"] = var.to(self.stored["running_var"].dtype)
 
     def after(self, module, args, output):
+        if self.flags is not None:  # the training kernel left the batch's mean and unbiased variance here
+            buffers, count = module._buffers, self.flags[2]
+            dtype = self.torch.promote_types(buffers["running_mean"].dtype, self.torch.float32)
+            mean = buffers["running_mean"].to(dtype)
+            self.sink.append((self.layer_id, count, self.torch.zeros_like(mean), mean,
+                              buffers["running_var"].to(dtype) * (count - 1)))
         self._give_back()
 
     def _give_back(self) -> None:
+        if self.flags is not None:
+            self.module.momentum, self.module.training = self.flags[:2]
+            self.flags = None
         if self.stored is not None:
             self.module._buffers.update(self.stored)
             self.stored = None
