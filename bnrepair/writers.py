@@ -9,7 +9,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import BnrepairError
+import numpy as np
+
+from .errors import BnrepairError, InputError
 
 
 def default_output(source: Path, tag: str = "recalibrated") -> Path:
@@ -85,3 +87,18 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def storable(value, dtype, what: str) -> np.ndarray:
+    """``value`` in the dtype the checkpoint stores it in, refused where that dtype cannot hold it: a float16
+    variance beyond 65504 would turn inf, an integer or boolean one truncate."""
+    dtype = np.dtype(dtype)
+    value = np.asarray(value, np.float64)
+    if dtype.kind != "f":
+        raise InputError(f"{what} is stored as {dtype}, which cannot hold BN statistics")
+    with np.errstate(over="ignore"):
+        cast = value.astype(dtype)
+    if not np.isfinite(cast).all():
+        raise InputError(f"{what}: the new statistics (largest |value| {np.max(np.abs(value)):.3g}) overflow its "
+                         f"stored {dtype}")
+    return cast

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from ...errors import InputError
-from ...writers import atomic_path
+from ...writers import atomic_path, storable
 
 KERAS_WEIGHTS = "model.weights.h5"
 SUFFIXES = {"h5": (".h5", ".hdf5"), "keras": (".keras",)}
@@ -75,7 +75,7 @@ def check_dataset(f: h5py.File, path: str, expected: np.ndarray, origin: str) ->
 def patch_h5(f: h5py.File, values: dict[str, np.ndarray]) -> None:
     for path, value in values.items():
         ds = f[path]
-        ds[...] = np.asarray(value).astype(ds.dtype).reshape(ds.shape)
+        ds[...] = storable(value, ds.dtype, f"{f.filename}: {path}").reshape(ds.shape)
 
 
 def write_patched(source: Path, dest: Path, kind: str, values: dict[str, np.ndarray]) -> None:

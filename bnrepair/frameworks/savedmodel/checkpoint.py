@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BnrepairError, InputError
+from ...writers import storable
 from ..tf_runtime import import_tensorflow
 from .graph import split
 
@@ -173,8 +174,8 @@ def _rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray])
         with readable_checkpoint(source):
             stored = tf.raw_ops.RestoreV2(prefix=str(source), tensor_names=keys,
                                           shape_and_slices=[""] * len(keys), dtypes=[dtypes[k] for k in keys])
-        tensors = [tf.constant(np.asarray(values[k]).astype(dtypes[k].as_numpy_dtype).reshape(t.shape), dtypes[k])
-                   if k in values else t for k, t in zip(keys, stored)]
+        tensors = [tf.constant(storable(values[k], dtypes[k].as_numpy_dtype, f"{source}: {k}").reshape(t.shape),
+                               dtypes[k]) if k in values else t for k, t in zip(keys, stored)]
         dest.parent.mkdir(parents=True, exist_ok=True)
         tf.raw_ops.SaveV2(prefix=str(dest), tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=tensors)
     written = tf.train.load_checkpoint(str(dest))

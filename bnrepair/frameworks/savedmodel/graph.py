@@ -225,8 +225,11 @@ class FlatGraph:
         return seen
 
     def topological(self, keep: set[str]) -> dict[str, int]:
-        """Position of each kept node in a forward (inputs-first) order."""
+        """Position of each kept node in a forward (inputs-first) order. A loop's back edge (NextIteration ->
+        Merge) is met while its target is still being expanded and is not followed: every node is expanded
+        once, so loops end in bounded time."""
         order: dict[str, int] = {}
+        expanding: set[str] = set()
         for start in sorted(keep):
             stack = [(start, False)]
             while stack:
@@ -236,6 +239,9 @@ class FlatGraph:
                 if expanded:
                     order[name] = len(order)
                     continue
+                if name in expanding:
+                    continue
+                expanding.add(name)
                 stack.append((name, True))
                 stack.extend((split(i)[0], False) for i in data_inputs(self.nodes[name])
                              if split(i)[0] in keep and split(i)[0] not in order)

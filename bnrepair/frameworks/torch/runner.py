@@ -143,8 +143,14 @@ class TorchRunner:
         with torch.no_grad():
             for layer_id, (mean, var) in stats.items():
                 m = self._by_id[layer_id]
-                m.running_mean.copy_(torch.as_tensor(np.asarray(mean)))
-                m.running_var.copy_(torch.as_tensor(np.asarray(var)))
+                for name, value in (("running_mean", mean), ("running_var", var)):
+                    buffer = getattr(m, name)
+                    new = torch.as_tensor(np.asarray(value, np.float64)).to(buffer.dtype)
+                    if not buffer.is_floating_point() or not torch.isfinite(new).all():
+                        raise InputError(f"{self.graph.source}: {layer_id}.{name} is stored as "
+                                         f"{str(buffer.dtype).replace('torch.', '')}, which cannot hold the new "
+                                         f"statistics (largest |value| {np.max(np.abs(value)):.3g})")
+                    buffer.copy_(new)
                 bn = self.graph.layer(layer_id)
                 bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
 
@@ -292,7 +298,8 @@ class _Probe:
         torch = self.torch
         x = args[0]
         count = x.numel() // x.shape[1]
-        if self.kernel and count > 1 and (x.is_contiguous() or x.is_cuda):
+        if (self.kernel and count > 1 and (x.is_contiguous() or x.is_cuda)
+                and module.running_var.dtype in (torch.float32, torch.float64)):  # half buffers would overflow
             self._give_back()
             buffers = module._buffers
             self.stored = {n: buffers[n] for n in ("running_mean", "running_var", "num_batches_tracked")}

@@ -274,3 +274,26 @@ def test_a_link_out_of_the_savedmodel_is_refused_before_anything_is_read_or_copi
     (source / "assets" / "vocab.txt").unlink()
     bnrepair.recalibrate(source, CALIB, output=tmp_path / "out", input_name="images", samples=20)
     assert (tmp_path / "out" / "assets" / "inner.txt").is_symlink()
+
+
+def test_a_graph_with_a_loop_is_recalibrated_in_bounded_time(tmp_path):
+    """An ordinary ``model.export()`` of Conv1D -> BN -> LSTM holds a while loop (NextIteration -> Merge): the
+    graph walk once never ended. Run in a child process, so that a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20, 3))
+    conv = keras.layers.Conv1D(8, 3, name="conv")
+    out = keras.layers.Dense(2)(keras.layers.LSTM(4)(keras.layers.BatchNormalization(name="bn")(conv(inputs))))
+    keras.Model(inputs, out).export(str(tmp_path / "sm"), verbose=False)
+    x = np.random.default_rng(0).normal(0, 1, (48, 20, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run([sys.executable, "-m", "bnrepair", "recalibrate", str(tmp_path / "sm"), "--data",
+                           str(tmp_path / "x.npy"), "-o", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bn = bnrepair.load(tmp_path / "out").graph.bn_layers[0]
+    h = conv(x).numpy().astype(np.float64).reshape(-1, 8)
+    np.testing.assert_allclose(bn.mean, h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.var, h.var(0), rtol=1e-4)

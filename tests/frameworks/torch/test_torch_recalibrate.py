@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnrepair
-from bnrepair.errors import BnrepairError
+from bnrepair.errors import BnrepairError, InputError
 
 torch.manual_seed(0)
 
@@ -413,3 +413,13 @@ def test_a_mean_far_larger_than_the_spread_keeps_float32_relative_precision():
     mean, var = population(x)
     np.testing.assert_allclose(stats(model[0])[1], var, rtol=1e-5)
     assert np.all(np.abs(stats(model[0])[0] - mean) <= np.spacing(np.abs(mean).astype(np.float32)))
+
+
+def test_statistics_a_float16_buffer_cannot_hold_are_refused():
+    """A float16 running_var cannot hold 1e6: the cast would write inf with exit 0."""
+    model = nn.Sequential(nn.BatchNorm1d(3)).half().eval()
+    x = np.random.default_rng(0).normal(0, 1000, (64, 3)).astype(np.float32)
+    before = model[0].running_var.clone()
+    with pytest.raises(InputError, match=r"0.running_var is stored as float16, which cannot hold"):
+        bnrepair.recalibrate(model, x)
+    assert torch.equal(model[0].running_var, before)
