@@ -27,7 +27,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # (a) and (b) are CPU figures
 import numpy as np
 
 import bnrepair
-from bnrepair.frameworks.keras import import_keras
+from bnrepair.frameworks.tf_runtime import import_keras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixtures import synthetic  # noqa: E402
@@ -47,13 +47,14 @@ def small_cnn() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x)), name="small_cnn")
 
 
-def mobilenet() -> keras.Model:
+def mobilenet(alpha: float = 0.35) -> keras.Model:
     """52 BN layers behind cheap depthwise convolutions: BN is a large share of the work."""
     keras.utils.set_random_seed(0)
-    return keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=4)
+    return keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=alpha, weights=None, classes=4)
 
 
-MODELS = {"small_cnn (3 BN, 32x32)": small_cnn, "MobileNetV2-0.35 (52 BN, 96x96)": mobilenet}
+MODELS = {"small_cnn (3 BN, 32x32)": small_cnn, "MobileNetV2-0.35 (52 BN, 96x96)": mobilenet,
+          "MobileNetV2-1.0 (52 BN, 96x96)": lambda: mobilenet(1.0)}
 
 
 def timed(fn) -> float:
