@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import signal
 import sys
@@ -147,7 +148,7 @@ Mode = Annotated[str, typer.Option(help="train: BN uses batch statistics while m
                                    "eval: inference-consistent fixed point over repeated passes.",
                                    rich_help_panel="Recalibration")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.", rich_help_panel="Data")]
-Seed = Annotated[int, typer.Option(help="Shuffle seed; the same seed gives bit-identical output.",
+Seed = Annotated[int, typer.Option(min=0, help="Shuffle seed; the same seed gives bit-identical output.",
                                    rich_help_panel="Data")]
 Tol = Annotated[float, typer.Option(help="eval mode: stop when no statistic moves more than this (in std units).",
                                     rich_help_panel="Recalibration")]
@@ -211,13 +212,23 @@ def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, t
                                    tuple(safe_global or ()), signature, input_name)}
 
 
-def apart_from_input(checkpoint: Path, *reports: Optional[Path]) -> None:
-    """--json / --plot must neither replace the checkpoint nor land inside a SavedModel folder."""
+def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outputs=()) -> None:
+    """--json / --plot must neither replace the checkpoint nor land inside a SavedModel folder, nor be the
+    calibration data (``inputs``) or another output (``outputs``: the repaired checkpoint, the ONNX)."""
     from .writers import check_output
 
-    for path in reports:
+    taken = {}
+    for flag, path in [*(("the input", p) for p in inputs), *(("an output", p) for p in outputs)]:
         if path is not None:
-            check_output(checkpoint, path)
+            taken[os.path.realpath(path)] = flag
+    for path in reports:
+        if path is None:
+            continue
+        check_output(checkpoint, path)
+        real = os.path.realpath(path)
+        if real in taken:
+            raise BnrepairError(f"{path}: is also {taken[real]} of this command; write the report elsewhere")
+        taken[real] = "an output"
 
 
 def calibration_source(data, data_fn):
@@ -275,8 +286,9 @@ def recalibrate(
 ):
     """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
     from .api import recalibrate as run_recalibrate
+    from .writers import default_output
 
-    apart_from_input(checkpoint, json_path)
+    apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output or default_output(checkpoint), export])
     source = calibration_source(data, data_fn)
     progress = None if quiet else RichProgress(err)
     try:
@@ -370,7 +382,7 @@ def diagnose(
 
     from .api import diagnose as run_diagnose
 
-    apart_from_input(checkpoint, json_path, plot)
+    apart_from_input(checkpoint, json_path, plot, inputs=[data])
     if plot:
         require(("matplotlib",), "--plot", "plot")  # before the diagnosis, not after it
     source = calibration_source(data, data_fn)
@@ -415,7 +427,7 @@ Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output"
 def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
            arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
     """Shared by fold and export: data (optional here), load options, the report."""
-    apart_from_input(checkpoint, json_path)
+    apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output])
     source = calibration_source(data, data_fn) if data is not None or data_fn else None
     report = run(checkpoint, output, data=source, preprocess=preprocess,
                  **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,

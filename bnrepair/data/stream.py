@@ -50,6 +50,8 @@ class Calibration:
                  skip_bad: bool = False, prefetch: int = 2, workers: int = 2):
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"--seed must be an integer >= 0, got {seed!r}")
         self.source = source
         self.origin = str(getattr(source, "origin", getattr(source, "root", "data")))
         self.batch_size = batch_size

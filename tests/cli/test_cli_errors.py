@@ -137,11 +137,27 @@ def test_undecodable_images_skipped_to_nothing_name_the_folder(bad_data):
     (["--layers", "("], "--layers '(': not a valid regular expression"),
     (["--skip", "["], "--skip '[': not a valid regular expression"),
     (["--device", "tpu"], "--device must be auto, cpu or gpu, got 'tpu'"),
-    (["--image-size", "0", "0"], "--image-size 0 0: height and width must be positive"),
+    (["--image-size", "0", "0"], "--image-size 0 0: height and width must be between 1 and 16384"),
+    (["--image-size", "10000000000", "10000000000"], "height and width must be between 1 and 16384"),
+    (["--seed", "-1"], "Invalid value for '--seed'"),
     (["--mode", "eval", "--tol", "nan"], "--tol must be a number >= 0, got nan"),
 ])
 def test_bad_options(tmp_path, flags, message):
     fails(["recalibrate", KERAS, "-d", CALIB, "-o", tmp_path / "out.h5", "-q", *flags], message, folder=tmp_path)
+
+
+def test_a_report_never_replaces_the_data_or_another_output(tmp_path):
+    """--json onto -o replaced the repaired checkpoint, onto -d the calibration data."""
+    data = tmp_path / "d.npy"
+    np.save(data, np.zeros((4, 32, 32, 3), np.float32))
+    before = data.read_bytes()
+    fails(["recalibrate", KERAS, "-d", data, "--json", data, "-o", tmp_path / "out.h5", "-q"],
+          "d.npy: is also the input of this command", folder=tmp_path)
+    assert data.read_bytes() == before
+    fails(["recalibrate", KERAS, "-d", CALIB, "-o", tmp_path / "out.h5", "--json", tmp_path / "out.h5", "-q"],
+          "out.h5: is also an output of this command", folder=tmp_path)
+    fails(["export", KERAS, "-o", tmp_path / "m.onnx", "--json", tmp_path / "m.onnx", "-q"],
+          "m.onnx: is also an output of this command", folder=tmp_path)
 
 
 def test_threshold_nan_cannot_make_the_gate_pass():

@@ -38,6 +38,8 @@ def test_stream_is_seeded_batched_and_complete(tmp_path):
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
     np.testing.assert_array_equal(np.sort(np.concatenate(first)[:, 0]), x[:, 0])
     assert len(Calibration(source, batch_size=4, samples=3)) == 3
+    with pytest.raises(InputError, match="--seed must be an integer >= 0, got -1"):
+        Calibration(source, seed=-1)  # numpy's own refusal was a traceback
 
 
 def test_npz_takes_x_and_y_or_its_only_array(tmp_path):
