@@ -10,7 +10,6 @@ from ..errors import InputError
 from ..graph import ModelGraph
 from .sources import ArraySource, ImageFolder, ImageSpec
 
-
 MAX_SIDE = 16384
 """the largest --image-size side: a 16384 x 16384 RGB float32 image alone takes 3 GiB"""
 
