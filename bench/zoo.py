@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 import zoo_models  # noqa: E402
 
 ARCH = f"{HERE / 'zoo_models.py'}:torch_model"
+SAVEDMODEL = "_savedmodel"
 LEGACY_H5 = {"ResNet50", "DenseNet121"}
 """saved as legacy .h5 (Keras 3 cannot load every application back from .h5: MobileNetV3's ops need .keras)"""
 FAILED = {"passes": 0, "converged": False, "seconds": np.nan}
@@ -116,8 +117,13 @@ class Pool:
     def __init__(self):
         self.n, self.s, self.q = 0, 0.0, 0.0
 
-    def add(self, x: np.ndarray, axis: int) -> None:
-        x = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+    def add(self, x: np.ndarray, axis: int, valid: np.ndarray | None = None) -> None:
+        """``valid``: (N, T) positions of a masked sequence to count, the others left out."""
+        x = np.asarray(x, np.float64)
+        if valid is not None:
+            x = x[valid]
+            axis = -1
+        x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
         self.n += len(x)
         self.s = self.s + x.sum(0)
         self.q = self.q + (x * x).sum(0)
@@ -252,8 +258,11 @@ def keras_passes(model, batches: list[np.ndarray]):
         pools = {bn.name: Pool() for bn in bns}
         for x in batches:
             for bn, value in zip(bns, probe(x.astype(model.dtype), training=train)):
+                valid = None
+                if isinstance(value, (list, tuple)):  # a masked call's input: the tensor and Keras's own mask
+                    value, valid = value[0], keras.ops.convert_to_numpy(value[1])
                 pools[bn.name].add(keras.ops.convert_to_numpy(value), bn.axis if isinstance(bn.axis, int)
-                                   else bn.axis[0])
+                                   else bn.axis[0], valid)
         return {name: p.stats(unbiased=False) for name, p in pools.items()}
 
     return one_pass, {bn.name: bn.epsilon for bn in bns}
@@ -281,18 +290,40 @@ def keras_reference(name: str, loaded, batches: list[np.ndarray]) -> tuple[dict,
     return renamed(train), renamed(fixed_point(lambda s: one_pass(False, s), train)), float32(True), eps
 
 
-def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
+def written_stats(out: Path, savedmodel: bool) -> dict:
+    """Each BN layer's (mean, variance) in a repaired file, read by Keras (or TensorFlow for a SavedModel)."""
     import keras
 
-    model = zoo_models.keras_model(name)
+    if savedmodel:
+        import tensorflow as tf
+
+        values = {v.name: np.asarray(v.numpy(), np.float64) for v in tf.saved_model.load(str(out)).variables}
+        return {name.rsplit("/", 1)[0]: (values[name], values[name.replace("moving_mean", "moving_variance")])
+                for name in values if name.endswith("/moving_mean:0")}
+    fixed = keras.models.load_model(out, compile=False)
+    return {layer.name: (np.asarray(layer.moving_mean, np.float64), np.asarray(layer.moving_variance, np.float64))
+            for layer in fixed._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
+    """``<Application>_savedmodel``: the application exported with ``model.export`` and repaired as a SavedModel."""
+    import keras
+
+    savedmodel = name.endswith(SAVEDMODEL)
+    base = name[:-len(SAVEDMODEL)] if savedmodel else name
+    model = zoo_models.keras_model(base)
     rng = np.random.default_rng(1)
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.moving_mean.assign(rng.normal(0, 3, layer.moving_mean.shape).astype(np.float32))
             layer.moving_variance.assign(rng.uniform(0.01, 20, layer.moving_variance.shape).astype(np.float32))
-    ckpt = folder / (f"{name}.h5" if name in LEGACY_H5 else f"{name}.keras")
-    model.save(ckpt)
-    x = rng.normal(0, 1, (samples, 96, 96, 3)).astype(np.float32)
+    ckpt = folder / (name if savedmodel else f"{name}.h5" if name in LEGACY_H5 else f"{name}.keras")
+    model.export(str(ckpt), verbose=False) if savedmodel else model.save(ckpt)
+    x = rng.normal(0, 1, (samples, *zoo_models.keras_input_shape(base))).astype(np.float32)
+    if name == "masked_sequence":
+        for row, length in zip(x, rng.integers(3, x.shape[1], samples)):
+            row[length:] = 0.0  # padding
     np.save(folder / f"{name}.npy", x)
     batches = shuffled_batches(x, batch_size)
     inspected = cli("inspect", ckpt)
@@ -300,7 +331,8 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     start = time.perf_counter()
     model.predict(x, batch_size=batch_size, verbose=0)
     plain = time.perf_counter() - start
-    train_ref, eval_ref, float32, eps = keras_reference(name, keras.models.load_model(ckpt, compile=False), batches)
+    loaded = model if savedmodel else keras.models.load_model(ckpt, compile=False)
+    train_ref, eval_ref, float32, eps = keras_reference(base, loaded, batches)
     result, notes = {}, []
     for mode in ("train", "eval"):
         out = folder / f"{name}.{mode}{ckpt.suffix}"
@@ -311,11 +343,7 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
             result[mode] = FAILED, np.nan
             notes.append(f"{mode}: {exc}")
             continue
-        fixed = keras.models.load_model(out, compile=False)
-        got = {layer.name: (np.asarray(layer.moving_mean, np.float64), np.asarray(layer.moving_variance, np.float64))
-               for layer in fixed._flatten_layers(include_self=False, recursive=True)
-               if isinstance(layer, keras.layers.BatchNormalization)}
-        result[mode] = (report, error(got, train_ref if mode == "train" else eval_ref, eps))
+        result[mode] = (report, error(written_stats(out, savedmodel), train_ref if mode == "train" else eval_ref, eps))
     return Row(name, len(inspected["layers"]), len(train_ref), error(float32, train_ref, eps), result["train"][1],
                result["eval"][1], result["eval"][0]["passes"], result["eval"][0]["converged"],
                result["train"][0]["seconds"] / plain, "; ".join(notes))

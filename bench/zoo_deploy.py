@@ -55,7 +55,9 @@ def saved_torch(name: str, folder: Path, samples: int) -> tuple[Path, list, Path
 def saved_keras(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
     import keras
 
-    model = zoo_models.keras_model(name)
+    savedmodel = name.endswith(zoo.SAVEDMODEL)
+    base = name[:-len(zoo.SAVEDMODEL)] if savedmodel else name
+    model = zoo_models.keras_model(base)
     rng = np.random.default_rng(2)
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -66,9 +68,9 @@ def saved_keras(name: str, folder: Path, samples: int) -> tuple[Path, list, Path
                 layer.gamma.assign(rng.uniform(0.5, 1.5, c).astype(np.float32))
             if layer.center:
                 layer.beta.assign(rng.normal(0, 0.5, c).astype(np.float32))
-    ckpt = folder / (f"{name}.h5" if name in zoo.LEGACY_H5 else f"{name}.keras")
-    model.save(ckpt)
-    x = rng.normal(0, 1, (samples, 96, 96, 3)).astype(np.float32)
+    ckpt = folder / (name if savedmodel else f"{name}.h5" if name in zoo.LEGACY_H5 else f"{name}.keras")
+    model.export(str(ckpt), verbose=False) if savedmodel else model.save(ckpt)
+    x = rng.normal(0, 1, (samples, *zoo_models.keras_input_shape(base))).astype(np.float32)
     np.save(folder / "x.npy", x)
     model.predict(x, verbose=0)
     start = time.perf_counter()
@@ -85,7 +87,7 @@ def run(name: str, framework: str, folder: Path, samples: int) -> dict:
 
     ckpt, extra, data, plain = (saved_torch if framework == "torch" else saved_keras)(name, folder, samples)
     row = {"model": name, "notes": []}
-    folded_suffix = ".pt2" if framework == "torch" else ckpt.suffix  # torch.export's program for torch
+    folded_suffix = ".pt2" if framework == "torch" else ckpt.suffix or ".keras"  # torch.export's program for torch
     for command, args in (("fold", ["fold", ckpt, *extra, "-o", folder / f"folded{folded_suffix}"]),
                           ("export --fold", ["export", ckpt, *extra, "-o", folder / "folded.onnx", "--fold"]),
                           ("export --no-fold", ["export", ckpt, *extra, "-o", folder / "plain.onnx", "--no-fold"])):

@@ -13,7 +13,7 @@ TORCH_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "e
                 "resnet18_sync_bn", "timm_resnet18", "timm_efficientnet_b0", "timm_mobilenetv3_small_100",
                 "timm_rexnet_100", "audio_conv1d"]
 KERAS_MODELS = ["MobileNetV2", "MobileNetV3Small", "ResNet50", "EfficientNetB0", "DenseNet121", "Xception",
-                "InceptionV3", "NASNetMobile"]
+                "InceptionV3", "NASNetMobile", "masked_sequence", "MobileNetV2_savedmodel"]
 
 
 def torch_input_shape(name: str) -> tuple[int, ...]:
@@ -54,9 +54,20 @@ def torch_model(name: str):
     return getattr(torchvision.models, name)(weights=None, num_classes=10, **options).eval()
 
 
+def keras_input_shape(name: str) -> tuple[int, ...]:
+    return (12, 6) if name == "masked_sequence" else (96, 96, 3)
+
+
 def keras_model(name: str, side: int = 96):
+    """A keras.applications model, or ``masked_sequence``: padded sequences whose padding Masking turns into a
+    mask, which Keras's BN leaves out of its statistics."""
     import keras
 
     keras.utils.set_random_seed(0)
+    if name == "masked_sequence":
+        inputs = keras.Input(keras_input_shape(name))
+        x = keras.layers.BatchNormalization()(keras.layers.Dense(16)(keras.layers.Masking(0.0)(inputs)))
+        x = keras.layers.BatchNormalization()(keras.layers.Dense(8, activation="relu")(x))
+        return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling1D()(x)), name=name)
     build = getattr(keras.applications, name)
     return build(weights=None, input_shape=(side, side, 3), classes=10)
