@@ -91,8 +91,8 @@ def main() -> None:
                 times[(clock, name)].append(read() - start[clock])
     median = {key: statistics.median(t) for key, t in times.items()}
     samples = args.batches * args.batch_size
-    print(f"{args.model}, device {device}, {samples} samples in {args.batches} batches of {args.batch_size}, {args.reps} "
-          f"repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{args.model}, device {device}, {samples} samples in {args.batches} batches of {args.batch_size}, "
+          f"{args.reps} repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for clock in clocks:
         print(f"{clock} time, median: " + ", ".join(f"{name} {median[(clock, name)] * 1e3:.0f} ms" for name in runs))
         print(f"  ours / update_bn:    {median[(clock, 'ours')] / median[(clock, 'update_bn')]:.3f}   (target <= 1.05)")
