@@ -38,6 +38,19 @@ class Outcome:
     change_per_pass: list[float] = field(default_factory=list)
     unreached: list[str] = field(default_factory=list)
     """layers the forward pass never reached (in inference mode): left as they were"""
+    noise_floor: float | None = None
+    """eval mode, where passes stopped shrinking the change: how far a pass moves the statistics when they are
+    perturbed by two float32 ulps (``float32_floor``); the fixed point is not resolved finer than that"""
+
+
+PERTURBATION = 2.0 ** -22
+"""two float32 ulps, relative: what storing statistics in float32 already perturbs them by"""
+
+
+def perturbed(stats: dict, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {i: tuple(v * (1 + PERTURBATION * rng.choice([-1.0, 1.0], np.shape(v))) for v in pair)
+            for i, pair in stats.items()}
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
@@ -84,6 +97,10 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     network still normalising with statistics that no longer fit their input) is made again with every
     layer after the settled ones, in forward order, normalising with batch statistics instead: the settled
     prefix stays exact, the rest cannot overflow, and the next pass tries inference mode again.
+
+    Deep float32 nets cannot resolve the fixed point below some level (Keras's InceptionV3: 1.1e-4 std):
+    when plain passes stop shrinking the change, one pass at statistics perturbed by two float32 ulps
+    measures that level, and a change within twice it counts as converged (``Outcome.noise_floor``).
     """
     if mode not in MODES:
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -104,6 +121,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     moved, unreached = {i: np.inf for i in ids}, []
     drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
     plain_before = False  # the pass before was a plain inference pass: a corrected one may follow
+    plain_changes, floor, probe = [], None, None
     for index in range(limit):
         pass_mode = "train" if index == 0 else mode
         if drift is not None:
@@ -134,8 +152,21 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         changes.append(max(moved.values()))
         current = {**current, **new}
         plain_before = index > 0 and not corrected and not guarded
-        if (plain_before or corrected and drift.moved < tol) and changes[-1] < tol:
+        if plain_before and probe is not None:  # this pass ran at the statistics the probe perturbed
+            floor, probe = max(relative_change(probe[i], new[i], eps[i]) for i in ids), None
+        bound = max(tol, 2 * floor) if floor is not None else tol
+        if (plain_before or corrected and drift.moved < tol) and changes[-1] < bound:
             converged = True
             break
+        if plain_before:
+            plain_changes.append(changes[-1])
+            if floor is None and len(plain_changes) > 2 and plain_changes[-1] > 0.5 * plain_changes[-2]:
+                # passes no longer shrink the change: measure what float32 alone moves, with one more pass
+                runner.set_stats(perturbed(new))
+                totals, _ = pooled_moments(runner, data, mode, ids, progress, index)
+                passes += 1
+                probe = {i: (totals[i].mean, totals[i].variance(unbiased)) for i in ids}
+                runner.set_stats(new)
+                plain_before = False  # the next pass is a plain one at ``new``, to compare the probe with
     return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,
-                   time.perf_counter() - start, changes, unreached)
+                   time.perf_counter() - start, changes, unreached, floor)

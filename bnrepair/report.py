@@ -47,6 +47,9 @@ class Report:
     """largest change of any statistic in each pass, in std units (eval mode converges on it)"""
     unreached: list[str] = field(default_factory=list)
     """BN layers the forward pass never reaches in inference mode, left unchanged"""
+    noise_floor: float | None = None
+    """eval mode: how far float32 arithmetic alone moves this model's statistics, where passes stopped shrinking
+    the change (a change within twice it counts as converged)"""
     version: str = __version__
     export: object | None = None
     """``deploy.DeployReport`` of the ONNX file written with ``--export``"""
@@ -62,7 +65,7 @@ class Report:
                    passes=outcome.passes, converged=outcome.converged, seconds=outcome.seconds,
                    layers=[layer_change(bn.id, bn.channels, bn.frozen, outcome.before[bn.id], outcome.after[bn.id])
                            for bn in outcome.layers], change_per_pass=outcome.change_per_pass,
-                   unreached=outcome.unreached, **kw)
+                   unreached=outcome.unreached, noise_floor=outcome.noise_floor, **kw)
 
     def convergence_note(self) -> str:
         last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
@@ -84,6 +87,9 @@ class Report:
                 f"{moved} layer(s) changed materially, largest mean shift {self.worst_shift:.3g} std")
         if not self.converged:
             text += f" ({self.convergence_note()})"
+        elif self.noise_floor is not None:
+            text += (f"; converged to this model's float32 noise floor: a pass moves statistics perturbed by two "
+                     f"float32 ulps by {self.noise_floor:.2g} std")
         if self.unreached:
             text += (f"; left {len(self.unreached)} BN layer(s) that inference never reaches unchanged "
                      f"({', '.join(self.unreached[:3])}{', ...' if len(self.unreached) > 3 else ''})")

@@ -181,3 +181,25 @@ def test_a_stream_that_gives_more_batches_on_a_later_pass_is_refused():
 
     with pytest.raises(InputError, match="more batches on a later pass"):
         run(deep_chain(True), calibration(Growing([])), mode="eval")
+
+
+class Chaotic(ChainRunner):
+    """Each pass's moments jitter by about 1e-3 std with the exact bits of the statistics it ran at, as a
+    deep float32 net's do: the fixed point cannot be resolved finer than that."""
+
+    def collect(self, inputs, mode, ids, batch_stats=frozenset(), corrections=None):
+        moments = super().collect(inputs, mode, ids, batch_stats, corrections)
+        bits = sum(float(np.sum(self.graph.layer(i).mean)) for i in ids)
+        for m in moments.values():
+            m.mean = m.mean + 1e-3 * np.sin(1e9 * bits + np.arange(len(m.mean)))
+        return moments
+
+
+def test_passes_that_stop_shrinking_the_change_end_at_the_measured_noise_floor():
+    chunks = [X[i:i + 50] for i in range(0, len(X), 50)]
+    outcome = run(Chaotic(), calibration(chunks), mode="eval", tol=1e-6, max_passes=30)
+    assert outcome.converged and outcome.passes < 30
+    assert 1e-4 < outcome.noise_floor < 1e-2  # the jitter, measured, not assumed
+    assert outcome.change_per_pass[-1] <= 2 * outcome.noise_floor
+    steady = run(ChainRunner(), calibration(chunks), mode="eval", tol=1e-6)
+    assert steady.converged and steady.noise_floor is None
