@@ -157,3 +157,17 @@ def test_a_missing_optional_dependency_is_named_before_any_work(tmp_path, monkey
         assert done.exit_code == 2, done.output
         assert hint in done.output and "pip install '.[" in done.output and len(done.output.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5"]
+
+
+def test_the_onnx_extra_installs_on_every_platform():
+    """onnxruntime-gpu publishes no macOS or ARM wheels: there the extra takes the CPU build."""
+    tomllib = pytest.importorskip("tomllib")
+    markers = pytest.importorskip("packaging.requirements")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["onnx"]
+    requirements = [markers.Requirement(r) for r in extra]
+    for system, machine, runtime in [("Linux", "x86_64", "onnxruntime-gpu"), ("Windows", "AMD64", "onnxruntime-gpu"),
+                                     ("Darwin", "arm64", "onnxruntime"), ("Darwin", "x86_64", "onnxruntime"),
+                                     ("Linux", "aarch64", "onnxruntime")]:
+        chosen = {r.name for r in requirements
+                  if r.marker is None or r.marker.evaluate({"platform_system": system, "platform_machine": machine})}
+        assert chosen == {"onnx", runtime}, (system, machine, chosen)
