@@ -359,6 +359,18 @@ def available(framework: str) -> str | None:
     return f"{framework} models left out: {', '.join(missing)} not installed" if missing else None
 
 
+def chosen(framework: str, only: list[str] | None):
+    """(framework, model name) for each zoo model asked for whose framework is installed; a line for the rest."""
+    for name, models in (("torch", zoo_models.TORCH_MODELS), ("keras", zoo_models.KERAS_MODELS)):
+        if framework not in (name, "all"):
+            continue
+        reason = available(name)
+        if reason:
+            print(reason)
+            continue
+        yield from ((name, model) for model in models if not only or model in only)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--framework", choices=("torch", "keras", "all"), default="all")
@@ -366,27 +378,20 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    plans = [(f, run) for f, run in (("torch", run_torch), ("keras", run_keras)) if args.framework in (f, "all")]
     rows = []
     print(f"{'model':28} {'BN found/true':>13} {'f32 floor':>10} {'train err':>10} {'eval err':>10} {'passes':>6} "
           f"{'train/plain':>11}  ok", flush=True)
-    for framework, run in plans:
-        reason = available(framework)
-        if reason:
-            print(reason)
-            continue
-        names = zoo_models.TORCH_MODELS if framework == "torch" else zoo_models.KERAS_MODELS
-        for name in [n for n in names if not args.only or n in args.only]:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    row = run(name, Path(tmp), args.samples, args.batch_size)
-                except Exception as exc:  # a failure is a row of the table, not the end of the run
-                    row = Row(name, 0, 0, np.nan, np.nan, np.nan, 0, False, np.nan,
-                              f"{type(exc).__name__}: {exc}"[:200])
-            rows.append(row)
-            print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.floor:>10.2e} {row.train_error:>10.2e} "
-                  f"{row.eval_error:>10.2e} "
-                  f"{row.passes:>6} {row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} {row.note}", flush=True)
+    for framework, name in chosen(args.framework, args.only):
+        run = run_torch if framework == "torch" else run_keras
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row = run(name, Path(tmp), args.samples, args.batch_size)
+            except Exception as exc:  # a failure is a row of the table, not the end of the run
+                row = Row(name, 0, 0, np.nan, np.nan, np.nan, 0, False, np.nan, f"{type(exc).__name__}: {exc}"[:200])
+        rows.append(row)
+        print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.floor:>10.2e} {row.train_error:>10.2e} "
+              f"{row.eval_error:>10.2e} {row.passes:>6} {row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} "
+              f"{row.note}", flush=True)
     print(f"{sum(r.ok for r in rows)} of {len(rows)} models within max(1e-4, 2 x float32 floor) std, "
           "eval converged in <= 5 passes")
     return 0 if all(r.ok for r in rows) else 1

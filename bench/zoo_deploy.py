@@ -120,30 +120,21 @@ def main(argv=None) -> int:
     print(f"{'model':28} {'folded/BN':>10} {'ONNX BN':>7} {'fold |Δ|':>9} {'x plain':>7} {'onnx |Δ|':>9} "
           f"{'x plain':>7} {'no-fold |Δ|':>11}  refused because / failures", flush=True)
     good = total = 0
-    for framework in ("torch", "keras"):
-        if args.framework not in (framework, "all"):
-            continue
-        reason = zoo.available(framework)
-        if reason:
-            print(reason)
-            continue
-        names = zoo_models.TORCH_MODELS if framework == "torch" else zoo_models.KERAS_MODELS
-        for name in [n for n in names if not args.only or n in args.only]:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    row = run(name, framework, Path(tmp), args.samples)
-                except Exception as exc:  # a failure is a row of the table, not the end of the run
-                    row = {"model": name, "notes": [f"{type(exc).__name__}: {exc}"[:160]]}
-            total += 1
-            ok = all(row.get(c) for c in ("fold", "export --fold", "export --no-fold")) and \
-                row.get("bn nodes left") == row["bn"] - row["folded"]
-            good += ok
-            refused = "; ".join(f"{n} x {why}" for why, n in row.get("reasons", {}).items())
-            print(f"{name:28} {row.get('folded', '-'):>4}/{row.get('bn', '-'):<5} {row.get('bn nodes left', '-'):>7} "
-                  f"{row.get('fold |Δ|', np.nan):>9.1e} {row.get('fold time', np.nan):>7.1f} "
-                  f"{row.get('export --fold |Δ|', np.nan):>9.1e} {row.get('export --fold time', np.nan):>7.1f} "
-                  f"{row.get('export --no-fold |Δ|', np.nan):>11.1e}  {refused} {' '.join(row['notes'])}",
-                  flush=True)
+    for framework, name in zoo.chosen(args.framework, args.only):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row = run(name, framework, Path(tmp), args.samples)
+            except Exception as exc:  # a failure is a row of the table, not the end of the run
+                row = {"model": name, "notes": [f"{type(exc).__name__}: {exc}"[:160]]}
+        total += 1
+        ok = all(row.get(c) for c in ("fold", "export --fold", "export --no-fold")) and \
+            row.get("bn nodes left") == row["bn"] - row["folded"]
+        good += ok
+        refused = "; ".join(f"{n} x {why}" for why, n in row.get("reasons", {}).items())
+        print(f"{name:28} {row.get('folded', '-'):>4}/{row.get('bn', '-'):<5} {row.get('bn nodes left', '-'):>7} "
+              f"{row.get('fold |Δ|', np.nan):>9.1e} {row.get('fold time', np.nan):>7.1f} "
+              f"{row.get('export --fold |Δ|', np.nan):>9.1e} {row.get('export --fold time', np.nan):>7.1f} "
+              f"{row.get('export --no-fold |Δ|', np.nan):>11.1e}  {refused} {' '.join(row['notes'])}", flush=True)
     print(f"{good} of {total} models fold, export folded and unfolded, and verify")
     return 0 if good == total else 1
 
