@@ -68,7 +68,8 @@ def check_dataset(f: h5py.File, path: str, expected: np.ndarray, origin: str) ->
     if path not in f or not isinstance(f[path], h5py.Dataset):
         raise InputError(f"{origin}: expected BN statistics at '{path}', found nothing there")
     stored = f[path][()]
-    if stored.shape != expected.shape or not np.array_equal(stored.astype(expected.dtype), expected):
+    if stored.shape != expected.shape or not np.array_equal(stored.astype(expected.dtype), expected,
+                                                            equal_nan=expected.dtype.kind == "f"):
         raise InputError(f"{origin}: '{path}' does not hold the loaded BN statistics")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,11 @@ def load_file(path: Path, custom_objects: Path | None = None, unsafe: bool = Fal
             model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
     except Exception as exc:
         message = first_line(exc)
-        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+        missing = re.search(r"Could not locate class '([^']+)'", str(exc))
+        if missing:
+            message = (f"the file uses a layer class Keras does not know, {missing.group(1)!r}; "
+                       "give the Python file that defines it with --custom-objects FILE.py")
+        elif "safe_mode" in str(exc) or "Lambda" in str(exc):
             message += " (the file holds Python code; pass --unsafe only if you trust it)"
         raise InputError(f"{path}: Keras could not load the model: {message}") from None
     runner = KerasRunner(model, device=device, source=path, file_kind=kind)

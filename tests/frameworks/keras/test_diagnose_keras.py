@@ -129,3 +129,22 @@ def test_reused_bn_layer_is_flagged():
 def test_diagnose_bad_input_exits_2(tmp_path):
     result = cli.invoke(app, ["diagnose", str(FIXTURES / "stale_ema.h5"), "--data", str(tmp_path / "none")])
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_inspect_reports_non_finite_statistics_in_an_h5_file(tmp_path):
+    """NaN never equals itself: the check that the file holds what Keras loaded refused the file instead."""
+    import shutil
+
+    import h5py
+
+    broken = tmp_path / "nan.h5"
+    shutil.copy(FIXTURES / "stale_ema.h5", broken)
+    with h5py.File(broken, "r+") as f:
+        dataset = f["model_weights/bn1/bn1/moving_variance"]
+        values = dataset[()]
+        values[0] = np.nan
+        dataset[...] = values
+    result = cli.invoke(app, ["inspect", str(broken), "--json", str(tmp_path / "i.json")])
+    assert result.exit_code == 1, result.output
+    flags = json.loads((tmp_path / "i.json").read_text())["flags"]
+    assert any(f["layer"] == "bn1" and "NaN" in f["message"] for f in flags), flags

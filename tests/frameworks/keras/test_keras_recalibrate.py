@@ -308,6 +308,7 @@ def test_custom_objects_file_loads_custom_layers(tmp_path):
     args = ["recalibrate", str(model), "-d", str(tmp_path / "v.npy"), "-o", str(tmp_path / "out.keras"), "-q"]
     refused = cli.invoke(app, args)
     assert refused.exit_code == 2 and "Keras could not load the model" in refused.output
+    assert "does not know, 'Shift'; give the Python file that defines it with --custom-objects" in refused.output
     assert not (tmp_path / "out.keras").exists()
     result = cli.invoke(app, args + ["--custom-objects", str(module)])
     assert result.exit_code == 0, result.output
