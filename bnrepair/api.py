@@ -23,7 +23,7 @@ from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
 from .options import LoadOptions
 from .protocols import Progress, Runner
-from .recalibration import run
+from .recalibration import MODES, run
 from .report import DeployReport, DiagnoseReport, InspectReport, Report
 from .writers import check_output, default_output, removed_on_failure, sha256
 
@@ -45,10 +45,17 @@ def load(model, options: LoadOptions | None = None, *, device: str = "auto", **l
     return frameworks.wrap(model, device)
 
 
-def _checked_request(data, preprocess: str) -> None:
-    """What can be refused before a framework is imported and a model loaded."""
+DEVICES = ("auto", "cpu", "gpu", "cuda")
+
+
+def _checked_request(data, preprocess: str, mode: str | None = None, device="auto") -> None:
+    """What can be refused before a framework is imported and a model loaded (seconds, for TensorFlow)."""
     check_preprocess(preprocess)
     check_path(data)
+    if mode is not None and mode not in MODES:
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(device, str) and device not in DEVICES:  # a torch.device is checked by torch
+        raise InputError(f"--device must be one of {', '.join(DEVICES)} (gpu and cuda are the same), got {device!r}")
 
 
 def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: int = 32, seed: int = 0,
@@ -72,7 +79,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     onnx_path = export_target(source, export, fold, output)
     if onnx_path is not None:
         require_onnx()
-    _checked_request(data, preprocess)
+    _checked_request(data, preprocess, mode, device)
     try:
         runner = load(model, device=device, **load_options)
     except NoBatchNorm:
@@ -131,7 +138,7 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     if not threshold > 0:  # NaN would call every layer healthy
         raise InputError(f"--threshold must be a positive number, got {threshold}")
     started = time.perf_counter()
-    _checked_request(data, preprocess)
+    _checked_request(data, preprocess, mode, device)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)

@@ -136,7 +136,7 @@ def test_undecodable_images_skipped_to_nothing_name_the_folder(bad_data):
 @pytest.mark.parametrize("flags, message", [
     (["--layers", "("], "--layers '(': not a valid regular expression"),
     (["--skip", "["], "--skip '[': not a valid regular expression"),
-    (["--device", "tpu"], "--device must be auto, cpu or gpu, got 'tpu'"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, gpu, cuda (gpu and cuda are the same), got 'tpu'"),
     (["--image-size", "0", "0"], "--image-size 0 0: height and width must be between 1 and 16384"),
     (["--image-size", "10000000000", "10000000000"], "height and width must be between 1 and 16384"),
     (["--seed", "-1"], "Invalid value for '--seed'"),
