@@ -31,10 +31,13 @@ def call_spec(spec: str, option: str):
         except Exception as exc:
             raise InputError(f"{option}: {path}: importing failed: {type(exc).__name__}: {exc}") from None
     else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` does: modules beside you import
+            sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise InputError(f"{option}: cannot import {target!r} ({exc})") from None
+            raise InputError(f"{option}: cannot import {target!r} ({exc}; the current folder is on the import "
+                             "path, or give FILE.py:CALLABLE)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise InputError(f"{option}: {target} has no callable {attr!r}")

@@ -28,6 +28,8 @@ def check_output(source: Path | None, output: Path) -> Path:
         raise BnrepairError(f"{output}: output would overwrite the input; choose another path")
     if source is not None and Path(source).resolve() in output.resolve().parents:  # a SavedModel folder
         raise BnrepairError(f"{output}: output would lie inside the input {source}; choose another path")
+    if source is not None and output.resolve() in Path(source).resolve().parents:  # replacing it would delete it
+        raise BnrepairError(f"{output}: the input {source} lies inside it; choose another path")
     if not output.parent.exists():
         raise BnrepairError(f"{output}: folder {output.parent} does not exist")
     if output.is_dir() and not (source is not None and Path(source).is_dir()):  # a SavedModel is written as a dir

@@ -124,9 +124,12 @@ class ArraySource:
 
 
 def check_path(data) -> None:
-    """A data path that does not exist, refused before any model is loaded."""
+    """A data path that does not exist, or is neither a file nor a folder (a FIFO would block reading it),
+    refused before any model is loaded."""
     if isinstance(data, (str, Path)) and not Path(data).exists():
         raise InputError(f"{data}: no such file or folder")
+    if isinstance(data, (str, Path)) and not (Path(data).is_file() or Path(data).is_dir()):
+        raise InputError(f"{data}: not a regular file or a folder")
 
 
 def open_source(data, spec: ImageSpec):

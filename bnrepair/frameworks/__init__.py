@@ -34,6 +34,8 @@ def detect(path: Path) -> str:
         if (path / "saved_model.pb").exists():
             return "savedmodel"
         raise InputError(f"{path}: a folder that is not a TensorFlow SavedModel (no saved_model.pb)")
+    if not path.is_file():  # a FIFO or a device would block the read below, or never end
+        raise InputError(f"{path}: not a regular file")
     try:
         with open(path, "rb") as f:
             head = f.read(8)

@@ -326,3 +326,13 @@ def test_eval_mode_that_does_not_converge_warns_and_exits_3(tmp_path):
                      "--mode", "eval", "--max-passes", "2", "--tol", "0", "-q"])
     assert result.exit_code == 3, result.output
     assert "warning: eval mode did not converge in 2 passes" in result.output and output.is_file()
+
+
+def test_a_fifo_as_checkpoint_or_data_is_refused_instead_of_read_forever(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    fails(["inspect", fifo], "pipe.npy: not a regular file")
+    fails(["recalibrate", KERAS, "-d", fifo, "-o", tmp_path / "out.h5", "-q"],
+          "pipe.npy: not a regular file or a folder", folder=tmp_path)

@@ -297,3 +297,14 @@ def test_a_graph_with_a_loop_is_recalibrated_in_bounded_time(tmp_path):
     h = conv(x).numpy().astype(np.float64).reshape(-1, 8)
     np.testing.assert_allclose(bn.mean, h.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(bn.var, h.var(0), rtol=1e-4)
+
+
+def test_an_output_folder_holding_the_input_is_refused(tmp_path):
+    """`-o outer` where the input is outer/inner replaced outer, and so deleted the input, with exit 0."""
+    import shutil
+
+    inner = tmp_path / "outer" / "inner"
+    shutil.copytree(FIXTURES / "tf1_slim", inner)
+    with pytest.raises(BnrepairError, match="the input .*inner lies inside it"):
+        bnrepair.recalibrate(inner, CALIB, output=tmp_path / "outer", input_name="images", samples=20)
+    assert (inner / "saved_model.pb").is_file()

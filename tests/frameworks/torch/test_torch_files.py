@@ -7,9 +7,11 @@ bit for bit.
 
 import argparse
 import hashlib
+import json
 import shutil
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +251,27 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, calib):
         assert message in result.output, (message, result.output)
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_arch_modules_beside_the_user_import_from_the_installed_command(tmp_path):
+    """The documented `--arch mynet:build` from the folder holding mynet.py: the console script's import path
+    did not hold the current folder (python -m's does)."""
+    import subprocess
+
+    (tmp_path / "mynet.py").write_text("import torch\n"
+                                       "def build():\n"
+                                       "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), "
+                                       "torch.nn.BatchNorm2d(4))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mynet
+
+        torch.save(mynet.build().state_dict(), tmp_path / "m.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mynet", None)
+    command = Path(sys.executable).with_name("bnrepair")
+    done = subprocess.run([str(command), "inspect", "m.pt", "--arch", "mynet:build", "--json", "r.json", "-q"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert "cannot import" not in done.stderr, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["layers"][0]["id"] == "1"
