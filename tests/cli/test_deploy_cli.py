@@ -137,13 +137,24 @@ def test_lambda_model_folds_with_unsafe_and_export_names_the_layer(tmp_path):
             "lambda.keras: cannot export to ONNX: unsupported Keras layer(s) double (Lambda)")
 
 
-def test_savedmodel_and_torchscript_sources_are_refused_naming_the_file(tmp_path):
-    """Also in the pipeline, where the refusal now comes before the recalibration, not after it."""
+def test_torchscript_exports_unfolded_and_a_savedmodel_is_refused_naming_the_file(tmp_path):
+    """A TorchScript archive goes through torch's TorchScript-based exporter as it is; folding it is refused
+    (fx cannot trace a ScriptModule), before anything is written. A SavedModel: no export path yet."""
+    import onnxruntime as ort
+
     scripted = ROOT / "fixtures" / "torch" / "homogeneous.pt"
-    refused(tmp_path, ["recalibrate", scripted, "--trust-code", "--data", CALIB, "-o", tmp_path / "fixed.pt",
-                       "--export", tmp_path / "m.onnx", "-q"], f"{scripted}: folding and ONNX export", "TorchScript")
+    done = cli.invoke(app, [str(a) for a in ["recalibrate", scripted, "--trust-code", "--data", CALIB, "-o",
+                                             tmp_path / "fixed.pt", "--export", tmp_path / "m.onnx", "-q"]])
+    assert done.exit_code == 0, done.output
+    x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = torch.jit.load(str(tmp_path / "fixed.pt")).eval()(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], want, atol=1e-4)
+    refused(tmp_path, ["export", scripted, "--trust-code", "-o", tmp_path / "f.onnx", "--fold"],
+            f"{scripted}: a TorchScript archive is exported as it is (--no-fold) but not folded")
     saved = ROOT / "fixtures" / "savedmodel" / "keras3_export"
-    refused(tmp_path, ["export", saved, "-o", tmp_path / "m.onnx"], f"{saved}: folding and ONNX export", "savedmodel")
+    refused(tmp_path, ["export", saved, "-o", tmp_path / "s.onnx"], f"{saved}: folding and ONNX export", "savedmodel")
 
 
 def test_outputs_that_would_clobber_something_are_refused(tmp_path):

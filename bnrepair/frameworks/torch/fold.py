@@ -54,6 +54,10 @@ def max_opset() -> int:
 def fold(model, bn_ids: set[str], example) -> Folded:
     import torch
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError("a TorchScript archive is exported as it is (--no-fold) but not folded: torch.fx cannot "
+                         "trace a ScriptModule; fold the checkpoint it came from (the state_dict with --arch)")
+
     module = source(model)
     gm = _trace(torch, module, bn_ids)
     from torch.fx.passes.shape_prop import ShapeProp

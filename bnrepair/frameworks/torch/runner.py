@@ -71,9 +71,8 @@ class TorchRunner:
         return self.module
 
     def fold_backend(self):
-        if self.scripted:
-            raise InputError(f"{self.graph.source}: folding and ONNX export work on torch modules, not TorchScript; "
-                             "use the checkpoint it came from (the state_dict with --arch)")
+        """The same backend for TorchScript: exported by torch's TorchScript-based ONNX exporter as it is; its
+        ``fold`` refuses a ScriptModule (fx cannot trace one)."""
         from . import fold
 
         return fold
