@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,7 +62,8 @@ def user_errors(command):
     """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130.
 
     SIGTERM (``kill``, ``timeout``, a job scheduler) interrupts like Ctrl-C, so temporary files are
-    removed on the way out instead of being left behind by the default handler.
+    removed on the way out instead of being left behind by the default handler. With ``--quiet`` the
+    libraries' own warnings (zipfile, Keras, torch, Pillow, numpy) are silenced too: errors only.
     """
 
     @functools.wraps(command)
@@ -69,7 +71,10 @@ def user_errors(command):
         in_main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                if kwargs.get("quiet"):
+                    warnings.simplefilter("ignore")
+                return command(*args, **kwargs)
         except BnrepairError as exc:
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
@@ -231,6 +236,25 @@ def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outp
         taken[real] = "an output"
 
 
+def write_report(report, json_path: Optional[Path], *written: Optional[str]) -> None:
+    """The --json report, last; where it cannot be written, the outputs this run ``written`` go too, so a
+    failed command leaves nothing (as one that stopped before writing would)."""
+    from contextlib import ExitStack
+
+    from .writers import removed_on_failure
+
+    if not json_path:
+        return
+    with ExitStack() as stack:
+        for path in written:
+            stack.enter_context(removed_on_failure(Path(path) if path else None))
+        try:
+            report.write_json(json_path)
+        except OSError as exc:
+            raise BnrepairError(f"{json_path}: cannot write the report ({exc.strerror or exc}); "
+                                "nothing was kept") from None
+
+
 def calibration_source(data, data_fn):
     """--data or --data-fn, exactly one of them."""
     from .user_code import data_from
@@ -302,8 +326,7 @@ def recalibrate(
     finally:
         if progress is not None:
             progress.close()
-    if json_path:
-        report.write_json(json_path)
+    write_report(report, json_path, report.output, report.export.output if report.export is not None else None)
     if not quiet:
         report.render(out)
         if report.export is not None:
@@ -432,8 +455,7 @@ def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet,
     report = run(checkpoint, output, data=source, preprocess=preprocess,
                  **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
                                 safe_global, "serving_default", None), **options)
-    if json_path:
-        report.write_json(json_path)
+    write_report(report, json_path, report.output)
     if not quiet:
         report.render(out)
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -193,6 +194,11 @@ def dies():
 
 def small():
     return batches((4, 8, 8, 3))
+
+def warns():
+    import warnings
+    warnings.warn("a library's own warning", UserWarning)
+    return batches()
 """
 
 
@@ -209,6 +215,19 @@ def test_data_fn_failures(tmp_path, spec, flags, message):
     feeds.write_text(FEEDS)
     fails(["recalibrate", KERAS, "--data-fn", f"{feeds}:{spec}", "-o", tmp_path / "out.h5", *flags],
           message.format(feeds=feeds), folder=tmp_path)
+
+
+def test_quiet_silences_library_warnings(tmp_path):
+    feeds = tmp_path / "feeds.py"
+    feeds.write_text(FEEDS)
+    args = ["recalibrate", KERAS, "--data-fn", f"{feeds}:warns", "-o", tmp_path / "out.h5"]
+    with pytest.warns(UserWarning, match="a library's own warning"):
+        assert invoke(args).exit_code == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = invoke([*args, "-q"])
+    assert quiet.exit_code == 0 and quiet.output == "", quiet.output
+    assert not [w for w in caught if "library's own" in str(w.message)]
 
 
 def test_savedmodel_batch_of_the_wrong_shape(tmp_path):
@@ -336,3 +355,20 @@ def test_a_fifo_as_checkpoint_or_data_is_refused_instead_of_read_forever(tmp_pat
     fails(["inspect", fifo], "pipe.npy: not a regular file")
     fails(["recalibrate", KERAS, "-d", fifo, "-o", tmp_path / "out.h5", "-q"],
           "pipe.npy: not a regular file or a folder", folder=tmp_path)
+
+
+def test_a_report_that_cannot_be_written_takes_the_repaired_checkpoint_with_it(tmp_path, monkeypatch):
+    """The command fails, so it keeps nothing: a failing --export already removed the checkpoint, --json did not.
+    The fault: a folder appears at the report's path while the run works (the real write then fails)."""
+    from bnrepair.report import Report
+
+    original = Report.write_json
+
+    def blocked(report, path):
+        Path(path).mkdir()
+        return original(report, path)
+
+    monkeypatch.setattr(Report, "write_json", blocked)
+    fails(["recalibrate", KERAS, "-d", CALIB, "-o", tmp_path / "out.h5", "--json", tmp_path / "r.json", "-q"],
+          "r.json: cannot write the report")
+    assert not (tmp_path / "out.h5").exists()
