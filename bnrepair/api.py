@@ -46,6 +46,7 @@ def load(model, options: LoadOptions | None = None, *, device: str = "auto", **l
 
 
 DEVICES = ("auto", "cpu", "gpu", "cuda")
+DIAGNOSE_MIN_SAMPLES = 32
 
 
 def _checked_request(data, preprocess: str, mode: str | None = None, device="auto") -> None:
@@ -144,6 +145,10 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
     cached = Cached(stream)
+    if 2 <= len(cached) < DIAGNOSE_MIN_SAMPLES:  # fewer than 2 gets the loop's own message
+        raise InputError(f"{cached.origin}: {len(cached)} samples are too few for a verdict: per-channel statistics "
+                         f"of fewer than {DIAGNOSE_MIN_SAMPLES} samples differ from the stored ones by chance alone "
+                         "(give more with --samples / --data)")
     stored = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in runner.graph.bn_layers}
     inference = as_scores_of(runner, cached, "eval")
     training = as_scores_of(runner, cached, "train")

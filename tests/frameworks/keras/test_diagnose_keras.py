@@ -131,6 +131,13 @@ def test_diagnose_bad_input_exits_2(tmp_path):
     assert result.exit_code == 2 and "no such file" in result.output
 
 
+def test_too_few_samples_get_no_verdict(tmp_path):
+    """4 samples called a healthy model domain-shifted (exit 1): chance alone moves their statistics that far."""
+    data = synthetic.folder("a", "calib")
+    result = cli.invoke(app, ["diagnose", str(FIXTURES / "healthy.keras"), "--data", str(data), "--samples", "4"])
+    assert result.exit_code == 2 and "4 samples are too few for a verdict" in result.output, result.output
+
+
 def test_inspect_reports_non_finite_statistics_in_an_h5_file(tmp_path):
     """NaN never equals itself: the check that the file holds what Keras loaded refused the file instead."""
     import shutil
