@@ -17,7 +17,7 @@ import numpy as np
 
 from . import frameworks
 from .data import Cached, calibration, check_fits, check_path, check_preprocess, image_spec
-from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, prepare, require_onnx
+from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, check_opset, prepare, require_onnx
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
 from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
@@ -212,6 +212,7 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
         output = check_output(source, Path(output))
     if output is not None and output.suffix == ".onnx":
         require_onnx()
+        check_opset(opset)
     if data is not None:
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
@@ -239,6 +240,7 @@ def export(model, output, *, fold: bool = False, opset: int = DEFAULT_OPSET, dat
     source = Path(model) if isinstance(model, (str, Path)) else None
     output = onnx_output(source, output)
     require_onnx()
+    check_opset(opset)  # before a framework loads (seconds, for TensorFlow)
     if data is not None:
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)

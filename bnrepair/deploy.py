@@ -86,7 +86,7 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
     if not (atol >= 0 and rtol >= 0):
         raise InputError(f"--atol and --rtol must be >= 0, got {atol:g} and {rtol:g}")
     if to_onnx:
-        _check_opset(opset, frame)
+        check_opset(opset, frame)
     batches, described = verification_batches(runner, data, samples, batch_size, seed, image_size, preprocess,
                                               input_index)
     with frame.precise():
@@ -223,11 +223,12 @@ def _off(what: str, error: Error, stage: str) -> VerificationError:
                              f"rtol {error.rtol:g} * its largest |value| {error.scale:.3g}; nothing written")
 
 
-def _check_opset(opset: int, frame) -> None:
-    """Up to the newest opset that the installed onnx, onnxruntime and the framework's exporter all take."""
+def check_opset(opset: int, frame=None) -> None:
+    """Up to the newest opset that the installed onnx, onnxruntime and the framework's exporter all take;
+    without ``frame``, onnx and onnxruntime only (checked before a framework loads)."""
     import onnx
 
-    newest = min(onnx.defs.onnx_opset_version(), frame.max_opset(), ort_max_opset())
+    newest = min(onnx.defs.onnx_opset_version(), ort_max_opset(), *([frame.max_opset()] if frame else []))
     if not OPSET_MIN <= opset <= newest:
         raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the newest the installed onnx, "
                          f"onnxruntime and exporter all support), got {opset}")

@@ -124,12 +124,19 @@ class ArraySource:
 
 
 def check_path(data) -> None:
-    """A data path that does not exist, or is neither a file nor a folder (a FIFO would block reading it),
-    refused before any model is loaded."""
-    if isinstance(data, (str, Path)) and not Path(data).exists():
+    """A data path that does not exist, is neither a file nor a folder (a FIFO would block reading it), is a
+    file of another kind, or a folder without images: refused before any model is loaded."""
+    if not isinstance(data, (str, Path)):
+        return
+    path = Path(data)
+    if not path.exists():
         raise InputError(f"{data}: no such file or folder")
-    if isinstance(data, (str, Path)) and not (Path(data).is_file() or Path(data).is_dir()):
+    if not (path.is_file() or path.is_dir()):
         raise InputError(f"{data}: not a regular file or a folder")
+    if path.is_file() and path.suffix not in (".npy", ".npz"):
+        raise InputError(f"{path}: calibration data must be an image folder, a .npy or a .npz file")
+    if path.is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
+        raise InputError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
 
 def open_source(data, spec: ImageSpec):

@@ -429,3 +429,29 @@ def test_renorm_and_synchronized_layers_get_the_statistics_inference_uses(option
     h = np.maximum(((x - x.mean(0)) / np.sqrt(x.var(0) + bn1.epsilon) * gamma + beta) @ w + b, 0.0)
     np.testing.assert_allclose(bn2.moving_mean.numpy(), h.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(bn2.moving_variance.numpy(), h.var(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recalibrate", "{model}", "-d", "{calib}", "--mode", "evel"], "--mode must be one of train, eval"),
+    (["recalibrate", "{model}", "-d", "{calib}", "--device", "tpu"], "--device must be one of"),
+    (["recalibrate", "{model}", "-d", "{empty}"], "no images found"),
+    (["recalibrate", "{model}", "-d", "{image}"], "calibration data must be an image folder, a .npy or a .npz"),
+    (["export", "{model}", "-o", "{out}", "--opset", "99"], "--opset must be between"),
+])
+def test_option_mistakes_are_refused_before_tensorflow_loads(tmp_path, files, args, message):
+    """Each of these waited for TensorFlow to load (5-10 s) before saying one line."""
+    import subprocess
+    import sys
+
+    from fixtures import CALIB
+
+    (tmp_path / "empty").mkdir()
+    image = next(Path(CALIB).rglob("*.png"))
+    args = [a.format(model=files["h5"], calib=CALIB, empty=tmp_path / "empty", image=image, out=tmp_path / "m.onnx")
+            for a in args]
+    code = ("import sys; from typer.testing import CliRunner; from bnrepair.cli import app; "
+            f"r = CliRunner().invoke(app, {args!r}); print(r.exit_code, 'tensorflow' in sys.modules); "
+            "print(r.output)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    status, output = done.stdout.split("\n", 1)
+    assert status == "2 False" and message in output, done.stdout
