@@ -87,8 +87,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
         if source is not None:  # a checkpoint without BN is the wrong file
             raise
         return Report.nothing_to_do(frameworks.claimant(model), mode, str(device))  # as update_bn does
-    if onnx_path is not None:
-        runner.fold_backend()  # refuses a format that cannot be exported before the recalibration runs
+    if onnx_path is not None:  # a format that cannot be exported, or folded, is refused before the recalibration
+        frame = runner.fold_backend()
+        if fold and frame.unfoldable(runner.model):
+            raise InputError(f"{source or 'model'}: {frame.unfoldable(runner.model)}")
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
@@ -217,6 +219,8 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
     frame = runner.fold_backend()
+    if frame.unfoldable(runner.model):  # before the verification batches are read
+        raise InputError(f"{source or 'model'}: {frame.unfoldable(runner.model)}")
     if output is None and source is not None:
         suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
         output = check_output(source, default_output(source, "folded").with_suffix(suffix))

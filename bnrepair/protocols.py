@@ -77,6 +77,9 @@ class FoldBackend(Protocol):
     def source(self, model: Any) -> Any:
         """The model as it runs at inference, to compare every result with."""
 
+    def unfoldable(self, model: Any) -> str | None:
+        """Why ``model`` cannot be folded at all (checked before any work), or None."""
+
     def fold(self, model: Any, bn_ids: set[str], example: np.ndarray) -> Any:
         """A ``folding.Folded``: a new model with every exactly foldable BN merged, the input untouched."""
 

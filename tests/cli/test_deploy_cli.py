@@ -153,6 +153,9 @@ def test_torchscript_exports_unfolded_and_a_savedmodel_is_refused_naming_the_fil
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], want, atol=1e-4)
     refused(tmp_path, ["export", scripted, "--trust-code", "-o", tmp_path / "f.onnx", "--fold"],
             f"{scripted}: a TorchScript archive is exported as it is (--no-fold) but not folded")
+    refused(tmp_path, ["recalibrate", scripted, "--trust-code", "--data", CALIB, "-o", tmp_path / "again.pt",
+                       "--export", tmp_path / "f.onnx", "--fold", "--mode", "eval", "--max-passes", "2"],
+            f"{scripted}: a TorchScript archive is exported as it is (--no-fold) but not folded")
     saved = ROOT / "fixtures" / "savedmodel" / "keras3_export"
     refused(tmp_path, ["export", saved, "-o", tmp_path / "s.onnx"], f"{saved}: folding and ONNX export", "savedmodel")
 

@@ -97,6 +97,11 @@ def source(model):
     return model
 
 
+def unfoldable(model) -> str | None:
+    """Every Functional or Sequential model can be folded (``fold`` names what it leaves and why)."""
+    return None
+
+
 def fold(model, bn_ids: set[str], example=None) -> Folded:
     """Fold every exact BN of ``model`` into a new model (BN layers are found in its config, so ``bn_ids`` is
     not needed); the input model is left unchanged."""

@@ -51,12 +51,21 @@ def max_opset() -> int:
     return ONNX_MAX_OPSET
 
 
-def fold(model, bn_ids: set[str], example) -> Folded:
+def unfoldable(model) -> str | None:
     import torch
 
     if isinstance(model, torch.jit.ScriptModule):
-        raise InputError("a TorchScript archive is exported as it is (--no-fold) but not folded: torch.fx cannot "
-                         "trace a ScriptModule; fold the checkpoint it came from (the state_dict with --arch)")
+        return ("a TorchScript archive is exported as it is (--no-fold) but not folded: torch.fx cannot trace a "
+                "ScriptModule; fold the checkpoint it came from (the state_dict with --arch)")
+    return None
+
+
+def fold(model, bn_ids: set[str], example) -> Folded:
+    import torch
+
+    reason = unfoldable(model)
+    if reason:
+        raise InputError(reason)
 
     module = source(model)
     gm = _trace(torch, module, bn_ids)
