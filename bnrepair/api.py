@@ -21,7 +21,7 @@ from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, check_opset, prepare, require
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
 from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
-from .options import LoadOptions
+from .options import LoadOptions, check_device
 from .protocols import Progress, Runner
 from .recalibration import MODES, run
 from .report import DeployReport, DiagnoseReport, InspectReport, Report
@@ -45,7 +45,6 @@ def load(model, options: LoadOptions | None = None, *, device: str = "auto", **l
     return frameworks.wrap(model, device)
 
 
-DEVICES = ("auto", "cpu", "gpu", "cuda")
 DIAGNOSE_MIN_SAMPLES = 32
 
 
@@ -55,8 +54,8 @@ def _checked_request(data, preprocess: str, mode: str | None = None, device="aut
     check_path(data)
     if mode is not None and mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(device, str) and device not in DEVICES:  # a torch.device is checked by torch
-        raise InputError(f"--device must be one of {', '.join(DEVICES)} (gpu and cuda are the same), got {device!r}")
+    if isinstance(device, str):  # a torch.device is checked by torch
+        check_device(device)
 
 
 def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: int = 32, seed: int = 0,
@@ -88,9 +87,9 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
             raise
         return Report.nothing_to_do(frameworks.claimant(model), mode, str(device))  # as update_bn does
     if onnx_path is not None:  # a format that cannot be exported, or folded, is refused before the recalibration
-        frame = runner.fold_backend()
-        if fold and frame.unfoldable(runner.model):
-            raise InputError(f"{source or 'model'}: {frame.unfoldable(runner.model)}")
+        reason = runner.fold_backend().unfoldable(runner.model) if fold else None
+        if reason:
+            raise InputError(f"{source or 'model'}: {reason}")
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
@@ -219,8 +218,9 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
     frame = runner.fold_backend()
-    if frame.unfoldable(runner.model):  # before the verification batches are read
-        raise InputError(f"{source or 'model'}: {frame.unfoldable(runner.model)}")
+    reason = frame.unfoldable(runner.model)
+    if reason:  # before the verification batches are read
+        raise InputError(f"{source or 'model'}: {reason}")
     if output is None and source is not None:
         suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
         output = check_output(source, default_output(source, "folded").with_suffix(suffix))

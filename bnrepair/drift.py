@@ -46,7 +46,9 @@ class Drift:
         if not getattr(runner, "drift_corrections", False) or not getattr(data, "repeatable", False):
             return None
         counts = runner.call_counts()
-        layers = frozenset(i for i in ids if counts is not None and counts.get(i) == 1)
+        if counts is None:
+            return None
+        layers = frozenset(i for i in ids if counts.get(i) == 1)
         return cls(layers, eps) if layers else None
 
     def fits(self, reached: list[str]) -> bool:

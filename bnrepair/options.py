@@ -63,5 +63,15 @@ class LoadOptions:
                                  f"{title}")
 
 
+DEVICES = ("auto", "cpu", "gpu", "cuda")
+"""--device names; gpu and cuda are the same (TensorFlow says GPU, torch CUDA)"""
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise InputError(f"--device must be one of {', '.join(DEVICES)} (gpu and cuda are the same), got {device!r}")
+    return device
+
+
 APPLIES_TO = {("keras",): "Keras .h5/.keras files", ("torch",): "PyTorch checkpoints",
               ("savedmodel",): "TensorFlow SavedModels", ("torch", "savedmodel"): "PyTorch and SavedModel files"}

@@ -40,7 +40,7 @@ class Outcome:
     """layers the forward pass never reached (in inference mode): left as they were"""
     noise_floor: float | None = None
     """eval mode, where passes stopped shrinking the change: how far a pass moves the statistics when they are
-    perturbed by two float32 ulps (``float32_floor``); the fixed point is not resolved finer than that"""
+    perturbed by two float32 ulps (``perturbed``); the fixed point is not resolved finer than that"""
 
 
 PERTURBATION = 2.0 ** -22
@@ -77,6 +77,11 @@ def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], prog
     if seen < 2:
         raise InputError(f"{data.origin}: need at least 2 calibration samples, got {seen}")
     return totals, seen
+
+
+def statistics(totals: dict[str, Moments], ids: list[str], unbiased: bool) -> dict:
+    """(mean, variance) per layer, the variance in the framework's convention, as ``set_stats`` takes them."""
+    return {i: (totals[i].mean, totals[i].variance(unbiased)) for i in ids}
 
 
 def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
@@ -146,7 +151,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
                              "(check the data's scaling with --preprocess)")
-        new = {i: (totals[i].mean, totals[i].variance(unbiased)) for i in ids}
+        new = statistics(totals, ids, unbiased)
         runner.set_stats(new)
         moved = {i: relative_change(current[i], new[i], eps[i]) for i in ids}
         changes.append(max(moved.values()))
@@ -165,7 +170,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
                 runner.set_stats(perturbed(new))
                 totals, _ = pooled_moments(runner, data, mode, ids, progress, index)
                 passes += 1
-                probe = {i: (totals[i].mean, totals[i].variance(unbiased)) for i in ids}
+                probe = statistics(totals, ids, unbiased)
                 runner.set_stats(new)
                 plain_before = False  # the next pass is a plain one at ``new``, to compare the probe with
     return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,

@@ -6,6 +6,7 @@ stream can shuffle indices and never hold more than a few batches in memory.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,24 @@ class ImageSpec:
         check_preprocess(self.preprocess)
 
 
+def image_files(root: Path):
+    """The image files under ``root``, recursively, in no particular order."""
+    return (p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def no_images(root: Path) -> InputError:
+    return InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+
 class ImageFolder:
     """Images found recursively under ``root``; a first-level sub-folder names the class."""
 
     def __init__(self, root: Path, spec: ImageSpec):
         self.root = Path(root)
         self.spec = spec
-        self.files = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.files = sorted(image_files(self.root))
         if not self.files:
-            raise InputError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise no_images(self.root)
         classes = sorted({p.relative_to(self.root).parts[0] for p in self.files
                           if len(p.relative_to(self.root).parts) > 1})
         if classes and all(len(p.relative_to(self.root).parts) > 1 for p in self.files):
@@ -126,7 +135,7 @@ class ArraySource:
 def check_path(data) -> None:
     """A data path that does not exist, is neither a file nor a folder (a FIFO would block reading it), is a
     file of another kind, or a folder without images: refused before any model is loaded."""
-    if not isinstance(data, (str, Path)):
+    if not isinstance(data, (str, os.PathLike)):
         return
     path = Path(data)
     if not path.exists():
@@ -135,19 +144,14 @@ def check_path(data) -> None:
         raise InputError(f"{data}: not a regular file or a folder")
     if path.is_file() and path.suffix not in (".npy", ".npz"):
         raise InputError(f"{path}: calibration data must be an image folder, a .npy or a .npz file")
-    if path.is_dir() and not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")):
-        raise InputError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if path.is_dir() and next(image_files(path), None) is None:  # stops at the first image
+        raise no_images(path)
 
 
 def open_source(data, spec: ImageSpec):
     """A path to an image folder, .npy or .npz file, or an in-memory array, as a source."""
     if isinstance(data, np.ndarray):
         return ArraySource(data)
+    check_path(data)
     path = Path(data)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return ImageFolder(path, spec)
-    if path.suffix in (".npy", ".npz"):
-        return ArraySource.load(path)
-    raise InputError(f"{path}: calibration data must be an image folder, a .npy or a .npz file")
+    return ImageFolder(path, spec) if path.is_dir() else ArraySource.load(path)

@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import BnrepairError, InputError
+from ..options import check_device
 
 
 @contextmanager
@@ -61,8 +62,7 @@ def import_keras():
 
 
 def resolve_device(tf, device: str) -> str:
-    if device not in ("auto", "cpu", "gpu", "cuda"):
-        raise BnrepairError(f"--device must be auto, cpu or gpu, got {device!r}")
+    check_device(device)
     gpus = tf.config.list_physical_devices("GPU")
     if device in ("gpu", "cuda"):
         if not gpus:

@@ -416,7 +416,6 @@ class Emitter:
         pads = [0, 0, *padding[:, 0], 0, 0, *padding[:, 1]]
         return Value(self.node("Pad", [x.name, self.const(f"{name}/pads", pads, np.int64)], name), x.perm, x.shape)
 
-
     def emit_rescaling(self, name, layer, x, args):
         """``x * scale + offset``; per-channel values broadcast over Keras's last axis."""
         scale, offset = np.asarray(layer.scale, np.float32), np.asarray(layer.offset, np.float32)

@@ -147,7 +147,6 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        check_links(source)
         shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
         _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
         _replace_dir(tmp, dest)

@@ -17,6 +17,7 @@ import numpy as np
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
+from ...options import check_device
 from . import files as torch_files
 from .script import capture_function
 
@@ -433,9 +434,7 @@ def _resolve_device(torch, device: str, module, owned: bool):
     is never moved."""
     if isinstance(device, torch.device):
         device = device.type
-    want = {"gpu": "cuda"}.get(device, device)
-    if want not in ("auto", "cpu", "cuda"):
-        raise BnrepairError(f"--device must be auto, cpu or cuda, got {device!r}")
+    want = {"gpu": "cuda"}.get(check_device(device), device)
     if want == "cuda" and not torch.cuda.is_available():
         raise BnrepairError("--device cuda: torch sees no CUDA device on this machine")
     if not owned:
