@@ -95,7 +95,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     check_fits(runner.graph, stream)
     outcome = run(runner, stream, mode, tol, layers, skip, progress, max_passes)
     report = Report.of(outcome, runner.framework, mode, str(runner.device), stream.seed,
-                       skipped_bad=len(stream.bad))
+                       skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)())
     pending = None if onnx_path is None else prepare(runner, onnx_path, fold=fold, to_onnx=True, data=stream,
                                                       batch_size=batch_size, seed=seed, source_path=source)
     if source is not None:
@@ -145,7 +145,7 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
                          samples, skip_bad, input_index)
     check_fits(runner.graph, stream)
-    cached = Cached(stream)
+    cached = Cached(stream, progress)
     if 2 <= len(cached) < DIAGNOSE_MIN_SAMPLES:  # fewer than 2 gets the loop's own message
         raise InputError(f"{cached.origin}: {len(cached)} samples are too few for a verdict: per-channel statistics "
                          f"of fewer than {DIAGNOSE_MIN_SAMPLES} samples differ from the stored ones by chance alone "
@@ -214,6 +214,10 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
     if output is not None and output.suffix == ".onnx":
         require_onnx()
         check_opset(opset)
+    elif output is not None and source is not None:  # the format's suffixes are known before it loads
+        name = frameworks.detect(source)
+        if name in frameworks.FOLD_SUFFIXES:
+            check_fold_suffix(output, name, frameworks.FOLD_SUFFIXES[name])
     if data is not None:
         _checked_request(data, preprocess)
     runner = load(model, device=device, **load_options)
@@ -224,15 +228,19 @@ def fold(model, output=None, *, data=None, samples: int = VERIFY_SAMPLES, batch_
     if output is None and source is not None:
         suffix = source.suffix if source.suffix in frame.SUFFIXES else frame.SUFFIXES[0]
         output = check_output(source, default_output(source, "folded").with_suffix(suffix))
-    if output is not None and output.suffix not in (*frame.SUFFIXES, ".onnx"):
-        raise InputError(f"{output}: a folded {runner.framework} model is written as "
-                         f"{', '.join(frame.SUFFIXES)} or .onnx")
+    if output is not None and output.suffix != ".onnx":
+        check_fold_suffix(output, runner.framework, frame.SUFFIXES)
     pending = prepare(runner, output, fold=True, to_onnx=output is not None and output.suffix == ".onnx",
                       data=data, samples=samples, batch_size=batch_size, seed=seed, atol=atol, rtol=rtol,
                       opset=opset, image_size=image_size, preprocess=preprocess, input_index=input_index,
                       source_path=source)
     pending.write()
     return pending.report
+
+
+def check_fold_suffix(output: Path, framework: str, suffixes: tuple[str, ...]) -> None:
+    if output.suffix not in suffixes:
+        raise InputError(f"{output}: a folded {framework} model is written as {', '.join(suffixes)} or .onnx")
 
 
 def export(model, output, *, fold: bool = False, opset: int = DEFAULT_OPSET, data=None,

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
+import rich.markup
 import typer
 from rich.console import Console
 
@@ -34,6 +35,40 @@ class OneLineUsageErrors(typer.core.TyperGroup):
             print_error(exc.format_message())
             raise typer.Exit(exc.exit_code) from None
 
+    def get_help_option(self, ctx):
+        return flag_metavar(super().get_help_option(ctx))
+
+    def get_params(self, ctx):
+        return [flag_metavar(p) if getattr(p, "is_flag", False) else p for p in super().get_params(ctx)]
+
+
+class Command(typer.core.TyperCommand):
+    """Help as a shell user reads it: the argument named in capitals in the usage line (typer writes
+    ``{checkpoint}``), no metavar after a flag (typer writes ``<bool>``), and help texts taken as text, so a
+    ``[default: ...]`` in them is shown rather than dropped as a markup tag."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and getattr(param, "is_flag", False):
+                flag_metavar(param)
+            elif param.metavar is None and param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+            if getattr(param, "help", None):
+                param.help = rich.markup.escape(param.help)
+
+    def collect_usage_pieces(self, ctx):
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+    def get_help_option(self, ctx):
+        return flag_metavar(super().get_help_option(ctx))
+
+
+def flag_metavar(option):
+    if option is not None:
+        option.metavar = ""
+    return option
+
 
 app = typer.Typer(
     name="bnrepair",
@@ -45,8 +80,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
-out = Console(highlight=False)
+# Lines are never hard-wrapped (the terminal wraps them; a pipe or a log gets each whole, paths unbroken);
+# tables are still laid out to the width.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
@@ -82,7 +119,7 @@ def user_errors(command):
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
         finally:
-            if previous is not None:
+            if previous is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:  # not committed
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
@@ -108,14 +145,14 @@ class RichProgress:
         self.task = None
         self.done = 0
 
-    def start_pass(self, index: int, total: int | None) -> None:
+    def start_pass(self, index: int, total: int | None, label: str | None = None) -> None:
         import time
 
         self.started, self.done = time.perf_counter(), 0
         if self.task is None:
             self.bar.start()
             self.task = self.bar.add_task("", total=total, rate="–")
-        self.bar.reset(self.task, total=total, description=f"pass {index + 1}", rate="–")
+        self.bar.reset(self.task, total=total, description=label or f"pass {index + 1}", rate="–")
 
     def advance(self, samples: int) -> None:
         import time
@@ -170,13 +207,24 @@ def writable_folder(path: Optional[Path]) -> Optional[Path]:
     from .writers import check_output
 
     try:
-        return path if path is None else check_output(None, path)
+        return path if path is None or is_stdout(path) else check_output(None, path)
     except BnrepairError as exc:
         raise typer.BadParameter(str(exc)) from None
 
 
 JsonPath = Annotated[Optional[Path], typer.Option("--json", callback=writable_folder,
-                                                  help="Also write the report as JSON here.", rich_help_panel="Output")]
+                                                  help="Also write the report as JSON here; - for standard output "
+                                                  "(the table then goes to standard error).",
+                                                  rich_help_panel="Output")]
+
+
+def is_stdout(path: Optional[Path]) -> bool:
+    return path is not None and str(path) == "-"
+
+
+def screen(json_path: Optional[Path]) -> Console:
+    """Where the human report goes: standard output, unless --json - claims it for the JSON."""
+    return err if is_stdout(json_path) else out
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no table; errors only.",
                                      rich_help_panel="Output")]
 CustomObjects = Annotated[Optional[Path], typer.Option("--custom-objects", help="Keras: a .py file whose Keras "
@@ -227,7 +275,7 @@ def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outp
         if path is not None:
             taken[os.path.realpath(path)] = flag
     for path in reports:
-        if path is None:
+        if path is None or is_stdout(path):
             continue
         check_output(checkpoint, path)
         real = os.path.realpath(path)
@@ -238,21 +286,32 @@ def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outp
 
 def write_report(report, json_path: Optional[Path], *written: Optional[str]) -> None:
     """The --json report, last; where it cannot be written, the outputs this run ``written`` go too, so a
-    failed command leaves nothing (as one that stopped before writing would)."""
+    failed command leaves nothing (as one that stopped before writing would). Then the run is committed."""
     from contextlib import ExitStack
 
     from .writers import removed_on_failure
 
     if not json_path:
+        committed()
         return
     with ExitStack() as stack:
         for path in written:
             stack.enter_context(removed_on_failure(Path(path) if path else None))
-        try:
-            report.write_json(json_path)
-        except OSError as exc:
-            raise BnrepairError(f"{json_path}: cannot write the report ({exc.strerror or exc}); "
-                                "nothing was kept") from None
+        report.write_json(json_path)  # a refused write is a one-line error (writers.write_error)
+    committed()
+
+
+_OWN_PROCESS = False  # set by main(): the process is the bnrepair command, its signal dispositions are ours
+
+
+def committed() -> None:
+    """Every output is in place. An interrupt from here on would only misreport the run (the wrapper would say
+    nothing was written, a default handler would kill the process by the signal with the outputs complete), so
+    the command ignores SIGINT and SIGTERM from here, prints its summary and exits with its own status. (Ignored,
+    not blocked: a signal blocked in this thread is delivered to one of the frameworks' threads instead.)"""
+    if _OWN_PROCESS:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def calibration_source(data, data_fn):
@@ -264,7 +323,7 @@ def calibration_source(data, data_fn):
     return data if data_fn is None else data_from(data_fn)
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 @user_errors
 def recalibrate(
     checkpoint: Checkpoint,
@@ -328,15 +387,19 @@ def recalibrate(
             progress.close()
     write_report(report, json_path, report.output, report.export.output if report.export is not None else None)
     if not quiet:
-        report.render(out)
+        report.render(screen(json_path))
         if report.export is not None:
-            report.export.render(out)
+            report.export.render(screen(json_path))
+    if report.classes_lost:
+        from .terminal import shown
+
+        err.print(f"[yellow]warning:[/] {shown(report.classes_note())}", highlight=False)
     if not report.converged:
         err.print(f"[yellow]warning:[/] {report.convergence_note()}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
 
 
-@app.command(epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")
+@app.command(cls=Command, epilog="Exit codes: 0 no problem found; 1 problems found; 2 bad input.")
 @user_errors
 def inspect(
     checkpoint: Checkpoint,
@@ -362,11 +425,11 @@ def inspect(
     if json_path:
         report.write_json(json_path)
     if not quiet:
-        report.render(out)
+        report.render(screen(json_path))
     raise typer.Exit(1 if report.problems else 0)
 
 
-@app.command(epilog="Exit codes: 0 healthy; 1 problems found; 2 bad input. Works as a CI gate.")
+@app.command(cls=Command, epilog="Exit codes: 0 healthy; 1 problems found; 2 bad input. Works as a CI gate.")
 @user_errors
 def diagnose(
     checkpoint: Checkpoint,
@@ -418,12 +481,17 @@ def diagnose(
                                     ("--unsafe", unsafe)) if on]
     words += [w for name in safe_global or [] for w in ("--safe-global", name)]
     fix = "bnrepair recalibrate " + shlex.join(words)
-    report = run_diagnose(
-        checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
-        tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
-        input_index=input_index, fix_command=fix,
-        **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                       signature, input_name))
+    progress = None if quiet else RichProgress(err)
+    try:
+        report = run_diagnose(
+            checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
+            tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
+            input_index=input_index, fix_command=fix, progress=progress,
+            **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
+                           signature, input_name))
+    finally:
+        if progress is not None:
+            progress.close()
     if json_path:
         report.write_json(json_path)
     if plot:
@@ -431,7 +499,7 @@ def diagnose(
 
         plot_evidence(report, plot)
     if not quiet:
-        report.render(out)
+        report.render(screen(json_path))
     raise typer.Exit(0 if report.healthy else 1)
 
 
@@ -457,10 +525,10 @@ def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet,
                                 safe_global, "serving_default", None), **options)
     write_report(report, json_path, report.output)
     if not quiet:
-        report.render(out)
+        report.render(screen(json_path))
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 @user_errors
 def fold(
     checkpoint: Checkpoint,
@@ -503,7 +571,7 @@ def fold(
            input_index=input_index)
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(cls=Command, epilog=EXIT_CODES)
 @user_errors
 def export(
     checkpoint: Checkpoint,
@@ -547,6 +615,8 @@ def export(
 
 
 def main():
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         app()
     except BrokenPipeError:

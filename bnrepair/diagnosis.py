@@ -26,7 +26,10 @@ import numpy as np
 from . import metrics
 from .graph import BNLayer, ModelGraph
 
+THRESHOLD = 0.5
+"""a channel is off when its mean shift (in data std) or |ln variance ratio| exceeds this (diagnose --threshold)"""
 SHARE_OFF = 0.1
+"""a layer is off when more than this share of its channels are"""
 DEFAULT_EPS = {"keras": 1e-3, "savedmodel": 1e-3, "torch": 1e-5}
 
 
@@ -39,8 +42,9 @@ class Flag:
 
 
 def decay(graph: ModelGraph, bn: BNLayer) -> float | None:
-    """The EMA's decay whatever the framework's convention (Keras: momentum; torch: 1 - momentum)."""
-    if bn.momentum is None:
+    """The EMA's decay whatever the framework's convention (Keras: momentum; torch: 1 - momentum); None where
+    the checkpoint does not store it (a torch state_dict)."""
+    if bn.momentum is None or not graph.momentum_stored:
         return None
     return 1.0 - bn.momentum if graph.framework == "torch" else bn.momentum
 
@@ -102,12 +106,22 @@ class LayerEvidence:
     problem: bool
 
 
+def deviation(mean, var, eps: float, data_mean, data_var) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: how far stored statistics sit from the data's, as mean shift in data std and ln variance
+    ratio (eps included). Diagnose judges stored against measured with it, recalibrate old against new."""
+    sd2 = np.asarray(data_var, np.float64) + eps
+    shift = np.abs(np.asarray(data_mean, np.float64) - mean) / np.sqrt(sd2)
+    return shift, np.log((np.maximum(var, 0) + eps) / sd2)
+
+
+def share_off(shift: np.ndarray, log_ratio: np.ndarray, threshold: float = THRESHOLD) -> float:
+    return float(np.mean((shift > threshold) | (np.abs(log_ratio) > threshold)))
+
+
 def compare(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray, threshold: float) -> LayerEvidence:
+    shift, log_ratio = deviation(bn.mean, bn.var, bn.eps, data_mean, data_var)
     sd2 = np.asarray(data_var, np.float64) + bn.eps
-    shift = np.abs(data_mean - bn.mean) / np.sqrt(sd2)
-    log_ratio = np.log((np.maximum(bn.var, 0) + bn.eps) / sd2)
-    off = (shift > threshold) | (np.abs(log_ratio) > threshold)
-    share = float(np.mean(off))
+    share = share_off(shift, log_ratio, threshold)
     fraction, misfit = _ema_fit(bn, np.asarray(data_mean, np.float64), sd2 - bn.eps)
     return LayerEvidence(bn.id, bn.channels, bn.frozen, float(shift.max()), float(np.median(shift)),
                          float(np.abs(log_ratio).max()), float(np.median(log_ratio)), share,
@@ -179,8 +193,9 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
         if frozen:
             evidence.append(f"{len(frozen)} of them are frozen (trainable=False): their statistics come "
                             "from the data they were pre-trained on")
-        found.append(Verdict("domain_shift", "frozen BN statistics from another data set / domain shift",
-                             evidence, fix_command + "   (calibrate on data of the domain you deploy to)"))
+        evidence.append("calibrate on data of the domain you deploy to")
+        title = "BN statistics from other data (domain shift)"
+        found.append(Verdict("domain_shift", f"frozen {title}" if frozen else title, evidence, fix_command))
     return found
 
 

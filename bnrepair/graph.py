@@ -50,6 +50,9 @@ class ModelGraph:
     input_shape: tuple[int | None, ...] | None = None
     channels_first: bool = False
     unbiased_var: bool = False
+    momentum_stored: bool = True
+    """False where the checkpoint does not hold the layers' momentum (a torch state_dict: the module ``--arch``
+    builds brings its own default, which says nothing about training)"""
 
     def layer(self, layer_id: str) -> BNLayer:
         for bn in self.bn_layers:

@@ -130,7 +130,8 @@ class Stream(Protocol):
 class Progress(Protocol):
     """What the recalibration loop tells a progress display."""
 
-    def start_pass(self, index: int, total_samples: int | None) -> None: ...
+    def start_pass(self, index: int, total_samples: int | None, label: str | None = None) -> None:
+        """A pass over the data begins; ``label`` names work that is not a recalibration pass (reading)."""
 
     def advance(self, samples: int) -> None: ...
 
@@ -140,7 +141,7 @@ class Progress(Protocol):
 class NoProgress:
     """A ``Progress`` that shows nothing."""
 
-    def start_pass(self, index: int, total_samples: int | None) -> None: ...
+    def start_pass(self, index: int, total_samples: int | None, label: str | None = None) -> None: ...
 
     def advance(self, samples: int) -> None: ...
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .diagnosis import SHARE_OFF, THRESHOLD, deviation, share_off
 from .recalibration import Outcome
 from .terminal import shown
 from .version import __version__
@@ -25,6 +27,12 @@ class LayerChange:
     var_ratio_min: float
     var_ratio_max: float
     """range of new variance / old variance over channels"""
+    share_moved: float = 0.0
+    """share of channels whose statistics moved beyond ``diagnosis.THRESHOLD`` (the line diagnose draws)"""
+
+    @property
+    def moved(self) -> bool:
+        return self.share_moved > SHARE_OFF
 
 
 @dataclass
@@ -43,6 +51,8 @@ class Report:
     input_sha256: str | None = None
     output_sha256: str | None = None
     skipped_bad: int = 0
+    classes_lost: list[str] = field(default_factory=list)
+    """image-folder classes --skip-bad left without any image: the statistics describe the others only"""
     change_per_pass: list[float] = field(default_factory=list)
     """largest change of any statistic in each pass, in std units (eval mode converges on it)"""
     unreached: list[str] = field(default_factory=list)
@@ -63,7 +73,8 @@ class Report:
     def of(cls, outcome: Outcome, framework: str, mode: str, device: str, seed: int | None, **kw) -> "Report":
         return cls(framework=framework, mode=mode, device=device, samples=outcome.samples, seed=seed,
                    passes=outcome.passes, converged=outcome.converged, seconds=outcome.seconds,
-                   layers=[layer_change(bn.id, bn.channels, bn.frozen, outcome.before[bn.id], outcome.after[bn.id])
+                   layers=[layer_change(bn.id, bn.channels, bn.frozen, bn.eps, outcome.before[bn.id],
+                                        outcome.after[bn.id])
                            for bn in outcome.layers], change_per_pass=outcome.change_per_pass,
                    unreached=outcome.unreached, noise_floor=outcome.noise_floor, **kw)
 
@@ -71,6 +82,11 @@ class Report:
         last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
         return (f"eval mode did not converge in {self.passes} passes: the last moved statistics by {last:.3g} std, "
                 "more than --tol; raise --max-passes, or use --mode train")
+
+    def classes_note(self) -> str:
+        lost = self.classes_lost
+        return (f"no image of class(es) {', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''} was left: "
+                "the new statistics describe the other classes only")
 
     @property
     def worst_shift(self) -> float:
@@ -80,11 +96,13 @@ class Report:
         if not self.layers:
             return "the model has no BatchNorm layers: nothing to recalibrate"
         frozen = sum(layer.frozen for layer in self.layers)
-        moved = sum(layer.max_mean_shift > 0.1 or not (0.8 <= layer.var_ratio_min <= layer.var_ratio_max <= 1.25)
-                    for layer in self.layers)
+        moved = sum(layer.moved for layer in self.layers)
         text = (f"Recalibrated {len(self.layers)} BN layer(s) ({frozen} frozen) from {self.samples} samples "
-                f"in {self.seconds:.1f}s, mode {self.mode}, {self.passes} pass(es) on {self.device}; "
-                f"{moved} layer(s) changed materially, largest mean shift {self.worst_shift:.3g} std")
+                f"in {self.seconds:.1f}s, mode {self.mode}, {self.passes} pass(es) on {self.device}; ")
+        text += (f"{moved} layer(s) changed materially (over {SHARE_OFF:.0%} of channels beyond {THRESHOLD} std, "
+                 f"as diagnose counts), largest mean shift {self.worst_shift:.3g} std" if moved else
+                 f"nothing to repair: no layer moved beyond {THRESHOLD} std, the line diagnose draws (largest mean "
+                 f"shift {self.worst_shift:.3g} std)")
         if not self.converged:
             text += f" ({self.convergence_note()})"
         elif self.noise_floor is not None:
@@ -95,6 +113,8 @@ class Report:
                      f"({', '.join(self.unreached[:3])}{', ...' if len(self.unreached) > 3 else ''})")
         if self.skipped_bad:
             text += f"; skipped {self.skipped_bad} undecodable image(s)"
+        if self.classes_lost:
+            text += f" ({self.classes_note()})"
         if self.output:
             text += f"; wrote {self.output}"
         return text
@@ -108,25 +128,46 @@ class Report:
     def render(self, console) -> None:
         from rich.table import Table
 
-        table = Table(title="BatchNorm statistics", title_justify="left")
-        for name, justify in (("layer", "left"), ("channels", "right"), ("frozen", "center"),
-                              ("max |Δmean|/std", "right"), ("var new/old", "right")):
+        table = Table(title="BatchNorm statistics, largest change first", title_justify="left")
+        id_column(table, "layer", [layer.id for layer in self.layers])
+        for name, justify in (("channels", "right"), ("frozen", "center"), ("max |Δmean|/std", "right"),
+                              ("var new/old", "right")):
             table.add_column(name, justify=justify)
-        for layer in self.layers:
+        ranked = sorted(self.layers, key=lambda layer: (layer.share_moved, layer.max_mean_shift), reverse=True)
+        for layer in ranked[:ROWS]:
             table.add_row(shown(layer.id), str(layer.channels), "yes" if layer.frozen else "",
-                          f"{layer.max_mean_shift:.3g}", f"{layer.var_ratio_min:.3g} – {layer.var_ratio_max:.3g}")
+                          f"{layer.max_mean_shift:.3g}", f"{layer.var_ratio_min:.3g} – {layer.var_ratio_max:.3g}",
+                          style="red" if layer.moved else None)
         console.print(table)
+        more_rows(console, len(self.layers))
         console.print(shown(self.summary()))
 
 
-def layer_change(layer_id: str, channels: int, frozen: bool, old, new) -> LayerChange:
+def layer_change(layer_id: str, channels: int, frozen: bool, eps: float, old, new) -> LayerChange:
     old_mean, old_var = (np.asarray(a, np.float64) for a in old)
     new_mean, new_var = (np.asarray(a, np.float64) for a in new)
     std = np.sqrt(np.maximum(new_var, np.finfo(np.float64).tiny))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = new_var / old_var
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        moved = share_off(*deviation(old_mean, old_var, eps, new_mean, new_var))
     return LayerChange(layer_id, channels, frozen, float(np.max(np.abs(new_mean - old_mean) / std)),
-                       float(np.min(ratio)), float(np.max(ratio)))
+                       float(np.min(ratio)), float(np.max(ratio)), moved)
+
+
+ROWS = 20
+"""table rows a terminal report shows; --json holds every layer"""
+
+
+def more_rows(console, count: int) -> None:
+    if count > ROWS:
+        console.print(f"... and {count - ROWS} more layer(s) (see --json)")
+
+
+def id_column(table, name: str, ids) -> None:
+    """A column of layer ids, never cut or wrapped: ids are what --layers / --skip take, so they must read
+    whole; the other columns wrap instead."""
+    table.add_column(name, no_wrap=True, min_width=max((len(shown(i)) for i in ids), default=len(name)))
 
 
 def _finite(value):
@@ -183,7 +224,8 @@ class InspectReport:
         from rich.table import Table
 
         table = Table(title=f"BatchNorm layers of {shown(self.source)} ({self.framework})", title_justify="left")
-        for name in ("layer", "channels", "eps", "decay", "frozen", "mean min/med/max", "var min/med/max"):
+        id_column(table, "layer", [bn.id for bn in self.layers])
+        for name in ("channels", "eps", "decay", "frozen", "mean min/med/max", "var min/med/max"):
             table.add_column(name)
         for bn, d in zip(self.layers, self.decays):
             table.add_row(shown(bn.id), str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
@@ -235,18 +277,18 @@ class DiagnoseReport:
         from rich.table import Table
 
         table = Table(title="BN layers, worst first", title_justify="left")
-        for name in ("layer", "channels", "frozen", "mean shift max/med", "|log var ratio| max", "channels off",
+        id_column(table, "layer", [e.id for e in self.ranked[:ROWS]])
+        for name in ("channels", "frozen", "mean shift max/med", "|log var ratio| max", "channels off",
                      "EMA α (misfit)"):
             table.add_column(name)
-        for e in self.ranked[:20]:
+        for e in self.ranked[:ROWS]:
             style = "red" if e.problem else None
             table.add_row(shown(e.id), str(e.channels), "yes" if e.frozen else "",
                           f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
                           f"{e.share_off:.0%}",
                           "–" if e.ema_fraction is None else f"{e.ema_fraction:.2f} ({e.ema_misfit:.2f})", style=style)
         console.print(table)
-        if len(self.layers) > 20:
-            console.print(f"... and {len(self.layers) - 20} more layer(s) (see --json)")
+        more_rows(console, len(self.layers))
         out = self.outputs
         console.print(f"inference vs training-mode predictions agree on {out['agreement_inference_vs_training']:.1%}"
                       f" of {self.samples} samples; outputs differ by "
@@ -338,7 +380,8 @@ class DeployReport:
 
         if self.folded:
             table = Table(title="Folded BN layers", title_justify="left")
-            for name in ("BN", "how", "into", "max |Δ|", "rel"):
+            id_column(table, "BN", [row.bn for row in self.folded])
+            for name in ("how", "into", "max |Δ|", "rel"):
                 table.add_column(name)
             for row in self.folded:
                 table.add_row(shown(row.bn), row.how, shown(", ".join(row.into)), f"{row.max_abs:.2g}",
@@ -346,7 +389,7 @@ class DeployReport:
             console.print(table)
         if self.refused:
             table = Table(title="Left in place", title_justify="left")
-            table.add_column("BN")
+            id_column(table, "BN", [refusal.bn for refusal in self.refused])
             table.add_column("reason")
             for refusal in self.refused:
                 table.add_row(shown(refusal.bn), shown(refusal.reason))
@@ -360,9 +403,14 @@ class DeployReport:
         console.print(shown(self.summary()), highlight=False)
 
 
-
 def _write_json(path: Path, data: dict) -> None:
+    """``path`` written atomically, or standard output for ``-``."""
     from .writers import atomic_path
 
+    text = json.dumps(data, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     with atomic_path(Path(path)) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+        Path(tmp).write_text(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -45,6 +46,72 @@ def _umask() -> int:
     return mask
 
 
+NAME_MAX = 255  # bytes in one file name on the file systems bnrepair writes to (ext4, xfs, apfs, ntfs)
+
+
+def scratch_affixes(dest: Path, suffix: str = "") -> dict[str, str]:
+    """The ``prefix`` and ``suffix`` of a temporary beside ``dest`` for ``tempfile.mkstemp`` / ``mkdtemp``: hidden,
+    tagged with this process's id so a later run can tell a killed run's leftovers (``remove_stale``), and cut so that
+    any legal ``dest`` name still gets one (mkstemp adds 8 characters)."""
+    pid, tail = f".{os.getpid()}-", f"{suffix}.tmp"
+    room = NAME_MAX - 1 - len(pid) - 8 - len(tail.encode())
+    stem = dest.name.encode()[:room].decode(errors="ignore")
+    return {"prefix": f".{stem}{pid}", "suffix": tail}
+
+
+def remove_stale(dest: Path, suffix: str = "") -> None:
+    """Remove the temporaries of ``dest`` that runs killed before they could clean up (SIGKILL, power loss) left:
+    this user's, named by ``scratch_affixes``, whose process is gone. Only on POSIX, where a process can be
+    asked whether it lives without being signalled."""
+    if os.name != "posix":
+        return
+    affixes = scratch_affixes(dest, suffix)
+    prefix, tail = affixes["prefix"], affixes["suffix"]
+    head = prefix[: prefix.rindex(".") + 1]
+    with os.scandir(dest.parent) as entries:
+        for entry in entries:
+            tag = re.fullmatch(r"(\d+)-\w{8}", entry.name[len(head):-len(tail)] if entry.name.endswith(tail) else "")
+            if (not entry.name.startswith(head) or tag is None or _alive(int(tag[1]))
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_error(dest: Path, exc: BaseException) -> BnrepairError | None:
+    """A one-line error for a write that the system refused (disk full, quota, file size limit), found also
+    where a library wraps the ``OSError`` (torch's zip writer raises a RuntimeError from it)."""
+    if not isinstance(exc, Exception) or isinstance(exc, BnrepairError):
+        return None
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, shutil.Error) and cause.args and isinstance(cause.args[0], list):
+            reason = re.sub(r"^\[Errno \d+\] ([^:]*).*", r"\1", str(cause.args[0][0][-1]))  # copytree's list
+        elif isinstance(cause, OSError):
+            reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        else:
+            continue
+        return BnrepairError(f"{dest}: cannot write ({reason}); nothing was written")
+    return None
+
+
 @contextmanager
 def atomic_path(dest: Path, suffix: str = ""):
     """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step.
@@ -53,7 +120,8 @@ def atomic_path(dest: Path, suffix: str = ""):
     """
     dest = Path(dest)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+        remove_stale(dest, suffix)
+        fd, tmp = tempfile.mkstemp(**scratch_affixes(dest, suffix), dir=dest.parent)
     except OSError as exc:
         raise BnrepairError(f"{dest}: cannot write in {dest.parent} ({exc.strerror})") from None
     os.close(fd)
@@ -63,9 +131,12 @@ def atomic_path(dest: Path, suffix: str = ""):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        error = write_error(dest, exc)
+        if error is not None:
+            raise error from None
         raise
 
 

@@ -7,6 +7,7 @@ stream can shuffle indices and never hold more than a few batches in memory.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..untrusted import check_declared
 from .preprocess import check_preprocess, scale_pixels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -46,11 +48,21 @@ class ImageFolder:
     """Images found recursively under ``root``; a first-level sub-folder names the class."""
 
     def __init__(self, root: Path, spec: ImageSpec):
+        from PIL import Image
+
+        # Pillow warns of a bomb up to twice its pixel limit and decodes it; ``sample`` refuses it instead. Set
+        # once, not per image: ``warnings.catch_warnings`` is not safe on the decoding threads.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         self.root = Path(root)
         self.spec = spec
         self.files = sorted(image_files(self.root))
         if not self.files:
             raise no_images(self.root)
+        inside = self.root.resolve()
+        for path in self.files:  # rglob never descends into linked folders, so a loop cannot hang it
+            if path.is_symlink() and inside not in path.resolve().parents:
+                raise InputError(f"{path}: a symbolic link out of {self.root} (to {os.readlink(path)}); refusing "
+                                 "to read it (copy the file in, or give the folder it is in)")
         classes = sorted({p.relative_to(self.root).parts[0] for p in self.files
                           if len(p.relative_to(self.root).parts) > 1})
         if classes and all(len(p.relative_to(self.root).parts) > 1 for p in self.files):
@@ -72,16 +84,36 @@ class ImageFolder:
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                im = im.convert(_MODES.get(self.spec.channels, "RGB"))
-                if self.spec.size is not None and im.size != (self.spec.size[1], self.spec.size[0]):
-                    im = im.resize((self.spec.size[1], self.spec.size[0]), Image.BILINEAR)
-                pixels = np.asarray(im, dtype=np.uint8)
+                if im.width * im.height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns below twice its limit
+                    raise InputError(f"{path}: cannot decode image ({im.width}x{im.height} pixels, more than "
+                                     f"the {Image.MAX_IMAGE_PIXELS} of Pillow's decompression-bomb limit)")
+                pixels = _pixels(im, self.spec)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: cannot decode image ({exc})") from None
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         x = scale_pixels(pixels, self.spec.preprocess)
         return np.transpose(x, (2, 0, 1)) if self.spec.channels_first else x
+
+
+def _pixels(im, spec: ImageSpec) -> np.ndarray:
+    """HWC pixels on the 0-255 scale at the spec's size and channels. 16-bit greyscale keeps its precision
+    (Pillow's ``convert`` would clip every value above 255 to white)."""
+    from PIL import Image
+
+    size = None if spec.size is None else (spec.size[1], spec.size[0])
+    if im.mode.startswith("I;16") or im.mode == "I":
+        if size is not None and im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        grey = np.asarray(im, np.float32)[:, :, None] / 257.0
+        if spec.channels == 1:
+            return grey
+        rgb = np.repeat(grey, 3, axis=2)
+        return np.concatenate([rgb, np.full_like(grey, 255.0)], axis=2) if spec.channels == 4 else rgb
+    im = im.convert(_MODES.get(spec.channels, "RGB"))
+    if size is not None and im.size != size:
+        im = im.resize(size, Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 class ArraySource:
@@ -101,18 +133,18 @@ class ArraySource:
     @classmethod
     def load(cls, path: Path) -> "ArraySource":
         try:
-            if path.suffix == ".npy":
+            if path.suffix.lower() == ".npy":
                 return cls(np.load(path, mmap_mode="r", allow_pickle=False), origin=str(path))
-            with np.load(path, allow_pickle=False) as npz:
-                names = list(npz.files)
+            with zipfile.ZipFile(path) as z:
+                names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
                 if "x" in names:
                     key = "x"
                 elif len(names) == 1:
                     key = names[0]
                 else:
                     raise InputError(f"{path}: holds arrays {names}; name the samples 'x' (and labels 'y')")
-                labels = npz["y"] if "y" in names and key == "x" else None
-                return cls(npz[key], labels, origin=str(path))
+                labels = _member(path, z, "y") if "y" in names and key == "x" else None
+                return cls(_member(path, z, key), labels, origin=str(path))
         except InputError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -132,6 +164,38 @@ class ArraySource:
         return tuple(self.x.shape[1:])
 
 
+def _member(path: Path, z: zipfile.ZipFile, name: str) -> np.ndarray:
+    """Array ``name`` of an .npz. An uncompressed member (``np.savez``) is memory-mapped as a .npy is, so only
+    the samples drawn are read; a compressed one (``np.savez_compressed``) is inflated whole, once the size its
+    header declares is known to fit in memory (numpy allocates that much before reading a byte)."""
+    info = z.getinfo(f"{name}.npy")
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:  # 3.0: structured dtypes with non-Latin-1 field names, never a numeric array
+            raise InputError(f"{path}: array {name!r} is in .npy format {version}, not a plain numeric array")
+        shape, fortran, dtype = read_header(f)
+        header = f.tell()
+    if dtype.hasobject:
+        raise InputError(f"{path}: array {name!r} holds Python objects, which are not read (no pickle)")
+    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as raw:
+            raw.seek(info.header_offset)
+            local = raw.read(30)
+        name_and_extra = int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_and_extra  # past the member's local header
+        if header + nbytes > info.file_size:
+            raise InputError(f"{path}: array {name!r} declares shape {shape}, more than its {info.file_size} "
+                             "bytes hold")
+        return np.memmap(path, dtype, "r", start + header, shape, "F" if fortran else "C")
+    check_declared(f"{path}: array {name!r} of shape {shape}", nbytes,
+                   "save it uncompressed (np.savez) or as .npy, which are read lazily")
+    with z.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
 def check_path(data) -> None:
     """A data path that does not exist, is neither a file nor a folder (a FIFO would block reading it), is a
     file of another kind, or a folder without images: refused before any model is loaded."""
@@ -142,7 +206,7 @@ def check_path(data) -> None:
         raise InputError(f"{data}: no such file or folder")
     if not (path.is_file() or path.is_dir()):
         raise InputError(f"{data}: not a regular file or a folder")
-    if path.is_file() and path.suffix not in (".npy", ".npz"):
+    if path.is_file() and path.suffix.lower() not in (".npy", ".npz"):
         raise InputError(f"{path}: calibration data must be an image folder, a .npy or a .npz file")
     if path.is_dir() and next(image_files(path), None) is None:  # stops at the first image
         raise no_images(path)

@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import InputError
 from .sources import ImageSpec, open_source
+
+if TYPE_CHECKING:
+    from ..protocols import Progress
 
 
 @dataclass
@@ -75,14 +78,23 @@ class Calibration:
     def has_labels(self) -> bool:
         return getattr(self.source, "labels", None) is not None
 
+    def classes_lost(self) -> list[str]:
+        """Classes that --skip-bad left without a single image of those drawn: the statistics then describe
+        the other classes only."""
+        labels = getattr(self.source, "labels", None)
+        if labels is None or not self.bad:
+            return []
+        kept = set(labels[[i for i in self.order if int(i) not in self.bad]].tolist())
+        return [self.source.classes[c] for c in sorted(set(labels[self.order].tolist()) - kept)]
+
     def _load(self, indices: np.ndarray) -> Batch | None:
         xs, kept = [], []
         for i in indices:
             try:
                 x = self.source.sample(int(i))
-            except InputError:
+            except InputError as exc:
                 if not self.skip_bad:
-                    raise
+                    raise InputError(f"{exc}; --skip-bad skips undecodable images") from None
                 self.bad.add(int(i))
                 continue
             if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
@@ -180,8 +192,16 @@ class IterableCalibration:
 class Cached:
     """Batches read once and kept in memory, for commands that make several passes over few samples."""
 
-    def __init__(self, stream):
-        self.batches = list(stream)
+    def __init__(self, stream, progress: Progress | None = None):
+        self.batches = []
+        if progress is not None:
+            progress.start_pass(0, len(stream) if hasattr(stream, "__len__") else None, label="reading data")
+        for batch in stream:
+            self.batches.append(batch)
+            if progress is not None:
+                progress.advance(batch.size)
+        if progress is not None:
+            progress.end_pass()
         self.origin = getattr(stream, "origin", "calibration data")
         self.seed = getattr(stream, "seed", None)
         self.repeatable = True

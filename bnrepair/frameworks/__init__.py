@@ -17,12 +17,15 @@ import h5py
 
 from ..errors import InputError
 from ..options import LoadOptions
+from ..untrusted import check_archive
 
 TITLES = {"keras": "a Keras file", "torch": "a PyTorch checkpoint", "savedmodel": "a TensorFlow SavedModel",
           "onnx": "an ONNX model"}
 """Every format the registry recognises, by wing name, as messages name a file of that format."""
 WINGS = ("keras", "torch", "savedmodel")
 """The formats with a wing; an ONNX file is recognised but has none yet."""
+FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",)}
+"""What a wing's folded model is written as (besides ONNX), the first the default; known before it loads."""
 
 
 def detect(path: Path) -> str:
@@ -48,6 +51,7 @@ def detect(path: Path) -> str:
     if zipfile.is_zipfile(path) or head.startswith(b"PK\x03\x04"):  # a zip cut short has lost its directory
         try:
             with zipfile.ZipFile(path) as z:
+                check_archive(path, z)
                 names = z.namelist()
         except zipfile.BadZipFile:
             raise InputError(f"{path}: damaged or truncated zip archive (not completely written or copied?)") \

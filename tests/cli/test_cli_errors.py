@@ -313,16 +313,26 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase):
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "bnrepair.cli", "recalibrate", *map(str, args), *ARCH,
                                 "-o", str(out / "fixed.pt"), "-q"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), process.communicate()
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=120)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), process.communicate()
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
     assert process.returncode == 130, stderr
     assert stderr.strip() == "interrupted; nothing was written"
     assert list(out.iterdir()) == []
+
+
+def default_signals():
+    """In the child: SIGINT and SIGTERM as a terminal would deliver them. A shell's background job inherits
+    SIGINT ignored, and Python then never installs its Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_repaired_checkpoint_keeps_the_input_suffix(tmp_path):
@@ -370,5 +380,5 @@ def test_a_report_that_cannot_be_written_takes_the_repaired_checkpoint_with_it(t
 
     monkeypatch.setattr(Report, "write_json", blocked)
     fails(["recalibrate", KERAS, "-d", CALIB, "-o", tmp_path / "out.h5", "--json", tmp_path / "r.json", "-q"],
-          "r.json: cannot write the report")
+          "r.json: cannot write (Is a directory); nothing was written")
     assert not (tmp_path / "out.h5").exists()

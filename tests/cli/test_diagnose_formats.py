@@ -1,6 +1,7 @@
 """inspect and diagnose on the real torch and SavedModel fixtures, through the same runner protocol as Keras."""
 
 import json
+import shlex
 
 import pytest
 from typer.testing import CliRunner
@@ -35,7 +36,14 @@ def test_verdicts_and_exit_codes(tmp_path, path, domain, flags, cause):
         assert abs(report["outputs"]["expected_gain"]) <= 0.02
     else:
         assert report["outputs"]["expected_gain"] > 0.3 and report["layers"][0]["problem"]
-        assert " ".join(flags) in report["verdicts"][0]["fix"]
+        verdict = report["verdicts"][0]
+        assert " ".join(flags) in verdict["fix"]
+        assert shlex.split(verdict["fix"])[:2] == ["bnrepair", "recalibrate"] and "(" not in verdict["fix"]
+    if cause == "domain_shift":  # "frozen" only where off layers are frozen
+        frozen = any(layer["frozen"] and layer["problem"] for layer in report["layers"])
+        assert report["verdicts"][0]["title"].startswith("frozen ") == frozen
+    if flags == ARCH:  # a state_dict stores no momentum: the --arch default says nothing about training
+        assert not any("decay" in line for v in report["verdicts"] for line in v["evidence"])
 
 
 def test_inspect_torch_flags_never_updated_without_data():

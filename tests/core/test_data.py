@@ -79,3 +79,64 @@ def test_preprocess_modes():
     np.testing.assert_allclose(scale_pixels(px, "caffe")[0, 0], 255 - np.array([103.939, 116.779, 123.68]), rtol=1e-6)
     np.testing.assert_allclose(scale_pixels(px, "imagenet")[0, 0], (1 - np.array([0.485, 0.456, 0.406]))
                                / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+
+
+def test_sixteen_bit_greyscale_keeps_its_range(tmp_path):
+    """Pillow's convert clips 16-bit values at 255 (every pixel above 255 turned white); the reference is the
+    stored value over 65535."""
+    values = (np.arange(12 * 10).reshape(12, 10) * 547).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    grey = ImageFolder(tmp_path, ImageSpec(channels=1)).sample(0)
+    np.testing.assert_allclose(grey[:, :, 0], values / 65535.0, rtol=1e-6)
+    rgb = ImageFolder(tmp_path, ImageSpec(channels=3, preprocess="raw")).sample(0)
+    np.testing.assert_allclose(rgb, np.repeat(values[:, :, None] / 257.0, 3, axis=2), rtol=1e-6)
+    resized = ImageFolder(tmp_path, ImageSpec(size=(6, 5), channels=1)).sample(0)
+    assert resized.shape == (6, 5, 1) and 0.3 < resized.max() <= 1.0  # not clipped to 255/65535
+
+
+def test_an_image_past_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    """12000 x 12000 is 1.6x Pillow's limit: Pillow only warns there and decodes 144 Mpx from a small file."""
+    Image.new("1", (12000, 12000)).save(tmp_path / "wide.png")
+    assert (tmp_path / "wide.png").stat().st_size < 1 << 20
+    with pytest.raises(InputError, match=r"wide.png: cannot decode image \(12000x12000 pixels, more than the "
+                                         rf"{Image.MAX_IMAGE_PIXELS} of Pillow's decompression-bomb limit\)"):
+        ImageFolder(tmp_path, ImageSpec(size=(8, 8))).sample(0)
+
+
+def test_uncompressed_npz_is_read_lazily_and_compressed_within_memory(tmp_path):
+    x = np.random.default_rng(0).random((40, 4, 4, 3), dtype=np.float32)
+    np.savez(tmp_path / "plain.npz", x=x, y=np.arange(40))
+    np.savez_compressed(tmp_path / "packed.npz", x=x)
+    plain = open_source(tmp_path / "plain.npz", ImageSpec())
+    assert isinstance(plain.x, np.memmap)  # only the samples drawn are read, as from a .npy
+    np.testing.assert_array_equal(np.stack([plain.sample(i) for i in range(40)]), x)
+    assert plain.labels.tolist() == list(range(40))
+    np.testing.assert_array_equal(open_source(tmp_path / "packed.npz", ImageSpec()).x, x)
+    with open(tmp_path / "upper.NPY", "wb") as f:
+        np.save(f, x)
+    assert len(open_source(tmp_path / "upper.NPY", ImageSpec())) == 40  # suffixes are case-insensitive
+
+
+def npz_declaring(path, shape, compression):
+    """An .npz whose member's header declares ``shape`` while it holds a few bytes."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_2_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", compression) as z:
+        z.writestr("x.npy", header.getvalue() + bytes(64))
+
+
+def test_an_npz_member_cannot_declare_more_than_memory_or_its_bytes(tmp_path):
+    import zipfile
+
+    npz_declaring(tmp_path / "bomb.npz", (10**9, 32, 32, 3), zipfile.ZIP_DEFLATED)
+    with pytest.raises(InputError, match=r"bomb.npz: array 'x' of shape \(1000000000, 32, 32, 3\) declares "
+                                         r"1.14e\+04 GiB once read, more than the .* GiB of memory available"):
+        open_source(tmp_path / "bomb.npz", ImageSpec())
+    npz_declaring(tmp_path / "short.npz", (1000, 32), zipfile.ZIP_STORED)
+    with pytest.raises(InputError, match=r"short.npz: array 'x' declares shape \(1000, 32\), more than its \d+ "
+                                         "bytes hold"):
+        open_source(tmp_path / "short.npz", ImageSpec())

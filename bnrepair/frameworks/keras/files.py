@@ -73,10 +73,10 @@ def check_dataset(f: h5py.File, path: str, expected: np.ndarray, origin: str) ->
         raise InputError(f"{origin}: '{path}' does not hold the loaded BN statistics")
 
 
-def patch_h5(f: h5py.File, values: dict[str, np.ndarray]) -> None:
+def patch_h5(f: h5py.File, values: dict[str, np.ndarray], origin: str) -> None:
     for path, value in values.items():
         ds = f[path]
-        ds[...] = storable(value, ds.dtype, f"{f.filename}: {path}").reshape(ds.shape)
+        ds[...] = storable(value, ds.dtype, f"{origin}: {path}").reshape(ds.shape)
 
 
 def write_patched(source: Path, dest: Path, kind: str, values: dict[str, np.ndarray]) -> None:
@@ -85,25 +85,22 @@ def write_patched(source: Path, dest: Path, kind: str, values: dict[str, np.ndar
         if kind == "h5":
             shutil.copyfile(source, tmp)
             with h5py.File(tmp, "r+") as f:
-                patch_h5(f, values)
+                patch_h5(f, values, str(source))
             return
         with zipfile.ZipFile(source) as zin, zipfile.ZipFile(tmp, "w") as zout:
             for info in zin.infolist():
                 data = zin.read(info)
                 if info.filename == KERAS_WEIGHTS:
-                    data = _patched_bytes(data, values, tmp)
+                    data = _patched_bytes(data, values, f"{source}: {KERAS_WEIGHTS}")
                 zout.writestr(info, data)
 
 
-def _patched_bytes(data: bytes, values: dict[str, np.ndarray], near: Path) -> bytes:
-    scratch = near.with_name(near.name + ".weights.h5")
-    try:
-        scratch.write_bytes(data)
-        with h5py.File(scratch, "r+") as f:
-            patch_h5(f, values)
-        return scratch.read_bytes()
-    finally:
-        scratch.unlink(missing_ok=True)
+def _patched_bytes(data: bytes, values: dict[str, np.ndarray], origin: str) -> bytes:
+    """The archive member patched in memory: no scratch file that another user could race for."""
+    buffer = io.BytesIO(data)
+    with h5py.File(buffer, "r+") as f:
+        patch_h5(f, values, origin)
+    return buffer.getvalue()
 
 
 @contextmanager

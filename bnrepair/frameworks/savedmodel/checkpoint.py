@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BnrepairError, InputError
-from ...writers import storable
+from ...writers import remove_stale, scratch_affixes, storable, write_error
 from ..tf_runtime import import_tensorflow
 from .graph import split
 
@@ -145,13 +145,17 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         raise BnrepairError(f"{dest}: exists and is not a SavedModel; choose another -o/--output")
     if source.resolve() in dest.resolve().parents:
         raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_stale(dest)
+    tmp = Path(tempfile.mkdtemp(**scratch_affixes(dest), dir=dest.parent))
     try:
         shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
         _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
         _replace_dir(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        error = write_error(dest, exc)
+        if error is not None:
+            raise error from None
         raise
 
 
@@ -190,7 +194,8 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(tmp, dest)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    remove_stale(dest, ".old")
+    aside = Path(tempfile.mkdtemp(**scratch_affixes(dest, ".old"), dir=dest.parent))
     os.replace(dest, aside / dest.name)
     try:
         os.replace(tmp, dest)

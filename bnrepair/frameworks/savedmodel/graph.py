@@ -48,8 +48,8 @@ class Signature:
     dtypes: dict[str, int]
     """signature input name -> DataType enum"""
     outputs: dict[str, str]
-    input_name: str
-    """the input the calibration data feeds"""
+    input_name: str | None
+    """the input the calibration data feeds; None until the BN layers say which (several inputs, no --input)"""
     shape: tuple[int | None, ...] | None
     """the shape of that input, batch dimension included"""
 
@@ -104,11 +104,11 @@ def choose_signature(meta, name: str, input_name: str | None, origin: str) -> Si
                          "(choose with --signature)")
     sig = meta.signature_def[name]
     inputs = {k: v.name for k, v in sig.inputs.items()}
-    if input_name is None:
-        if len(inputs) != 1:
-            raise InputError(f"{origin}: signature {name!r} takes {len(inputs)} inputs ({', '.join(sorted(inputs))}); "
-                             "name the one the calibration data feeds with --input")
+    if input_name is None and len(inputs) == 1:
         input_name = next(iter(inputs))
+    if input_name is None:
+        return Signature(name, inputs, {k: v.dtype for k, v in sig.inputs.items()},
+                         {k: v.name for k, v in sig.outputs.items()}, None, None)
     if input_name not in inputs:
         raise InputError(f"{origin}: signature {name!r} has no input {input_name!r}; "
                          f"its inputs: {', '.join(sorted(inputs))}")

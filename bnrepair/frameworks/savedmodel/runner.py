@@ -75,6 +75,8 @@ class SavedModelRunner:
         sites, rejected = self.flat.find_bn(model_nodes)
         if not sites:
             raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
+        if self.signature.input_name is None:
+            self.signature = choose_signature(meta, signature, self._feeding_input(sites), str(source))
         self._check_feeds(sites)
         self._names = {key: name for key, name, _ in objects.values()}
         trainable = {key for key, _, flag in objects.values() if flag} if objects else trainable_v1(meta, self.keys)
@@ -98,6 +100,18 @@ class SavedModelRunner:
         if used:
             raise InputError(f"{self.source}: BN layers depend on signature input(s) {', '.join(used)}, but the "
                              f"calibration data feeds only {self.signature.input_name!r} (--input)")
+
+    def _feeding_input(self, sites: list[Site]) -> str:
+        """The one signature input the BN layers depend on: the calibration data's, without --input."""
+        inputs = self.signature.inputs
+        needed = self.flat.fanin([s.x for s in sites], stop={split(t)[0] for t in inputs.values()})
+        used = sorted(name for name, tensor in inputs.items() if split(tensor)[0] in needed)
+        if len(used) != 1:
+            raise InputError(f"{self.source}: signature {self.signature.name!r} takes {len(inputs)} inputs "
+                             f"({', '.join(sorted(inputs))}) and its BN layers depend on "
+                             f"{', '.join(used) if used else 'none of them'}; name the one the calibration data "
+                             "feeds with --input")
+        return used[0]
 
     @property
     def _input_node(self) -> str:

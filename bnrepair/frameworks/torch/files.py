@@ -109,13 +109,13 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
         with torch.no_grad():
             for name, value in buffers.items():
                 state[checkpoint.prefix + name].copy_(value)
-    with atomic_path(Path(output)) as tmp:
+    with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:  # a file object: a refused write stays an OSError
         if checkpoint.kind == "torchscript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torch.jit.save(checkpoint.module, str(tmp), _extra_files=checkpoint.extra_files)
+                torch.jit.save(checkpoint.module, f, _extra_files=checkpoint.extra_files)
         else:
-            torch.save(checkpoint.content, tmp, _use_new_zipfile_serialization=checkpoint.zipped)
+            torch.save(checkpoint.content, f, _use_new_zipfile_serialization=checkpoint.zipped)
 
 
 def _read_torchscript(path: Path) -> Checkpoint:

@@ -61,7 +61,8 @@ class TorchRunner:
             raise NoBatchNorm(f"{origin}: the model has no BatchNorm layers")
         self._by_id = {layer_id: m for layer_id, m, _, _ in found}
         self.graph = ModelGraph("torch", origin, [self._describe(*f) for f in found],
-                                input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True)
+                                input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True,
+                                momentum_stored=checkpoint is None or checkpoint.state is None)
         self._modules = [m for _, m in self.module.named_modules()]
         self._script_functions: dict = {}
         self._scratch: dict = {}

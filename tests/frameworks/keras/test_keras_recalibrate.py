@@ -437,6 +437,7 @@ def test_renorm_and_synchronized_layers_get_the_statistics_inference_uses(option
     (["recalibrate", "{model}", "-d", "{empty}"], "no images found"),
     (["recalibrate", "{model}", "-d", "{image}"], "calibration data must be an image folder, a .npy or a .npz"),
     (["export", "{model}", "-o", "{out}", "--opset", "99"], "--opset must be between"),
+    (["fold", "{model}", "-o", "{pt}"], "a folded keras model is written as .keras, .h5 or .onnx"),
 ])
 def test_option_mistakes_are_refused_before_tensorflow_loads(tmp_path, files, args, message):
     """Each of these waited for TensorFlow to load (5-10 s) before saying one line."""
@@ -447,7 +448,8 @@ def test_option_mistakes_are_refused_before_tensorflow_loads(tmp_path, files, ar
 
     (tmp_path / "empty").mkdir()
     image = next(Path(CALIB).rglob("*.png"))
-    args = [a.format(model=files["h5"], calib=CALIB, empty=tmp_path / "empty", image=image, out=tmp_path / "m.onnx")
+    args = [a.format(model=files["h5"], calib=CALIB, empty=tmp_path / "empty", image=image, out=tmp_path / "m.onnx",
+                     pt=tmp_path / "x.pt")
             for a in args]
     code = ("import sys; from typer.testing import CliRunner; from bnrepair.cli import app; "
             f"r = CliRunner().invoke(app, {args!r}); print(r.exit_code, 'tensorflow' in sys.modules); "

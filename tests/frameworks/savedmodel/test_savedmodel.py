@@ -3,6 +3,7 @@ against the real TensorFlow loader: repaired accuracy, agreement with the Keras 
 
 import filecmp
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -162,10 +163,32 @@ def test_only_bn_statistics_change(name, repaired):
     assert tree_digest(source) == digest  # the input is never touched
 
 
+class TwoInputBN(tf.Module):
+    """BN on the sum of two inputs: no single input is the calibration data's."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean, self.var = tf.Variable(tf.zeros([3])), tf.Variable(tf.ones([3]))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)] * 2)
+    def __call__(self, a, b):
+        ones, zeros = tf.ones([3]), tf.zeros([3])
+        return {"out": tf.compat.v1.nn.fused_batch_norm(a + b, ones, zeros, self.mean, self.var,
+                                                        is_training=False)[0]}
+
+
 def test_signature_and_input_choice(tmp_path):
     tf1 = FIXTURES / "tf1_slim"
-    with pytest.raises(InputError, match=r"takes 2 inputs \(images, temperature\).*--input"):
-        bnrepair.load(tf1)
+    # two inputs, BN layers fed by one of them: that one is the calibration data's, --input or not
+    assert bnrepair.load(tf1).signature.input_name == "images"
+    result = CliRunner().invoke(app, ["inspect", str(tf1), "--json", str(tmp_path / "i.json")])
+    assert result.exit_code == 1, result.output  # problems found: the fixture's statistics were never updated
+    assert len(json.loads((tmp_path / "i.json").read_text())["layers"]) == 4
+    module = TwoInputBN()
+    tf.saved_model.save(module, str(tmp_path / "two"), signatures=module.__call__)
+    with pytest.raises(InputError, match=r"takes 2 inputs \(a, b\) and its BN layers depend on a, b; name the one "
+                                         r"the calibration data feeds with --input"):
+        bnrepair.load(tmp_path / "two")
     with pytest.raises(InputError, match=r"no signature 'predict'; the SavedModel has: serving_default, train_mode"):
         bnrepair.load(tf1, signature="predict", input_name="images")
     with pytest.raises(InputError, match="is_training=True"):

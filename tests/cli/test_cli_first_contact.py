@@ -1,0 +1,195 @@
+"""What a new user reads and an attacker's archive meets: help texts, tables at 80 columns, --json -, one line of
+change, --skip-bad's warnings, archives whose members are links, escape the archive or inflate past memory."""
+
+import json
+import os
+import shutil
+import stat
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import bnrepair
+from bnrepair.cli import app
+from bnrepair.untrusted import available_memory
+from fixtures import ARCH_FLAGS, CALIB, HERE, KERAS_STALE, TORCH_STALE
+
+cli = CliRunner()
+
+
+def invoke(*args, columns=None):
+    return cli.invoke(app, [str(a) for a in args], env={"COLUMNS": str(columns)} if columns else None)
+
+
+def test_help_shows_defaults_plain_flags_and_the_argument_by_name():
+    text = invoke("recalibrate", "--help", columns=200).output
+    assert "Usage: bnrepair recalibrate [OPTIONS] CHECKPOINT" in text and "{" not in text
+    assert "[default: <stem>.recalibrated<suffix> beside the input]" in text
+    assert "Use at most N samples [default: all]." in text
+    assert "<bool>" not in text and "--skip-bad " in text
+    for command in ("inspect", "diagnose", "fold", "export"):
+        assert "<bool>" not in invoke(command, "--help", columns=200).output
+
+
+LONG = '''
+from torch import nn
+
+
+def build():
+    blocks = nn.Sequential()
+    for stage in ("stage_one_downsampling", "stage_two_downsampling"):
+        blocks.add_module(stage, nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)))
+    return blocks
+'''
+
+
+def test_layer_ids_are_never_cut_at_80_columns(tmp_path):
+    (tmp_path / "long.py").write_text(LONG)
+    torch.manual_seed(0)
+    namespace = {}
+    exec(LONG, namespace)
+    model = namespace["build"]()
+    torch.save(model.state_dict(), tmp_path / "long.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 3, 8, 8), dtype=np.float32))
+    ids = ["stage_one_downsampling.1", "stage_two_downsampling.1"]
+    arch = ["--arch", f"{tmp_path / 'long.py'}:build"]
+    for args in (["inspect", tmp_path / "long.pt", *arch],
+                 ["recalibrate", tmp_path / "long.pt", *arch, "-d", tmp_path / "x.npy", "-o", tmp_path / "r.pt"],
+                 ["diagnose", tmp_path / "long.pt", *arch, "-d", tmp_path / "x.npy"]):
+        text = invoke(*args, columns=80).output
+        assert all(i in text for i in ids), text  # whole: headers may shorten, ids may not
+        assert str(tmp_path / "r.pt") in text or args[0] != "recalibrate"  # a path is never split
+
+
+def test_recalibrate_and_diagnose_draw_the_same_line(tmp_path):
+    fixed, again = tmp_path / "fixed.h5", tmp_path / "again.h5"
+    first = invoke("recalibrate", KERAS_STALE, "-d", CALIB, "-o", fixed)
+    assert first.exit_code == 0 and "3 layer(s) changed materially" in first.output
+    second = invoke("recalibrate", fixed, "-d", CALIB, "-o", again, "--json", tmp_path / "r.json")
+    assert second.exit_code == 0 and "nothing to repair: no layer moved beyond 0.5 std" in second.output
+    assert not any(layer["share_moved"] > 0.1 for layer in json.loads((tmp_path / "r.json").read_text())["layers"])
+    assert invoke("diagnose", fixed, "-d", CALIB, "-q").exit_code == 0  # diagnose: healthy, the same verdict
+
+
+def test_json_dash_is_standard_output(tmp_path):
+    done = invoke("recalibrate", TORCH_STALE, *ARCH_FLAGS, "-d", CALIB, "-o", tmp_path / "r.pt", "--json", "-")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)  # nothing but the JSON on stdout; the table went to stderr
+    assert report["output"] == str(tmp_path / "r.pt") and "BatchNorm statistics" in done.stderr
+    assert not os.path.exists("-") and sorted(p.name for p in tmp_path.iterdir()) == ["r.pt"]
+    inspected = invoke("inspect", TORCH_STALE, *ARCH_FLAGS, "--json", "-")
+    assert [layer["decay"] for layer in json.loads(inspected.stdout)["layers"]] == [None] * 3  # not stored
+
+
+def test_skip_bad_is_named_and_a_lost_class_is_warned_of(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "data" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / "cat" / f"{i}.png")
+    (tmp_path / "data" / "dog").mkdir()
+    (tmp_path / "data" / "dog" / "0.png").write_bytes(b"not a png")
+    failed = invoke("recalibrate", KERAS_STALE, "-d", tmp_path / "data", "-o", tmp_path / "r.h5")
+    assert failed.exit_code == 2 and "--skip-bad skips undecodable images" in failed.output
+    done = invoke("recalibrate", KERAS_STALE, "-d", tmp_path / "data", "-o", tmp_path / "r.h5", "--skip-bad",
+                  "--json", tmp_path / "r.json")
+    assert done.exit_code == 0, done.output
+    assert "warning: no image of class(es) dog was left: the new statistics describe the other classes only" \
+        in done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["classes_lost"] == ["dog"]
+
+
+def test_diagnose_shows_progress_while_it_reads_data():
+    class Recorder:
+        def __init__(self):
+            self.passes = []
+
+        def start_pass(self, index, total, label=None):
+            self.passes.append([label, total, 0])
+
+        def advance(self, samples):
+            self.passes[-1][2] += samples
+
+        def end_pass(self):
+            pass
+
+    progress = Recorder()
+    bnrepair.diagnose(KERAS_STALE, CALIB, samples=64, progress=progress)
+    assert progress.passes[0] == ["reading data", 64, 64]
+
+
+def test_numpy_suffixes_are_case_insensitive(tmp_path):
+    with open(tmp_path / "x.NPY", "wb") as f:
+        np.save(f, np.random.default_rng(0).random((8, 32, 32, 3), dtype=np.float32))
+    assert invoke("recalibrate", KERAS_STALE, "-d", tmp_path / "x.NPY", "-o", tmp_path / "r.h5", "-q").exit_code == 0
+
+
+def rewritten(source, dest, extra=None):
+    """``source``'s members copied to ``dest``, then ``extra(zout)`` adds members of its own."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info))
+        if extra:
+            extra(zout)
+    return dest
+
+
+def link_member(zout):
+    info = zipfile.ZipInfo("assets/passwd")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    zout.writestr(info, "/etc/passwd")
+
+
+def test_archive_members_may_not_be_links_or_leave_the_archive(tmp_path):
+    keras_file = HERE / "keras" / "healthy.keras"
+    cases = [(rewritten(keras_file, tmp_path / "link.keras", link_member), "archive member assets/passwd is a "
+              "symbolic link; refusing to read it"),
+             (rewritten(keras_file, tmp_path / "up.keras", lambda z: z.writestr("../../evil.txt", "x")),
+              "archive member ../../evil.txt names a path outside the archive"),
+             (rewritten(TORCH_STALE, tmp_path / "abs.pt", lambda z: z.writestr("/tmp/evil", "x")),
+              "archive member /tmp/evil names a path outside the archive")]
+    for path, message in cases:
+        done = invoke("inspect", path, *(ARCH_FLAGS if path.suffix == ".pt" else []))
+        assert done.exit_code == 2 and done.output.strip() == f"error: {path}: {message}", done.output
+
+
+def test_an_archive_that_inflates_past_memory_is_refused_before_it_is_read(tmp_path):
+    """A few kilobytes whose central directory declares 64 members of 4 GiB each (256 GiB in all)."""
+    free = available_memory()
+    if free is None or free > 250 << 30:
+        pytest.skip("the system states no available memory, or more than the archive declares")
+    path = rewritten(TORCH_STALE, tmp_path / "bomb.pt",
+                     lambda z: [z.writestr(f"stale_ema/data/big{i}", b"0") for i in range(64)])
+    data = bytearray(path.read_bytes())
+    start = data.index(b"PK\x01\x02")
+    while (at := data.find(b"PK\x01\x02", start)) != -1:
+        name = data[at + 46: at + 46 + int.from_bytes(data[at + 28: at + 30], "little")]
+        if b"/big" in name:
+            data[at + 24: at + 28] = (0xFFFFFFF0).to_bytes(4, "little")  # uncompressed size
+        start = at + 4
+    path.write_bytes(bytes(data))
+    done = invoke("recalibrate", path, *ARCH_FLAGS, "-d", CALIB, "-o", tmp_path / "r.pt")
+    assert done.exit_code == 2, done.output
+    assert f"{path}: the archive declares 256 GiB once read, more than the" in done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.pt"]
+    shutil.rmtree(tmp_path)
+
+
+def test_a_data_folder_reads_nothing_through_links_out_of_it(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    (data / "loop").symlink_to(data)  # a loop: must not hang
+    (data / "inner.png").symlink_to(data / "0.png")  # a link within the folder: read
+    assert invoke("recalibrate", KERAS_STALE, "-d", data, "-o", tmp_path / "r.h5", "-q").exit_code == 0
+    secret = tmp_path / "secret.png"
+    shutil.copy(data / "1.png", secret)
+    (data / "leak.png").symlink_to(secret)
+    done = invoke("recalibrate", KERAS_STALE, "-d", data, "-o", tmp_path / "s.h5", "-q")
+    assert done.exit_code == 2 and f"{data / 'leak.png'}: a symbolic link out of {data}" in done.output
+    assert not (tmp_path / "s.h5").exists()

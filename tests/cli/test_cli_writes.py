@@ -1,0 +1,115 @@
+"""How outputs are written when the system gets in the way: a full disk, the longest legal name, a run killed
+before it could clean up, a signal after the output is complete, another user racing for a scratch file.
+Real processes, real limits (RLIMIT_FSIZE stands in for a full disk: the writers see the same refused write)."""
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnrepair.cli import app
+from fixtures import ARCH_FLAGS, CALIB, HERE, KERAS_STALE, REPO, TORCH_STALE
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+       "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def bnrepair(*args, preexec_fn=None, code=None):
+    """``bnrepair ARGS`` in a process of its own (``code`` runs first, in place of the plain entry point)."""
+    main = code or "from bnrepair.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.argv[0] = 'bnrepair'; {main}", *map(str, args)],
+                          env=ENV, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
+
+
+def small_files():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
+
+
+@pytest.mark.parametrize("source, output, flags", [
+    (KERAS_STALE, "out.h5", []),
+    (HERE / "keras" / "healthy.keras", "out.keras", []),
+    (TORCH_STALE, "out.pt", ARCH_FLAGS),
+    (HERE / "savedmodel" / "keras3_export", "out", []),
+])
+def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path, source, output, flags):
+    done = bnrepair("recalibrate", source, "-d", CALIB, *flags, "-o", tmp_path / output, "-q",
+                    preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / output}: cannot write (File too large); "
+                                                "nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_legal_output_name_is_written(tmp_path):
+    output = tmp_path / ("r" * 252 + ".pt")  # 255 bytes: the temporary's name must still fit
+    done = CliRunner().invoke(app, ["recalibrate", str(TORCH_STALE), *ARCH_FLAGS, "-d", str(CALIB), "-o", str(output),
+                                    "-q"])
+    assert done.exit_code == 0, done.output
+    state = torch.load(output, weights_only=True)
+    assert state.keys() == torch.load(TORCH_STALE, weights_only=True).keys()
+    assert list(tmp_path.iterdir()) == [output]
+
+
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+from bnrepair.writers import atomic_path
+
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_later_run_removes_what_a_killed_run_left(tmp_path):
+    output = tmp_path / "fixed.pt"
+    killed = subprocess.run([sys.executable, "-c", KILLED, str(output)], env=ENV, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".fixed.pt.") and left.name.endswith(".tmp")
+    live = tmp_path / f".fixed.pt.{os.getpid()}-abcdefgh.tmp"  # a run still at work: its process lives
+    live.write_bytes(b"busy")
+    done = CliRunner().invoke(app, ["recalibrate", str(TORCH_STALE), *ARCH_FLAGS, "-d", str(CALIB), "-o", str(output),
+                                    "-q"])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "fixed.pt"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_outputs_are_complete_keeps_the_run_a_success(tmp_path, sig):
+    """The signal arrives once every output is in place (sent by the process to itself, right then): the run
+    ends as it would have, exit 0 and its summary, not killed by the signal with no word."""
+    code = ("import os, bnrepair.cli as cli; done = cli.committed; "
+            f"cli.committed = lambda: (done(), os.kill(os.getpid(), {int(sig)})); cli.main()")
+    output, report = tmp_path / "fixed.h5", tmp_path / "r.json"
+    done = bnrepair("recalibrate", KERAS_STALE, "-d", CALIB, "-o", output, "--json", report, code=code)
+    assert done.returncode == 0, done.stderr
+    assert "Recalibrated 3 BN layer(s)" in done.stdout and output.is_file() and report.is_file()
+
+
+def test_a_keras_archive_is_patched_without_a_scratch_file(tmp_path):
+    """The weights member is patched in memory: the only file opened for writing beside the output is the
+    exclusive temporary that becomes it (a derived scratch name could be a planted link)."""
+    written = []
+
+    def watch(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path, mode, flags = os.fsdecode(args[0]), args[1], args[2]
+            if str(tmp_path) in path and ((mode and set(mode) & set("wax+")) or flags & (os.O_WRONLY | os.O_RDWR)):
+                written.append(Path(path).name)
+
+    sys.addaudithook(watch)  # hooks cannot be removed; this one only watches this test's folder
+    output = tmp_path / "fixed.keras"
+    done = CliRunner().invoke(app, ["recalibrate", str(HERE / "keras" / "healthy.keras"), "-d", str(CALIB), "-o",
+                                    str(output), "-q"])
+    assert done.exit_code == 0, done.output
+    assert written and all(re.fullmatch(rf"\.fixed\.keras\.{os.getpid()}-\w{{8}}\.tmp", name) for name in written), \
+        written
+    assert list(tmp_path.iterdir()) == [output]
