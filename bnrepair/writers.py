@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -96,9 +97,14 @@ def _umask() -> int:
     return mask
 
 
+_REFUSALS = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES))
+"""what the system says when it refuses a write, as libraries quote it in their own errors"""
+
+
 def write_error(dest: Path, exc: BaseException) -> BnrepairError | None:
-    """A one-line error for a write that the system refused (disk full, quota, file size limit), found also
-    where a library wraps the ``OSError`` (torch's zip writer raises a RuntimeError from it)."""
+    """A one-line error for a write that the system refused (disk full, quota, file size limit, read-only),
+    found also where a library wraps the ``OSError`` (torch's zip writer raises a RuntimeError from it) or
+    quotes it (TensorFlow's SaveV2: "...; File too large [Op:SaveV2]")."""
     if not isinstance(exc, Exception) or isinstance(exc, BnrepairError):
         return None
     for cause in (exc, exc.__cause__, exc.__context__):
@@ -106,6 +112,8 @@ def write_error(dest: Path, exc: BaseException) -> BnrepairError | None:
             reason = re.sub(r"^\[Errno \d+\] ([^:]*).*", r"\1", str(cause.args[0][0][-1]))  # copytree's list
         elif isinstance(cause, OSError):
             reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        elif cause is not None and (quoted := [r for r in _REFUSALS if r in str(cause)]):
+            reason = quoted[0]
         else:
             continue
         return BnrepairError(f"{dest}: cannot write ({reason}); nothing was written")

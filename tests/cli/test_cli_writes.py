@@ -113,3 +113,38 @@ def test_a_keras_archive_is_patched_without_a_scratch_file(tmp_path):
     assert written and all(re.fullmatch(rf"\.fixed\.keras\.{os.getpid()}-\w{{8}}\.tmp", name) for name in written), \
         written
     assert list(tmp_path.iterdir()) == [output]
+
+
+def test_a_savedmodel_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    """The graph is copied, then TensorFlow's SaveV2 is refused the variables (4 MiB of them, past the limit)."""
+    import numpy as np
+    import tensorflow as tf
+
+    class Ballast(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean, self.var = tf.Variable(tf.zeros([3])), tf.Variable(tf.ones([3]))
+            self.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, 3], seed=[0, 1]))
+            self.ballast = tf.Variable(tf.zeros([1 << 20]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def __call__(self, x):
+            y = tf.compat.v1.nn.fused_batch_norm(tf.nn.conv2d(x, self.kernel, 1, "SAME"), tf.ones([3]), tf.zeros([3]),
+                                                 self.mean, self.var, is_training=False)[0]
+            return {"out": y + 0.0 * tf.reduce_sum(self.ballast)}
+
+    module = Ballast()
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures=module.__call__)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((16, 8, 8, 3), dtype=np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def one_mib():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    done = bnrepair("recalibrate", tmp_path / "model", "-d", tmp_path / "x.npy", "-o", out / "fixed", "-q",
+                    preexec_fn=one_mib)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {out / 'fixed'}: cannot write (File too large); nothing "
+                                                "was written"]
+    assert list(out.iterdir()) == []
