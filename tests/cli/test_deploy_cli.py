@@ -137,9 +137,9 @@ def test_lambda_model_folds_with_unsafe_and_export_names_the_layer(tmp_path):
             "lambda.keras: cannot export to ONNX: unsupported Keras layer(s) double (Lambda)")
 
 
-def test_torchscript_exports_unfolded_and_a_savedmodel_is_refused_naming_the_file(tmp_path):
+def test_torchscript_exports_unfolded_and_folding_it_is_refused_naming_the_file(tmp_path):
     """A TorchScript archive goes through torch's TorchScript-based exporter as it is; folding it is refused
-    (fx cannot trace a ScriptModule), before anything is written. A SavedModel: no export path yet."""
+    (fx cannot trace a ScriptModule), before anything is written."""
     import onnxruntime as ort
 
     scripted = ROOT / "fixtures" / "torch" / "homogeneous.pt"
@@ -156,8 +156,34 @@ def test_torchscript_exports_unfolded_and_a_savedmodel_is_refused_naming_the_fil
     refused(tmp_path, ["recalibrate", scripted, "--trust-code", "--data", CALIB, "-o", tmp_path / "again.pt",
                        "--export", tmp_path / "f.onnx", "--fold", "--mode", "eval", "--max-passes", "2"],
             f"{scripted}: a TorchScript archive is exported as it is (--no-fold) but not folded")
-    saved = ROOT / "fixtures" / "savedmodel" / "keras3_export"
-    refused(tmp_path, ["export", saved, "-o", tmp_path / "s.onnx"], f"{saved}: folding and ONNX export", "savedmodel")
+
+
+@pytest.mark.parametrize("name", ["keras3_export", "tf1_slim"])
+def test_a_recalibrated_savedmodel_exports_through_tf2onnx_and_matches_its_own_signature(tmp_path, name):
+    """The ONNX holds the new statistics: it computes what the repaired SavedModel's own serving signature does
+    (TensorFlow loading it independently); folding a graph is refused, naming the file."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    saved = ROOT / "fixtures" / "savedmodel" / name
+    done = cli.invoke(app, [str(a) for a in ["recalibrate", saved, "--data", CALIB, "-o", tmp_path / "fixed",
+                                             "--export", tmp_path / "m.onnx", "-q"]])
+    assert done.exit_code == 0, done.output
+    signature = tf.saved_model.load(str(tmp_path / "fixed")).signatures["serving_default"]
+    x = np.random.default_rng(0).random((6, 32, 32, 3), dtype=np.float32)
+    # tf1_slim's second input (a softmax temperature) feeds only "probabilities", which the export leaves out:
+    # the calibration input alone does not determine it
+    feeds = {k: tf.constant(x) if v.shape.rank == 4 else tf.ones([], v.dtype)
+             for k, v in signature.structured_input_signature[1].items()}
+    first = sorted(signature.structured_outputs)[0]
+    want = signature(**feeds)[first].numpy()
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})
+    stale = tf.saved_model.load(str(saved)).signatures["serving_default"](**feeds)[first].numpy()
+    assert not np.allclose(stale, want, atol=1e-3)  # the recalibration changed what the model computes
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=1e-4)
+    refused(tmp_path, ["export", saved, "-o", tmp_path / "f.onnx", "--fold"],
+            f"{saved}: a SavedModel is a graph, without layers whose weights could take a BN in")
 
 
 def test_outputs_that_would_clobber_something_are_refused(tmp_path):

@@ -384,6 +384,49 @@ def subgraph(flat: FlatGraph, keep: set[str], placeholders: dict[str, int]):
     return out
 
 
+def freeze(graph_def, values: dict):
+    """``graph_def`` (from ``subgraph``) with the variable placeholders in ``values`` turned into constants, as
+    a converter wants them: a resource variable's reads (``ReadVariableOp``, through any ``Identity`` of its
+    handle) become Consts of its value and the handle goes; a reference variable's placeholder becomes the
+    Const itself."""
+    import tensorflow as tf
+    from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+    resource = tf.resource.as_datatype_enum
+    handles = {name: name for name in values
+               if any(n.name == name and n.attr["dtype"].type == resource for n in graph_def.node)}
+    grown = True
+    while grown:  # identities of a handle, in whatever order the nodes come
+        grown = False
+        for node in graph_def.node:
+            if node.op == "Identity" and node.name not in handles and split(node.input[0])[0] in handles:
+                handles[node.name], grown = handles[split(node.input[0])[0]], True
+    used = sorted({handles[split(i.lstrip("^"))[0]] for node in graph_def.node if node.op not in ("ReadVariableOp",)
+                   and node.name not in handles for i in node.input if split(i.lstrip("^"))[0] in handles})
+    if used:
+        raise InputError(f"variable(s) {', '.join(used)} are used other than read (a gather or an update), so "
+                         "they cannot be frozen into constants for export")
+
+    def const(name, value):
+        node = node_def_pb2.NodeDef(name=name, op="Const")
+        node.attr["dtype"].type = tf.dtypes.as_dtype(value.dtype).as_datatype_enum
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+        return node
+
+    out = graph_pb2.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        source = split(node.input[0])[0] if node.op == "ReadVariableOp" and node.input else None
+        if source in handles:
+            out.node.append(const(node.name, values[handles[source]]))
+        elif node.name in values and node.name not in handles:  # a reference variable's value
+            out.node.append(const(node.name, values[node.name]))
+        elif node.name not in handles:
+            out.node.append(node)
+    return out
+
+
 def rewire_for_batch_statistics(graph_def, sites: list[Site], kept: set[str], dtypes: dict[str, int],
                                 ranks: dict[str, int]):
     """A copy of ``graph_def`` whose BN sites normalise with the batch's own statistics (``train`` mode).

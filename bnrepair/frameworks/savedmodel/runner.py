@@ -42,6 +42,7 @@ from .graph import (
     canonical,
     choose_signature,
     flatten,
+    freeze,
     no_bn_message,
     read_meta_graph,
     rewire_for_batch_statistics,
@@ -230,12 +231,34 @@ class SavedModelRunner:
             bn = self.graph.layer(layer_id)
             bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
 
-    model = None
-    """no in-memory model: the graph is run from the saved file"""
+    @property
+    def model(self):
+        """No in-memory model: the runner, which runs the saved graph, stands for it (``fold.source``)."""
+        return self
 
     def fold_backend(self):
-        raise InputError(f"{self.source}: folding and ONNX export work on Keras models and torch modules, not a "
-                         "savedmodel; use the checkpoint it came from (a .keras/.h5 file)")
+        """ONNX export through tf2onnx; nothing folds (``fold.UNFOLDABLE`` says why)."""
+        from . import fold
+
+        return fold
+
+    def inference_function(self):
+        """A ``tf.function`` of the signature outputs ``infer`` gives, with every variable (the statistics held
+        now included) a constant, as a converter takes it, and its input spec."""
+        tf = import_tensorflow()
+        names = self._computable_outputs()
+        tensors = [canonical(self.signature.outputs[n]) for n in names]
+        graph_def, variables = self._program(tensors, frozenset(), [self.signature.input_name])
+        frozen = freeze(graph_def, {name: self._vars[name].numpy() for name in variables})
+        spec = self._input_spec(tf)
+
+        @tf.function(input_signature=[spec], autograph=False)
+        def run(x):
+            results = tf.graph_util.import_graph_def(frozen, input_map={canonical(self.signature.input_tensor): x},
+                                                     return_elements=tensors, name="model")
+            return dict(zip(names, results))
+
+        return run, spec
 
     def save(self, output: Path, changed: list[str]) -> None:
         """Copy the SavedModel to ``output`` with only ``changed`` layers' statistics replaced."""
@@ -257,14 +280,18 @@ class SavedModelRunner:
         return x.astype(dtype, copy=False)
 
     # --- capture -------------------------------------------------------------------------------------------
-    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
-        tf = import_tensorflow()
+    def _function(self, train: frozenset, ids: list[str], outputs: bool):
         key = (train, tuple(ids), outputs)
         if key not in self._functions:
-            self._functions[key] = self._trace(tf, train, ids, outputs)
+            self._functions[key] = self._trace(import_tensorflow(), train, ids, outputs)
+        return self._functions[key]
+
+    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
+        tf = import_tensorflow()
+        function = self._function(train, ids, outputs)
         try:
             with tf.device(self.device):
-                return self._functions[key](inputs)
+                return function(inputs)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise data_misfit(exc, inputs) from exc
 

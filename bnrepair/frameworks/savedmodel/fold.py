@@ -1,0 +1,83 @@
+"""``protocols.FoldBackend`` for a SavedModel: ONNX export through tf2onnx, nothing folded.
+
+The graph exported is the one bnrepair runs and verifies: the signature's outputs computed from the
+calibration input, with the statistics the runner holds now (recalibrated ones after ``recalibrate``),
+traced into a ``tf.function`` that tf2onnx converts with its variables frozen. A graph has no layers whose
+weights could take a BN in: fold the Keras or torch checkpoint the SavedModel came from.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InputError, first_line, require
+from ..tf_runtime import import_tensorflow
+
+SUFFIXES: tuple[str, ...] = ()
+UNFOLDABLE = ("a SavedModel is a graph, without layers whose weights could take a BN in: export it without "
+              "--fold, or fold the Keras or torch checkpoint it came from")
+
+
+@contextmanager
+def precise():
+    """Full float32 while verifying (no TF32 on GPUs)."""
+    tf = import_tensorflow()
+    before = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
+def source(model):
+    """The runner itself: it runs the saved graph with the statistics it holds."""
+    return model
+
+
+def unfoldable(model) -> str:
+    return UNFOLDABLE
+
+
+def fold(model, bn_ids, example):
+    raise InputError(UNFOLDABLE)
+
+
+def capture(model, names, x):
+    raise InputError(UNFOLDABLE)
+
+
+def save(model, dest: Path, example):
+    raise InputError(UNFOLDABLE)
+
+
+def run(model, x) -> list[np.ndarray]:
+    """The signature's outputs, sorted by name (as ``tf.function`` flattens the dict tf2onnx converts)."""
+    return [value for _, value in sorted(model.infer(model.cast_input(x)).items())]
+
+
+def output_names(model, example) -> list[str]:
+    return sorted(model.infer(model.cast_input(example[:1])))
+
+
+def max_opset() -> int:
+    require(("tf2onnx",), "ONNX export of a SavedModel", "onnx")
+    from tf2onnx import constants
+
+    return max(constants.OPSET_TO_IR_VERSION)
+
+
+def to_onnx(model, example, opset: int):
+    """tf2onnx's conversion of the runner's inference function, with a dynamic batch axis."""
+    require(("tf2onnx",), "ONNX export of a SavedModel", "onnx")
+    import tf2onnx
+
+    function, spec = model.inference_function()
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset)
+    except Exception as exc:  # an op tf2onnx has no conversion for, named in its message
+        raise InputError(f"tf2onnx cannot convert the signature's graph: {first_line(exc)}") from None
+    return proto
