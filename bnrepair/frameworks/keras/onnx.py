@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import InputError
-from .config_graph import container, is_container, serialized
+from .config_graph import container, is_container, serialized, tensors
 
 IDENTITY_LAYERS = {"Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
                    "GaussianDropout", "AlphaDropout", "Identity", "ActivityRegularization"}
@@ -38,12 +38,18 @@ HANDLERS = {
     "Dense": "emit_dense", "BatchNormalization": "emit_batch_normalization", "Activation": "emit_activation",
     "ReLU": "emit_relu", "LeakyReLU": "emit_leaky_relu", "ELU": "emit_elu", "Softmax": "emit_softmax",
     "Concatenate": "emit_concatenate", "Flatten": "emit_flatten", "Reshape": "emit_reshape",
-    "Rescaling": "emit_rescaling", "Normalization": "emit_normalization",
+    "Rescaling": "emit_rescaling", "Normalization": "emit_normalization", "Masking": "emit_masking",
     **dict.fromkeys(("Cropping1D", "Cropping2D", "Cropping3D"), "emit_cropping"),
 }
 """Keras layer class -> the Emitter method that writes it."""
-OPERATIONS = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div"}
-"""Keras 3 operations a Functional config records outside layers (``x + 3.0`` in MobileNetV3's hard-swish)."""
+OPERATIONS = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div",
+              "NotEqual": "NotEqual", "Any": "Any"}
+"""Keras 3 operations a Functional config records outside layers (``x + 3.0`` in MobileNetV3's hard-swish;
+``NotEqual`` and ``Any``, with which a Masking layer's mask is computed)."""
+MASK_BLIND = {"BatchNormalization", "Dense", "Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Masking",
+              *IDENTITY_LAYERS}
+"""Layers whose inference output does not depend on the mask they are handed (Keras's BN uses its moving
+statistics whatever the mask); masks reach ``GlobalAveragePooling1D`` too, which averages the unmasked steps."""
 
 
 def is_operation(entry: dict) -> bool:
@@ -211,17 +217,24 @@ class Emitter:
             except KeyError as exc:
                 raise InputError(f"cannot export to ONNX: {call.name} reads {exc.args[0][0]}, which is not "
                                  "computed before it") from None
+            recorded = call.entry.get("inbound_nodes") or [{}]
+            mask = None
+            if len(tensors(recorded[node].get("kwargs", {}).get("mask"))) == 1:  # read after the args' tensors
+                args, mask = args[:-1], args[-1]
             if is_container(call.entry):
                 outs = self.container(call.layer, call.entry["config"], call.name + "/", args)
             elif is_operation(call.entry):
-                outs = [self.operation(call.name, call.cls, call.entry["inbound_nodes"][node]["args"], args)]
+                outs = [self.operation(call.name, call.cls, call.layer, recorded[node]["args"], args)]
             else:
-                outs = [self.layer(call.name, call.cls, call.layer, args)]
+                outs = [self.layer(call.name, call.cls, call.layer, args, mask)]
             for i, value in enumerate(outs):
                 values[(call.name, node, i)] = value
         return [values[ref] for ref in level.outputs]
 
-    def layer(self, name: str, cls: str, layer, args: list[Value]) -> Value:
+    def layer(self, name: str, cls: str, layer, args: list[Value], mask: Value | None = None) -> Value:
+        if mask is not None and cls not in MASK_BLIND and cls != "GlobalAveragePooling1D":
+            raise InputError(f"cannot export to ONNX: {name} ({cls}) takes a mask, which the emitter does not "
+                             "carry through it")
         x = args[0]
         out_shape = tuple(layer.compute_output_shape(x.shape if len(args) == 1 else [a.shape for a in args]))
         if cls in IDENTITY_LAYERS:
@@ -235,11 +248,20 @@ class Emitter:
             else:
                 out = self.node(MERGE_OPS[cls], names, name)
             return Value(out, x.perm, out_shape)
-        value = getattr(self, HANDLERS[cls])(name, layer, x, args)
+        if cls == "GlobalAveragePooling1D" and mask is not None:
+            value = self.masked_average(name, layer, x, mask)
+        else:
+            value = getattr(self, HANDLERS[cls])(name, layer, x, args)
         return Value(value.name, value.perm, out_shape)
 
-    def operation(self, name: str, cls: str, arguments: list, tensors: list[Value]) -> Value:
-        """A binary element-wise operation whose arguments are tensors (in order, ``tensors``) or numbers."""
+    def operation(self, name: str, cls: str, op, arguments: list, tensors: list[Value]) -> Value:
+        """A binary element-wise operation whose arguments are tensors (in order, ``tensors``) or numbers, or
+        ``Any`` along axes. A boolean (mask) is kept as float 0 / 1, as masks are used."""
+        if cls == "Any":
+            x = self.layout(tensors[0], None)
+            axes = sorted({a % x.rank for a in (op.axis if op.axis is not None else range(x.rank))})
+            out = self.reduce("ReduceMax", x.name, axes, bool(op.keepdims), name)
+            return Value(out, None, tuple(d for i, d in enumerate(x.shape) if op.keepdims or i not in axes))
         tensors, first, names = iter(tensors), None, []
         for argument in arguments:
             if isinstance(argument, dict):
@@ -250,7 +272,17 @@ class Emitter:
                 names.append(self.const(f"{name}/constant", argument))
         if first is None or len(names) != 2:
             raise InputError(f"cannot export to ONNX: {name} (operation {cls} of {len(names)} arguments)")
+        if cls == "NotEqual":
+            equal = self.node("Equal", names, name)
+            return Value(self.node("Cast", [self.node("Not", [equal], name)], name, to=1), first.perm, first.shape)
         return Value(self.node(OPERATIONS[cls], names, name), first.perm, first.shape)
+
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: bool, name: str) -> str:
+        """``op`` over ``axes``: an input from opset 18 on (13 for ReduceSum), an attribute before."""
+        since = 13 if op == "ReduceSum" else 18
+        if self.opset >= since:
+            return self.node(op, [x, self.const(f"{name}/axes", axes, np.int64)], name, keepdims=int(keepdims))
+        return self.node(op, [x], name, axes=axes, keepdims=int(keepdims))
 
     # --- layers ----------------------------------------------------------------------------------------------
     def conv(self, name, layer, x, weight, bias, group: int, strides, dilations, padding: str) -> Value:
@@ -409,6 +441,23 @@ class Emitter:
         if layer.keepdims:
             return Value(out, x.perm, x.shape)
         return Value(self.node("Flatten", [out], name, axis=1), None, x.shape)
+
+    def emit_masking(self, name, layer, x, args):
+        """Keras's Masking: steps whose features all equal ``mask_value`` become zeros."""
+        keep = self.node("Cast", [self.node("Not", [self.node("Equal", [x.name, self.const(
+            f"{name}/mask_value", layer.mask_value)], name)], name)], name, to=1)
+        step = self.reduce("ReduceMax", keep, [x.axis(-1)], True, name)
+        return Value(self.node("Mul", [x.name, step], name), x.perm, x.shape)
+
+    def masked_average(self, name, layer, x, mask: Value):
+        """GlobalAveragePooling1D under a mask: the mean over the unmasked steps, as Keras computes it."""
+        if layer.data_format != "channels_last":
+            raise InputError(f"cannot export to ONNX: {name} averages a masked channels-first sequence")
+        x, mask = self.layout(x, None), self.layout(mask, None)
+        weights = self.node("Unsqueeze", [mask.name, self.const(f"{name}/axis", [2], np.int64)], name)
+        total = self.reduce("ReduceSum", self.node("Mul", [x.name, weights], name), [1], layer.keepdims, name)
+        count = self.reduce("ReduceSum", weights, [1], layer.keepdims, name)
+        return Value(self.node("Div", [total, count], name), None, x.shape)
 
     def emit_zero_padding(self, name, layer, x, args):
         x = self.spatial(x, layer)

@@ -200,3 +200,28 @@ def test_preprocessing_layers_cropping_and_operations_export_as_keras_computes_t
         session = ort.InferenceSession(str(tmp_path / f"fold{fold}.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: data})[0]
         np.testing.assert_allclose(got, numpy(model(data, training=False)), atol=1e-4, rtol=1e-4)
+
+
+def test_a_masked_sequence_exports_with_its_mask(tmp_path):
+    """Masking -> Dense -> BN -> GlobalAveragePooling1D: Keras records the mask as operations (NotEqual, Any) and
+    averages only the unmasked steps. Padded sequences, so the mask changes the result: an average over every
+    step would differ."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 5))
+    x = L.BatchNormalization(name="bn")(L.Dense(6, name="dense")(L.Masking(0.0)(inputs)))
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    randomise_bn(model)
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 1, (8, 10, 5)).astype(np.float32)
+    for i, length in enumerate(rng.integers(3, 10, 8)):
+        data[i, length:] = 0.0  # padding
+    want = numpy(model(data, training=False))
+    unmasked = keras.Model(inputs, model.get_layer("head")(L.GlobalAveragePooling1D()(
+        model.get_layer("bn")(model.get_layer("dense")(inputs)))))
+    assert not np.allclose(numpy(unmasked(data, training=False)), want, atol=1e-3)
+    for fold in (False, True):
+        report = bnrepair.export(model, tmp_path / f"fold{fold}.onnx", fold=fold, data=data, batch_size=4)
+        assert [row.bn for row in report.folded] == (["bn"] if fold else [])
+        session = ort.InferenceSession(str(tmp_path / f"fold{fold}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: data})[0]
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
