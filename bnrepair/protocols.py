@@ -61,6 +61,10 @@ class Runner(Protocol):
     def call_counts(self) -> dict[str, int] | None:
         """Forward calls per BN layer, from the graph alone (no data); None when unknown."""
 
+    def weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every weight the model computes with, by name, except the BN moving statistics (what is repaired):
+        one that is not finite makes a damaged checkpoint, which no recalibration can mend."""
+
     def fold_backend(self) -> FoldBackend:
         """The fold / ONNX backend of this format; an ``InputError`` naming the file where there is none."""
 

@@ -88,6 +88,17 @@ def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
     return next((i for i in ids if not totals[i].is_finite()), None)
 
 
+def check_weights(runner: Runner) -> None:
+    """A weight that is not finite (a diverged run, a damaged file) would turn activations NaN, which the data
+    would be blamed for; it is named up front instead."""
+    for name, value in runner.weights():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise InputError(f"{runner.graph.source}: weight {name} holds NaN or infinite values: the checkpoint "
+                             "itself is damaged (a diverged training run?), which recalibrating BN statistics "
+                             "cannot mend")
+
+
 def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, layers: str | None = None,
         skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None) -> Outcome:
     """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``.
@@ -111,6 +122,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not tol >= 0:  # NaN too: no pass would ever count as converged
         raise BnrepairError(f"--tol must be a number >= 0, got {tol}")
+    check_weights(runner)
     max_passes = MAX_PASSES if max_passes is None else max_passes
     if mode == "eval" and max_passes < 2:
         raise BnrepairError(f"--max-passes must be at least 2 in eval mode (a start and a check), got {max_passes}")

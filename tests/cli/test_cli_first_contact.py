@@ -193,3 +193,44 @@ def test_a_data_folder_reads_nothing_through_links_out_of_it(tmp_path):
     done = invoke("recalibrate", KERAS_STALE, "-d", data, "-o", tmp_path / "s.h5", "-q")
     assert done.exit_code == 2 and f"{data / 'leak.png'}: a symbolic link out of {data}" in done.output
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_non_finite_weights_are_named_not_blamed_on_the_data(tmp_path):
+    """A NaN conv weight made every activation NaN and the data was blamed ("check --preprocess"); a NaN gamma
+    passed with exit 0. Both are a damaged checkpoint, named as such before any pass."""
+    import keras
+
+    state = torch.load(TORCH_STALE, weights_only=True)
+    conv = next(k for k, v in state.items() if k.endswith("weight") and v.dim() == 4)
+    state[conv].view(-1)[3] = float("nan")
+    torch.save(state, tmp_path / "nan_conv.pt")
+    done = invoke("recalibrate", tmp_path / "nan_conv.pt", *ARCH_FLAGS, "-d", CALIB, "-o", tmp_path / "r.pt")
+    assert done.exit_code == 2 and done.output.strip() == (
+        f"error: {tmp_path / 'nan_conv.pt'}: weight {conv} holds NaN or infinite values: the checkpoint itself is "
+        "damaged (a diverged training run?), which recalibrating BN statistics cannot mend")
+    model = keras.models.load_model(KERAS_STALE, compile=False)
+    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    bn.gamma.assign(np.full(bn.gamma.shape, np.nan, np.float32))
+    model.save(tmp_path / "nan_gamma.keras")
+    done = invoke("diagnose", tmp_path / "nan_gamma.keras", "-d", CALIB)
+    assert done.exit_code == 2 and f"weight {bn.gamma.path} holds NaN or infinite values" in done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan_conv.pt", "nan_gamma.keras"]
+
+
+def test_keras_refusals_give_the_innermost_reason(tmp_path):
+    """Keras wraps what is wrong in "could not be deserialized properly" paragraphs; the first line showed only
+    that wrapper."""
+    keras_file = HERE / "keras" / "healthy.keras"
+    with zipfile.ZipFile(keras_file) as zin, zipfile.ZipFile(tmp_path / "bogus.keras", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                next(layer for layer in config["config"]["layers"]
+                     if layer["class_name"] == "BatchNormalization")["config"]["bogus_arg"] = 1
+                data = json.dumps(config).encode()
+            zout.writestr(info, data)
+    done = invoke("inspect", tmp_path / "bogus.keras")
+    assert done.exit_code == 2 and done.output.strip() == (
+        f"error: {tmp_path / 'bogus.keras'}: Keras could not load the model: Unrecognized keyword arguments "
+        "passed to BatchNormalization: {'bogus_arg': 1}")

@@ -71,5 +71,10 @@ class ChainRunner:
     def call_counts(self):
         return {bn.id: 1 for bn in self.graph.bn_layers}
 
+    def weights(self):
+        for k, (w, b) in enumerate(self.links):
+            yield f"link{k}/w", w
+            yield f"link{k}/b", b
+
     def fold_backend(self):
         raise InputError("the chain cannot be folded")

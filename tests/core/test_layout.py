@@ -170,4 +170,4 @@ def test_the_onnx_extra_installs_on_every_platform():
                                      ("Linux", "aarch64", "onnxruntime")]:
         chosen = {r.name for r in requirements
                   if r.marker is None or r.marker.evaluate({"platform_system": system, "platform_machine": machine})}
-        assert chosen == {"onnx", runtime}, (system, machine, chosen)
+        assert chosen == {"onnx", "tf2onnx", runtime}, (system, machine, chosen)

@@ -50,17 +50,27 @@ def load_file(path: Path, custom_objects: Path | None = None, unsafe: bool = Fal
         with keras_files.keras_name(path, kind) as readable:
             model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
     except Exception as exc:
-        message = first_line(exc)
+        message = keras_reason(exc)
         missing = re.search(r"Could not locate class '([^']+)'", str(exc))
         if missing:
             message = (f"the file uses a layer class Keras does not know, {missing.group(1)!r}; "
                        "give the Python file that defines it with --custom-objects FILE.py")
-        elif "safe_mode" in str(exc) or "Lambda" in str(exc):
+        elif "Lambda" in str(exc) or "lambda" in str(exc):
             message += " (the file holds Python code; pass --unsafe only if you trust it)"
+        elif "safe_mode" in str(exc):
+            message += " (Keras's safe_mode refused it; --unsafe turns safe_mode off, only for a file you trust)"
         raise InputError(f"{path}: Keras could not load the model: {message}") from None
     runner = KerasRunner(model, device=device, source=path, file_kind=kind)
     runner.locate_in_file()
     return runner
+
+
+def keras_reason(exc: BaseException) -> str:
+    """What is wrong, in one line. Keras wraps the reason in generic "could not be deserialized properly"
+    paragraphs, each ending "Exception encountered: <the next>"; the innermost says it (an unknown argument,
+    a missing class)."""
+    inner = str(exc).rsplit("Exception encountered:", 1)[-1]
+    return first_line(inner) if inner.strip() else first_line(exc)
 
 
 def _bn_layers(model):
@@ -116,6 +126,12 @@ class KerasRunner:
         self._sink: dict = {}
         self._corrections: dict = {}
         """per layer: (mean, variance) variables a drift-corrected pass adds to the batch's statistics"""
+
+    def weights(self):
+        statistics = {id(v) for layer in self._by_id.values() for v in (layer.moving_mean, layer.moving_variance)}
+        for variable in self.model.weights:
+            if id(variable) not in statistics:
+                yield variable.path, variable.numpy()
 
     def fold_backend(self):
         from . import fold

@@ -231,6 +231,12 @@ class SavedModelRunner:
             bn = self.graph.layer(layer_id)
             bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
 
+    def weights(self):
+        statistics = {node for site in self._sites.values() for node in (site.mean_var, site.var_var)}
+        for name, variable in self._vars.items():
+            if name not in statistics and variable.dtype.is_floating:
+                yield name, variable.numpy()
+
     @property
     def model(self):
         """No in-memory model: the runner, which runs the saved graph, stands for it (``fold.source``)."""

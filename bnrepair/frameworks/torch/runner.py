@@ -72,6 +72,13 @@ class TorchRunner:
     def model(self):
         return self.module
 
+    def weights(self):
+        statistics = {id(t) for m in self._by_id.values() for t in (getattr(m, "running_mean", None),
+                                                                    getattr(m, "running_var", None)) if t is not None}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in statistics and tensor.is_floating_point():
+                yield name, tensor.detach().cpu().numpy()
+
     def fold_backend(self):
         """The same backend for TorchScript: exported by torch's TorchScript-based ONNX exporter as it is; its
         ``fold`` refuses a ScriptModule (fx cannot trace one)."""
