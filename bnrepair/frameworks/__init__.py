@@ -22,8 +22,8 @@ from ..untrusted import check_archive
 TITLES = {"keras": "a Keras file", "torch": "a PyTorch checkpoint", "savedmodel": "a TensorFlow SavedModel",
           "onnx": "an ONNX model"}
 """Every format the registry recognises, by wing name, as messages name a file of that format."""
-WINGS = ("keras", "torch", "savedmodel")
-"""The formats with a wing; an ONNX file is recognised but has none yet."""
+WINGS = ("keras", "torch", "savedmodel", "onnx")
+"""The formats with a wing."""
 FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",)}
 """What a wing's folded model is written as (besides ONNX), the first the default; known before it loads."""
 
@@ -77,9 +77,6 @@ def load(path: Path, options: LoadOptions, device: str = "auto"):
     """A runner for the checkpoint at ``path``; options of another format are refused first."""
     path = Path(path)
     name = detect(path)
-    if name not in WINGS:
-        raise InputError(f"{path}: ONNX models are what bnrepair writes, not yet something it reads: use the Keras "
-                         "or torch checkpoint the model came from")
     options.check_applies(name, path, TITLES[name])
     return wing(name).load(path, options, device)
 

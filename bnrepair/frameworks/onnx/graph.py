@@ -1,0 +1,167 @@
+"""BatchNormalization nodes in an ONNX graph, and the in-memory rewrites that measure them.
+
+A BN node reads ``X, scale, B, input_mean, input_var`` and normalises over axis 1 (every opset). Its mean and
+variance are recalibrated where both are initializers; computed ones (or graph inputs) are reported and left
+alone. The measuring copy makes each recalibrated mean / variance a graph input (fed the statistics of the
+moment, so passes need no new session), exposes every BN input as a graph output, and, for the layers that
+normalise with batch statistics, replaces the node by the same normalisation computed from the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import InputError
+
+STATS = ("mean", "var")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One BN node: what it normalises, which initializers hold its statistics, and its attributes."""
+
+    id: str
+    index: int
+    """position of the node in the graph's node list"""
+    x: str
+    mean: str
+    var: str
+    eps: float
+    momentum: float
+    producer: str | None
+    producer_kind: str | None
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
+def find_bn(model) -> tuple[list[Site], list[str]]:
+    """The recalibratable BN nodes in graph order, and a line for each BN whose statistics are not stored."""
+    graph = model.graph
+    stored = {init.name for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    sites, left, seen = [], [], set()
+    for index, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        layer_id = node.name or node.output[0]
+        if layer_id in seen:
+            layer_id = f"{layer_id}#{index}"
+        seen.add(layer_id)
+        if _attr(node, "training_mode", 0):
+            left.append(f"{layer_id}: runs in training mode (training_mode=1), so it keeps no inference statistics")
+            continue
+        x, _, _, mean, var = node.input[:5]
+        if mean not in stored or var not in stored:
+            left.append(f"{layer_id}: its mean / variance are computed in the graph, not stored; left alone")
+            continue
+        producer = producers.get(x)
+        sites.append(Site(layer_id, index, x, mean, var, float(_attr(node, "epsilon", 1e-5)),
+                          float(_attr(node, "momentum", 0.9)), producer.name if producer is not None else None,
+                          producer.op_type if producer is not None else None))
+    return sites, left
+
+
+def measuring_copy(model, sites: list[Site], batch_stats: frozenset, ranks: dict[str, int]):
+    """A copy of ``model`` that outputs every BN input after the model's own outputs, takes each site's
+    statistics as graph inputs, and normalises the ``batch_stats`` sites with their batch's statistics."""
+    import onnx
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    fed = {name for site in sites for name in (site.mean, site.var)}
+    kept = [init for init in graph.initializer if init.name not in fed]
+    types = {init.name: (init.data_type, list(init.dims)) for init in graph.initializer if init.name in fed}
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for name in sorted(fed):
+        graph.input.append(helper.make_tensor_value_info(name, *types[name]))
+    outputs = {o.name for o in graph.output}
+    for site in sites:
+        if site.x not in outputs:
+            graph.output.append(helper.make_empty_tensor_value_info(site.x))
+            outputs.add(site.x)
+    opset = next((o.version for o in copy.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for site in sorted((s for s in sites if s.id in batch_stats), key=lambda s: -s.index):
+        node = graph.node[site.index]
+        replacement = _batch_normalised(node, site, ranks[site.x], opset)
+        del graph.node[site.index]
+        for offset, new in enumerate(replacement):
+            graph.node.insert(site.index + offset, new)
+    return copy
+
+
+def _batch_normalised(node, site: Site, rank: int, opset: int) -> list:
+    """``node``'s normalisation with the batch's mean and (biased) variance over every axis but 1."""
+    from onnx import TensorProto, helper
+
+    if rank < 2:
+        raise InputError(f"BN {site.id}: its input has rank {rank}; BatchNormalization needs at least 2")
+    x, scale, bias = node.input[:3]
+    tag = f"bnrepair/{site.id}"
+    axes = [0, *range(2, rank)]
+    shape_axes = [0, *range(2, rank)]  # where scale and bias get their singleton axes
+
+    def reduce(op_input, out):
+        if opset >= 18:
+            return [helper.make_node("ReduceMean", [op_input, f"{tag}/axes"], [out], keepdims=1)]
+        return [helper.make_node("ReduceMean", [op_input], [out], axes=axes, keepdims=1)]
+
+    def unsqueeze(name, out):
+        if opset >= 13:
+            return helper.make_node("Unsqueeze", [name, f"{tag}/shape_axes"], [out])
+        return helper.make_node("Unsqueeze", [name], [out], axes=shape_axes)
+
+    def constant(name, values, dtype=TensorProto.INT64, dims=None):
+        return helper.make_node("Constant", [], [f"{tag}/{name}"], value=helper.make_tensor(
+            f"{tag}/{name}_value", dtype, [len(values)] if dims is None else dims, values))
+
+    constants = [constant("eps", [site.eps], TensorProto.FLOAT, [])]
+    if opset >= 18:  # ReduceMean takes its axes as an input
+        constants.append(constant("axes", axes))
+    if opset >= 13:  # Unsqueeze too
+        constants.append(constant("shape_axes", shape_axes))
+    return [
+        *constants,
+        *reduce(x, f"{tag}/mean"),
+        helper.make_node("Sub", [x, f"{tag}/mean"], [f"{tag}/centred"]),
+        helper.make_node("Mul", [f"{tag}/centred", f"{tag}/centred"], [f"{tag}/squared"]),
+        *reduce(f"{tag}/squared", f"{tag}/var"),
+        helper.make_node("CastLike", [f"{tag}/eps", x], [f"{tag}/eps_like"]) if opset >= 15 else
+        helper.make_node("Identity", [f"{tag}/eps"], [f"{tag}/eps_like"]),
+        helper.make_node("Add", [f"{tag}/var", f"{tag}/eps_like"], [f"{tag}/var_eps"]),
+        helper.make_node("Sqrt", [f"{tag}/var_eps"], [f"{tag}/std"]),
+        helper.make_node("Div", [f"{tag}/centred", f"{tag}/std"], [f"{tag}/normal"]),
+        unsqueeze(scale, f"{tag}/scale"),
+        unsqueeze(bias, f"{tag}/bias"),
+        helper.make_node("Mul", [f"{tag}/normal", f"{tag}/scale"], [f"{tag}/scaled"]),
+        helper.make_node("Add", [f"{tag}/scaled", f"{tag}/bias"], [node.output[0]], name=node.name),
+    ]
+
+
+def ranks(model, tensors: list[str]) -> dict[str, int]:
+    """The rank of each of ``tensors``, from onnx's shape inference (the graph inputs' declared shapes)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input,
+                                                                  *inferred.graph.output)
+             if v.type.tensor_type.HasField("shape")}
+    missing = [t for t in tensors if t not in known]
+    if missing:
+        raise InputError(f"the rank of BN input(s) {', '.join(missing)} is unknown to onnx's shape inference")
+    return {t: known[t] for t in tensors}
+
+
+def array(model, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))

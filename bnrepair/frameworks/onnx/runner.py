@@ -1,0 +1,152 @@
+"""ONNX: measure BN inputs in onnxruntime (CUDA when usable, else CPU), write back only BN statistics.
+
+One session per set of layers that normalise with batch statistics, over ``graph.measuring_copy``: the
+statistics are fed as inputs each run, so setting them costs nothing, and every BN input comes back as an
+output, reduced here in float64. The model's own outputs come first, so ``infer`` is the same session.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
+from ...graph import BNLayer, ModelGraph
+from ...moments import Moments
+from . import files
+from .graph import array, find_bn, measuring_copy, ranks
+
+
+def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
+    model, external = files.read(Path(path))
+    return OnnxRunner(model, device, source=Path(path), external=external)
+
+
+class OnnxRunner:
+    """``protocols.Runner`` for an ONNX ModelProto."""
+
+    framework = "onnx"
+    drift_corrections = False  # corrections would need one more graph rewrite per layer; plain passes only
+
+    def __init__(self, model, device: str = "auto", source: Path | None = None, external: bool = False):
+        from ...deploy import cuda_usable, import_ort
+
+        self.ort = import_ort()
+        self.model, self.source, self.external = model, source, external
+        origin = str(source) if source else "model"
+        self.device = "cuda" if device in ("auto", "gpu", "cuda") and cuda_usable() else "cpu"
+        if device in ("gpu", "cuda") and self.device == "cpu":
+            raise InputError("--device gpu: onnxruntime sees no usable CUDA device")
+        sites, self.left = find_bn(model)
+        if not sites:
+            raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
+                              + (f" ({'; '.join(self.left)})" if self.left else ""))
+        self._sites = {site.id: site for site in sites}
+        self._ranks = ranks(model, [s.x for s in sites])
+        self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}
+        self._input = self._data_input()
+        layers = [BNLayer(id=s.id, channels=int(self._stats[s.id][0].size), axis=1, eps=s.eps, momentum=s.momentum,
+                          center=True, scale=True, frozen=False, mean=self._stats[s.id][0].astype(np.float64),
+                          var=self._stats[s.id][1].astype(np.float64), locations={"mean": s.mean, "var": s.var},
+                          producer=s.producer, producer_kind=s.producer_kind) for s in sites]
+        dims = self._input.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
+        self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None, channels_first=len(dims) > 2)
+        self._outputs = [o.name for o in model.graph.output]
+        self._sessions: dict = {}
+
+    def _data_input(self):
+        stored = {init.name for init in self.model.graph.initializer}
+        inputs = [i for i in self.model.graph.input if i.name not in stored]
+        if len(inputs) != 1:
+            raise InputError(f"{self.source or 'model'}: the graph takes {len(inputs)} inputs "
+                             f"({', '.join(i.name for i in inputs)}); bnrepair feeds one")
+        return inputs[0]
+
+    # --- runner protocol -------------------------------------------------------------------------------
+    def cast_input(self, x):
+        from onnx import helper
+
+        dtype = helper.tensor_dtype_to_np_dtype(self._input.type.tensor_type.elem_type)
+        return np.asarray(x).astype(dtype, copy=False)
+
+    def _session(self, batch_stats: frozenset):
+        if batch_stats not in self._sessions:
+            copy = measuring_copy(self.model, list(self._sites.values()), batch_stats, self._ranks)
+            providers = ["CPUExecutionProvider"]
+            if self.device == "cuda":
+                providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+            options = self.ort.SessionOptions()
+            options.log_severity_level = 3  # errors only: its notes on the rewritten copy are not the user's
+            try:
+                self._sessions[batch_stats] = self.ort.InferenceSession(copy.SerializeToString(), options,
+                                                                        providers=providers)
+            except Exception as exc:
+                raise InputError(f"{self.source or 'model'}: onnxruntime cannot run the model: "
+                                 f"{first_line(exc)}") from None
+        return self._sessions[batch_stats]
+
+    def _run(self, inputs, batch_stats: frozenset, names: list[str]) -> list[np.ndarray]:
+        feeds = {self._input.name: self.cast_input(inputs)}
+        for site in self._sites.values():
+            feeds[site.mean], feeds[site.var] = self._stats[site.id]
+        try:
+            return self._session(batch_stats).run(names, feeds)
+        except Exception as exc:  # a batch of another shape or type
+            raise InputError(f"the model does not run on a batch of shape {np.shape(inputs)}: "
+                             f"{first_line(exc)}") from None
+
+    def infer(self, inputs, mode: str = "eval"):
+        batch_stats = frozenset(self._sites) if mode == "train" else frozenset()
+        outputs = self._run(inputs, batch_stats, self._outputs)
+        return outputs[0] if len(outputs) == 1 else dict(zip(self._outputs, outputs))
+
+    def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(), corrections=None):
+        if corrections:
+            raise BnrepairError("ONNX models take no drift corrections")
+        train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
+        values = self._run(inputs, train, [self._sites[i].x for i in ids])
+        return {i: Moments.from_array(v, axis=1) for i, v in zip(ids, values)}
+
+    def set_stats(self, stats) -> None:
+        for layer_id, (mean, var) in stats.items():
+            stored_mean, stored_var = self._stats[layer_id]
+            self._stats[layer_id] = (np.asarray(mean).astype(stored_mean.dtype).reshape(stored_mean.shape),
+                                     np.asarray(var).astype(stored_var.dtype).reshape(stored_var.shape))
+            bn = self.graph.layer(layer_id)
+            bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
+            if self.source is None:  # a ModelProto passed in memory holds the statistics, as a module would
+                from onnx import numpy_helper
+
+                site = self._sites[layer_id]
+                for init in self.model.graph.initializer:
+                    if init.name in (site.mean, site.var):
+                        value = self._stats[layer_id][0 if init.name == site.mean else 1]
+                        init.CopyFrom(numpy_helper.from_array(value, init.name))
+
+    def call_counts(self) -> dict[str, int]:
+        uses = Counter(site.mean for site in self._sites.values())
+        return {i: uses[site.mean] for i, site in self._sites.items()}
+
+    def weights(self):
+        from onnx import numpy_helper
+
+        statistics = {name for site in self._sites.values() for name in (site.mean, site.var)}
+        for init in self.model.graph.initializer:
+            if init.name not in statistics:
+                yield init.name, numpy_helper.to_array(init)
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        if self.source is None:
+            raise InputError("an in-memory ONNX model has no file to write; give a path to recalibrate")
+        values = {}
+        for layer_id in changed:
+            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
+            values[site.mean], values[site.var] = bn.mean, bn.var
+        files.write(self.model, self.source, Path(output), values, self.external)
+
+    def fold_backend(self):
+        raise InputError(f"{self.source or 'model'}: folding and exporting ONNX models is not built yet; the model "
+                         "is ONNX already")

@@ -1,0 +1,142 @@
+"""ONNX models as input: torch's own exporter writes them from the fixture architecture (random weights,
+statistics broken on purpose); recalibrated in onnxruntime and checked against torch computing the same
+statistics independently in float64."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+import bnrepair
+from bnrepair.cli import app
+from bnrepair.errors import InputError
+from fixtures import CALIB
+from fixtures.torch.arch import build
+
+
+def broken_model(seed=0):
+    torch.manual_seed(seed)
+    model = build().eval()
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.as_tensor(rng.normal(0, 1, m.num_features)))
+                m.running_var.copy_(torch.as_tensor(rng.uniform(0.2, 3, m.num_features)))
+                m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.num_features)))
+    return model
+
+
+def exported(model, path, opset=17, **kwargs):
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["input"], output_names=["logits"], do_constant_folding=False,
+                      dynamic_axes={"input": {0: "b"}, "logits": {0: "b"}}, **kwargs)
+    return path
+
+
+def stored(path) -> dict:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def bn_inputs(model, batches, train: bool):
+    """Each BN module's input over ``batches``, pooled in float64: torch itself, independently of bnrepair."""
+    model = model.double().train(train)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(
+        a[0].detach().transpose(0, 1).reshape(a[0].shape[1], -1))) for name, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for x in batches:
+            model(torch.as_tensor(x, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    return {name: (torch.cat(v, 1).mean(1).numpy(), torch.cat(v, 1).var(1, unbiased=False).numpy())
+            for name, v in seen.items()}
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_train_mode_matches_torch_batch_statistics(tmp_path, opset):
+    model = broken_model()
+    path = exported(model, tmp_path / "m.onnx", opset=opset)
+    batches = [np.random.default_rng(i).normal(0.3, 1.2, (16, 3, 32, 32)).astype(np.float32) for i in range(3)]
+    report = bnrepair.recalibrate(path, batches, output=tmp_path / "r.onnx")
+    assert len(report.layers) == 3
+    want = bn_inputs(broken_model(), batches, train=True)
+    got = stored(tmp_path / "r.onnx")
+    for name, (mean, var) in want.items():
+        std = np.sqrt(var + 1e-5)
+        assert np.max(np.abs(got[f"{name}.running_mean"] - mean) / std) < 1e-4
+        np.testing.assert_allclose(got[f"{name}.running_var"], var, rtol=1e-4)
+
+
+def test_eval_mode_reaches_the_inference_fixed_point(tmp_path):
+    """The written statistics are what their own inference feeds each BN (torch in eval mode, float64)."""
+    path = exported(broken_model(), tmp_path / "m.onnx")
+    batches = [np.random.default_rng(i).normal(0.3, 1.2, (16, 3, 32, 32)).astype(np.float32) for i in range(3)]
+    report = bnrepair.recalibrate(path, batches, output=tmp_path / "r.onnx", mode="eval")
+    assert report.converged
+    got = stored(tmp_path / "r.onnx")
+    model = broken_model()
+    model.load_state_dict({**model.state_dict(), **{k: torch.as_tensor(v) for k, v in got.items()
+                                                    if k.endswith(("running_mean", "running_var"))}})
+    for name, (mean, var) in bn_inputs(model, batches, train=False).items():
+        std = np.sqrt(var + 1e-5)
+        assert np.max(np.abs(got[f"{name}.running_mean"] - mean) / std) < 1e-4
+        np.testing.assert_allclose(got[f"{name}.running_var"], var, rtol=2e-4)
+
+
+def test_only_the_statistics_change_and_the_cli_reports(tmp_path):
+    path = exported(broken_model(), tmp_path / "m.onnx")
+    done = CliRunner().invoke(app, ["recalibrate", str(path), "-d", str(CALIB), "--json", str(tmp_path / "r.json"),
+                                    "-q"])
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "m.recalibrated.onnx"
+    before, after = onnx.load(str(path)), onnx.load(str(out))
+    assert before.graph.node == after.graph.node and before.opset_import == after.opset_import
+    assert before.graph.input == after.graph.input and before.graph.output == after.graph.output
+    old, new = stored(path), stored(out)
+    changed = sorted(k for k in old if not np.array_equal(old[k], new[k]))
+    assert changed == sorted(k for k in old if k.endswith(("running_mean", "running_var")))
+    assert all(new[k].dtype == old[k].dtype for k in old)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["framework"] == "onnx" and report["samples"] == 256
+    inspected = CliRunner().invoke(app, ["inspect", str(out)])
+    assert inspected.exit_code == 0 and "features.5" in inspected.output
+
+
+def test_a_model_in_memory_takes_the_new_statistics(tmp_path):
+    proto = onnx.load(str(exported(broken_model(), tmp_path / "m.onnx")))
+    batches = [np.random.default_rng(i).normal(0, 1, (8, 3, 32, 32)).astype(np.float32) for i in range(2)]
+    bnrepair.recalibrate(proto, batches)
+    bnrepair.recalibrate(tmp_path / "m.onnx", batches, output=tmp_path / "r.onnx")
+    assert {i.name: numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer} == \
+        {k: v.tobytes() for k, v in stored(tmp_path / "r.onnx").items()}
+
+
+def test_external_data_is_read_from_beside_the_model_only(tmp_path):
+    model = onnx.load(str(exported(broken_model(), tmp_path / "m.onnx")))
+    onnx.save_model(model, str(tmp_path / "big.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.weights", size_threshold=0)
+    batches = [np.random.default_rng(0).normal(0, 1, (8, 3, 32, 32)).astype(np.float32)] * 2
+    bnrepair.recalibrate(tmp_path / "big.onnx", batches, output=tmp_path / "fixed.onnx")
+    assert (tmp_path / "fixed.onnx.data").is_file()
+    bnrepair.recalibrate(tmp_path / "m.onnx", batches, output=tmp_path / "plain.onnx")
+    reference = stored(tmp_path / "plain.onnx")
+    loaded = onnx.load(str(tmp_path / "fixed.onnx"))  # its external data from beside it
+    assert {i.name: numpy_helper.to_array(i).tobytes() for i in loaded.graph.initializer} == \
+        {k: v.tobytes() for k, v in reference.items()}
+    for init in model.graph.initializer:  # an attacker's location, outside the folder
+        init.data_location = onnx.TensorProto.EXTERNAL
+        del init.external_data[:]
+        init.external_data.add(key="location", value="../../etc/passwd")
+        init.ClearField("raw_data")
+        break
+    (tmp_path / "evil").mkdir()
+    with open(tmp_path / "evil" / "evil.onnx", "wb") as f:
+        f.write(model.SerializeToString())
+    with pytest.raises(InputError, match=r"keeps its data at '../../etc/passwd', outside the model's folder"):
+        bnrepair.inspect(tmp_path / "evil" / "evil.onnx")
