@@ -24,7 +24,7 @@ TITLES = {"keras": "a Keras file", "torch": "a PyTorch checkpoint", "savedmodel"
 """Every format the registry recognises, by wing name, as messages name a file of that format."""
 WINGS = ("keras", "torch", "savedmodel", "onnx")
 """The formats with a wing."""
-FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",)}
+FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",), "onnx": (".onnx",)}
 """What a wing's folded model is written as (besides ONNX), the first the default; known before it loads."""
 
 

@@ -34,7 +34,8 @@ class OnnxRunner:
         from ...deploy import cuda_usable, import_ort
 
         self.ort = import_ort()
-        self.model, self.source, self.external = model, source, external
+        self.proto, self.source, self.external = model, source, external
+        """the ModelProto as read (or as passed, which then takes the new statistics)"""
         origin = str(source) if source else "model"
         self.device = "cuda" if device in ("auto", "gpu", "cuda") and cuda_usable() else "cpu"
         if device in ("gpu", "cuda") and self.device == "cpu":
@@ -58,8 +59,8 @@ class OnnxRunner:
         self._sessions: dict = {}
 
     def _data_input(self):
-        stored = {init.name for init in self.model.graph.initializer}
-        inputs = [i for i in self.model.graph.input if i.name not in stored]
+        stored = {init.name for init in self.proto.graph.initializer}
+        inputs = [i for i in self.proto.graph.input if i.name not in stored]
         if len(inputs) != 1:
             raise InputError(f"{self.source or 'model'}: the graph takes {len(inputs)} inputs "
                              f"({', '.join(i.name for i in inputs)}); bnrepair feeds one")
@@ -74,7 +75,7 @@ class OnnxRunner:
 
     def _session(self, batch_stats: frozenset):
         if batch_stats not in self._sessions:
-            copy = measuring_copy(self.model, list(self._sites.values()), batch_stats, self._ranks)
+            copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._ranks)
             providers = ["CPUExecutionProvider"]
             if self.device == "cuda":
                 providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
@@ -121,7 +122,7 @@ class OnnxRunner:
                 from onnx import numpy_helper
 
                 site = self._sites[layer_id]
-                for init in self.model.graph.initializer:
+                for init in self.proto.graph.initializer:
                     if init.name in (site.mean, site.var):
                         value = self._stats[layer_id][0 if init.name == site.mean else 1]
                         init.CopyFrom(numpy_helper.from_array(value, init.name))
@@ -134,7 +135,7 @@ class OnnxRunner:
         from onnx import numpy_helper
 
         statistics = {name for site in self._sites.values() for name in (site.mean, site.var)}
-        for init in self.model.graph.initializer:
+        for init in self.proto.graph.initializer:
             if init.name not in statistics:
                 yield init.name, numpy_helper.to_array(init)
 
@@ -145,8 +146,24 @@ class OnnxRunner:
         for layer_id in changed:
             site, bn = self._sites[layer_id], self.graph.layer(layer_id)
             values[site.mean], values[site.var] = bn.mean, bn.var
-        files.write(self.model, self.source, Path(output), values, self.external)
+        files.write(self.proto, self.source, Path(output), values, self.external)
+
+    @property
+    def model(self):
+        """The model with the statistics held now (what ``fold`` and ``export`` start from)."""
+        import onnx
+        from onnx import numpy_helper
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.proto)
+        values = {name: value for i, site in self._sites.items()
+                  for name, value in zip((site.mean, site.var), self._stats[i])}
+        for init in copy.graph.initializer:
+            if init.name in values:
+                init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+        return copy
 
     def fold_backend(self):
-        raise InputError(f"{self.source or 'model'}: folding and exporting ONNX models is not built yet; the model "
-                         "is ONNX already")
+        from . import fold
+
+        return fold

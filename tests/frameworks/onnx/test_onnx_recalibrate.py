@@ -140,3 +140,49 @@ def test_external_data_is_read_from_beside_the_model_only(tmp_path):
         f.write(model.SerializeToString())
     with pytest.raises(InputError, match=r"keeps its data at '../../etc/passwd', outside the model's folder"):
         bnrepair.inspect(tmp_path / "evil" / "evil.onnx")
+
+
+class Mixed(torch.nn.Module):
+    """Every producer an ONNX BN folds into (Conv, grouped ConvTranspose, Gemm), and one it cannot (after a ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)
+        self.up, self.bn2 = torch.nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), torch.nn.BatchNorm2d(6)
+        self.bn3 = torch.nn.BatchNorm2d(6)
+        self.fc, self.bn4 = torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        x = self.bn3(torch.relu(self.bn2(self.up(torch.relu(self.bn1(self.conv(x)))))))
+        return self.bn4(self.fc(x.mean((2, 3))))
+
+
+def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    rng = np.random.default_rng(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.as_tensor(rng.normal(0, 1, m.num_features)))
+                m.running_var.copy_(torch.as_tensor(rng.uniform(0.2, 3, m.num_features)))
+                m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.num_features)))
+                m.bias.copy_(torch.as_tensor(rng.normal(0, 0.5, m.num_features)))
+    path = exported(model, tmp_path / "mixed.onnx")
+    x = rng.normal(0, 1, (8, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    done = CliRunner().invoke(app, ["fold", str(path), "-d", str(tmp_path / "x.npy"), "--json",
+                                    str(tmp_path / "f.json"), "-q"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert len(report["folded"]) == 3 and [r["reason"] for r in report["refused"]] == [
+        "BN follows /Relu_1 (Relu), not a Conv, ConvTranspose or Gemm"]
+    folded = onnx.load(str(tmp_path / "mixed.folded.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
+    assert any(p.key.startswith("bnrepair") for p in folded.metadata_props)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "mixed.folded.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()  # torch itself, not the ONNX the fold started from
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,195 @@
+"""``protocols.FoldBackend`` for ONNX: BN folded backward into the Conv, ConvTranspose (any group) or Gemm
+that feeds it, in float64, the node then removed and its producer writing the BN's output tensor, so every
+reader and graph output is unchanged. Verified in onnxruntime like every fold.
+
+A fold is exact when the producer's output feeds only that BN and its weights are initializers no other
+node reads; anything else stays, with the reason (a BN after an activation, a pooling, a shared weight).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from ...folding import Decision, Folded, Params, axis_index, bn_affine, fold_backward
+from ...writers import atomic_path
+
+SUFFIXES = (".onnx",)
+PRODUCERS = {"Conv", "ConvTranspose", "Gemm"}
+
+
+def precise():
+    return nullcontext()  # onnxruntime runs float32 as written (the sessions turn TF32 off on CUDA)
+
+
+def source(model):
+    return model
+
+
+def unfoldable(model) -> None:
+    return None
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else helper.get_attribute_value(found)
+
+
+def _params(node, weight: np.ndarray, bias: np.ndarray | None) -> Params | str:
+    """The producer's weights with the output channel of each element, or why it cannot take a BN."""
+    w = weight.astype(np.float64)
+    b = None if bias is None else bias.astype(np.float64)
+    if node.op_type == "Conv":
+        return Params(w, b, axis_index(w.shape, 0))
+    if node.op_type == "ConvTranspose":  # (C_in, C_out / group, k...): output channel g * C_out/group + j
+        group = int(_attr(node, "group", 1))
+        per_group_in, per_group_out = w.shape[0] // group, w.shape[1]
+        out = (axis_index(w.shape, 0) // per_group_in) * per_group_out + axis_index(w.shape, 1)
+        return Params(w, b, out)
+    if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or _attr(node, "transA", 0):
+        return f"{node.name or node.op_type} is a Gemm with alpha, beta or transA set"
+    return Params(w, b, axis_index(w.shape, 0 if _attr(node, "transB", 0) else 1))
+
+
+def fold(model, bn_ids: set[str], example) -> Folded:
+    import onnx
+    from onnx import numpy_helper
+
+    from .graph import find_bn
+
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    graph = folded.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    producers = {out: node for node in graph.node for out in node.output}
+    sites, _ = find_bn(folded)
+    decisions, probes, tensors, drop = [], {}, {}, []
+    for site in sites:
+        if site.id not in bn_ids:
+            continue
+        bn = graph.node[site.index]
+        producer = producers.get(site.x)
+        reason = _refusal(site, bn, producer, readers, outputs, inits)
+        params = None if reason else _params(producer, numpy_helper.to_array(inits[producer.input[1]]),
+                                             numpy_helper.to_array(inits[producer.input[2]])
+                                             if len(producer.input) > 2 and producer.input[2] else None)
+        if isinstance(params, str):
+            reason = params
+        if reason:
+            decisions.append(Decision(site.id, reason=reason, axis=1))
+            continue
+        scale, shift = bn_affine(*(numpy_helper.to_array(inits[n]) for n in (site.mean, site.var)), site.eps,
+                                 numpy_helper.to_array(inits[bn.input[1]]), numpy_helper.to_array(inits[bn.input[2]]))
+        weight, bias = fold_backward(params, scale, shift)
+        w_name = producer.input[1]
+        dtype = numpy_helper.to_array(inits[w_name]).dtype
+        inits[w_name].CopyFrom(numpy_helper.from_array(weight.astype(dtype), w_name))
+        if len(producer.input) > 2 and producer.input[2]:
+            b_name = producer.input[2]
+            inits[b_name].CopyFrom(numpy_helper.from_array(bias.astype(dtype), b_name))
+        else:
+            b_name = f"{producer.name or w_name}/bias"
+            new = numpy_helper.from_array(bias.astype(dtype), b_name)
+            graph.initializer.append(new)
+            inits[b_name] = new
+            while len(producer.input) < 2:
+                producer.input.append("")
+            producer.input.append(b_name)
+        producer.output[0] = bn.output[0]  # its readers now read the folded producer
+        drop.append(site.index)
+        name = producer.name or producer.output[0]
+        decisions.append(Decision(site.id, "backward", [name], axis=1))
+        probes[site.id] = [(site.id, None, name)]
+        tensors[site.id] = [w_name, b_name]
+    for index in sorted(drop, reverse=True):
+        del graph.node[index]
+    unused = {n for s in sites for n in (s.mean, s.var)} - {i for node in graph.node for i in node.input}
+    kept = [i for i in graph.initializer if i.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return Folded(folded, decisions, probes, tensors)
+
+
+def _refusal(site, bn, producer, readers, outputs, inits) -> str:
+    if producer is None:
+        return "BN reads a graph input, not a conv or dense layer"
+    if producer.op_type not in PRODUCERS:
+        return (f"BN follows {producer.name or producer.output[0]} ({producer.op_type}), not a Conv, ConvTranspose "
+                "or Gemm")
+    if readers.get(site.x, 0) > 1 or site.x in outputs:
+        return f"the output of {producer.name or producer.op_type} is also used elsewhere"
+    weights = [n for n in producer.input[1:3] if n]
+    if not all(n in inits and readers.get(n, 0) == 1 for n in weights):
+        return f"{producer.name or producer.op_type}'s weights are computed or shared with another node"
+    if not all(n in inits for n in bn.input[1:3]):
+        return "the BN's scale or bias is computed, not stored"
+    return ""
+
+
+_SESSIONS: dict = {}
+"""id(model) -> (model, session): the model is kept, so its id cannot be reused while cached"""
+
+
+def _session(model):
+    from ...deploy import onnx_session
+
+    key = id(model)
+    if key not in _SESSIONS:
+        while len(_SESSIONS) >= 4:  # the source, the folded model and their capture copies
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        _SESSIONS[key] = (model, onnx_session(model.SerializeToString()))
+    return _SESSIONS[key][1]
+
+
+def run(model, x) -> list[np.ndarray]:
+    session = _session(model)
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def capture(model, names: set[str], x) -> dict[str, np.ndarray]:
+    """The output of each named node (a BN by its id, a folded producer by its name) on ``x``."""
+    import onnx
+    from onnx import helper
+
+    tensor = {}
+    for node in model.graph.node:
+        tensor.setdefault(node.name or node.output[0], node.output[0])
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    have = {o.name for o in copy.graph.output}
+    wanted = sorted(names)
+    for name in wanted:
+        if tensor[name] not in have:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(tensor[name]))
+    session = _session(copy)
+    values = session.run([tensor[n] for n in wanted], {session.get_inputs()[0].name: x})
+    return dict(zip(wanted, values))
+
+
+def output_names(model, example) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def save(model, dest: Path, example) -> None:
+    with atomic_path(Path(dest)) as tmp:
+        tmp.write_bytes(model.SerializeToString())
+
+
+def to_onnx(model, example, opset: int):
+    """The model is ONNX already: itself, in the opset it was written in."""
+    return model
+
+
+def max_opset() -> int:
+    import onnx
+
+    return onnx.defs.onnx_opset_version()
