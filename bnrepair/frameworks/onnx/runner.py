@@ -24,6 +24,14 @@ def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
     return OnnxRunner(model, device, source=Path(path), external=external)
 
 
+def channels_first(shape: tuple) -> bool:
+    """The input's layout, which ONNX does not record: images exported from Keras keep (H, W, C), from torch
+    (C, H, W). Channels last when the last axis is a channel count (1, 3 or 4) and the first is not."""
+    if len(shape) < 2:
+        return False
+    return not (shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4))
+
+
 class OnnxRunner:
     """``protocols.Runner`` for an ONNX ModelProto."""
 
@@ -54,11 +62,13 @@ class OnnxRunner:
                           producer=s.producer, producer_kind=s.producer_kind) for s in sites]
         dims = self._input.type.tensor_type.shape.dim
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-        self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None, channels_first=len(dims) > 2)
+        self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None,
+                                channels_first=channels_first(shape))
         self._outputs = [o.name for o in model.graph.output]
         self._sessions: dict = {}
 
     def _data_input(self):
+        """The one graph input the data feeds (onnxruntime needs every input fed: a second cannot be left out)."""
         stored = {init.name for init in self.proto.graph.initializer}
         inputs = [i for i in self.proto.graph.input if i.name not in stored]
         if len(inputs) != 1:

@@ -186,3 +186,28 @@ def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
     with torch.no_grad():
         want = model(torch.as_tensor(x)).numpy()  # torch itself, not the ONNX the fold started from
     np.testing.assert_allclose(session.run(None, {"input": x})[0], want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("framework", ["keras", "torch"])
+def test_the_fixtures_as_onnx_get_the_statistics_their_checkpoints_get(tmp_path, framework):
+    """The broken fixtures exported (unfolded) to ONNX, recalibrated as ONNX in eval mode, equal the checkpoint
+    recalibrated in its own framework (Keras images stay (H, W, C), torch's are (C, H, W))."""
+    pytest.importorskip("tensorflow" if framework == "keras" else "torch")
+    from fixtures import ARCH_FLAGS, KERAS_STALE, TORCH_STALE
+
+    source, flags, suffix = (KERAS_STALE, [], ".h5") if framework == "keras" else (TORCH_STALE, ARCH_FLAGS, ".pt")
+    cli = CliRunner()
+    assert cli.invoke(app, ["export", str(source), *flags, "-o", str(tmp_path / "m.onnx"), "--no-fold", "-q"]) \
+        .exit_code == 0
+    for path, extra, out in ((source, flags, tmp_path / f"fixed{suffix}"), (tmp_path / "m.onnx", [],
+                                                                          tmp_path / "fixed.onnx")):
+        done = cli.invoke(app, ["recalibrate", str(path), *extra, "-d", str(CALIB), "--mode", "eval", "-o",
+                                str(out), "--json", str(out) + ".json", "-q"])
+        assert done.exit_code == 0, done.output
+    checkpoint = bnrepair.load(tmp_path / f"fixed{suffix}", **({"arch": ARCH_FLAGS[1]} if flags else {}))
+    onnx_model = bnrepair.load(tmp_path / "fixed.onnx")
+    assert len(onnx_model.graph.bn_layers) == len(checkpoint.graph.bn_layers) == 3
+    for ours, theirs in zip(onnx_model.graph.bn_layers, checkpoint.graph.bn_layers):
+        std = np.sqrt(theirs.var + theirs.eps)
+        assert np.max(np.abs(ours.mean - theirs.mean) / std) < 1e-4
+        np.testing.assert_allclose(ours.var, theirs.var, rtol=1e-4)  # torch's unbiased: n / (n - 1) = 1 + 4e-6
