@@ -3,8 +3,9 @@
 A BN node reads ``X, scale, B, input_mean, input_var`` and normalises over axis 1 (every opset). Its mean and
 variance are recalibrated where both are initializers; computed ones (or graph inputs) are reported and left
 alone. The measuring copy makes each recalibrated mean / variance a graph input (fed the statistics of the
-moment, so passes need no new session), exposes every BN input as a graph output, and, for the layers that
-normalise with batch statistics, replaces the node by the same normalisation computed from the batch.
+moment, so passes need no new session), outputs each BN input's per-channel batch moments (a few numbers per
+layer come back, not the activations), and, for the layers that normalise with batch statistics, replaces the
+node by the same normalisation computed from those moments.
 """
 
 from __future__ import annotations
@@ -68,9 +69,15 @@ def find_bn(model) -> tuple[list[Site], list[str]]:
     return sites, left
 
 
+def tag(site: Site) -> str:
+    """The prefix of the tensors bnrepair adds for ``site``: ``<tag>/mean``, ``<tag>/var``, ``<tag>/size``."""
+    return f"bnrepair/{site.id}"
+
+
 def measuring_copy(model, sites: list[Site], batch_stats: frozenset, ranks: dict[str, int]):
-    """A copy of ``model`` that outputs every BN input after the model's own outputs, takes each site's
-    statistics as graph inputs, and normalises the ``batch_stats`` sites with their batch's statistics."""
+    """A copy of ``model`` that takes each site's statistics as graph inputs, outputs each BN input's batch
+    mean, biased variance (over every axis but 1, two-pass within the batch) and element count after the
+    model's own outputs, and normalises the ``batch_stats`` sites with those batch statistics."""
     import onnx
     from onnx import helper
 
@@ -84,66 +91,74 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, ranks: dict
     graph.initializer.extend(kept)
     for name in sorted(fed):
         graph.input.append(helper.make_tensor_value_info(name, *types[name]))
-    outputs = {o.name for o in graph.output}
-    for site in sites:
-        if site.x not in outputs:
-            graph.output.append(helper.make_empty_tensor_value_info(site.x))
-            outputs.add(site.x)
     opset = next((o.version for o in copy.opset_import if o.domain in ("", "ai.onnx")), 13)
-    for site in sorted((s for s in sites if s.id in batch_stats), key=lambda s: -s.index):
+    for site in sorted(sites, key=lambda s: -s.index):  # from the back, so earlier indices stay valid
         node = graph.node[site.index]
-        replacement = _batch_normalised(node, site, ranks[site.x], opset)
-        del graph.node[site.index]
-        for offset, new in enumerate(replacement):
+        added = _moments(site, ranks[site.x], opset)
+        if site.id in batch_stats:
+            added += _batch_normalised(node, site, ranks[site.x], opset)
+            del graph.node[site.index]
+        for offset, new in enumerate(added):
             graph.node.insert(site.index + offset, new)
+        for stat in ("mean", "var", "size"):
+            graph.output.append(helper.make_empty_tensor_value_info(f"{tag(site)}/{stat}"))
     return copy
 
 
-def _batch_normalised(node, site: Site, rank: int, opset: int) -> list:
-    """``node``'s normalisation with the batch's mean and (biased) variance over every axis but 1."""
+def _constant(name: str, values, dtype=None, dims=None):
     from onnx import TensorProto, helper
+
+    dtype = TensorProto.INT64 if dtype is None else dtype
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+        f"{name}_value", dtype, [len(values)] if dims is None else dims, values))
+
+
+def _moments(site: Site, rank: int, opset: int) -> list:
+    """The batch's mean and biased variance of ``site.x`` over every axis but 1 (kept as singletons), and its
+    element count."""
+    from onnx import helper
 
     if rank < 2:
         raise InputError(f"BN {site.id}: its input has rank {rank}; BatchNormalization needs at least 2")
-    x, scale, bias = node.input[:3]
-    tag = f"bnrepair/{site.id}"
-    axes = [0, *range(2, rank)]
-    shape_axes = [0, *range(2, rank)]  # where scale and bias get their singleton axes
+    t, axes = tag(site), [0, *range(2, rank)]
 
     def reduce(op_input, out):
         if opset >= 18:
-            return [helper.make_node("ReduceMean", [op_input, f"{tag}/axes"], [out], keepdims=1)]
-        return [helper.make_node("ReduceMean", [op_input], [out], axes=axes, keepdims=1)]
+            return helper.make_node("ReduceMean", [op_input, f"{t}/axes"], [out], keepdims=1)
+        return helper.make_node("ReduceMean", [op_input], [out], axes=axes, keepdims=1)
+
+    return [*([_constant(f"{t}/axes", axes)] if opset >= 18 else []),
+            reduce(site.x, f"{t}/mean"),
+            helper.make_node("Sub", [site.x, f"{t}/mean"], [f"{t}/centred"]),
+            helper.make_node("Mul", [f"{t}/centred", f"{t}/centred"], [f"{t}/squared"]),
+            reduce(f"{t}/squared", f"{t}/var"),
+            helper.make_node("Size", [site.x], [f"{t}/size"])]
+
+
+def _batch_normalised(node, site: Site, rank: int, opset: int) -> list:
+    """``node``'s normalisation with the batch statistics ``_moments`` computes."""
+    from onnx import TensorProto, helper
+
+    t, shape_axes = tag(site), [0, *range(2, rank)]  # where scale and bias get their singleton axes
+    scale, bias = node.input[1:3]
 
     def unsqueeze(name, out):
         if opset >= 13:
-            return helper.make_node("Unsqueeze", [name, f"{tag}/shape_axes"], [out])
+            return helper.make_node("Unsqueeze", [name, f"{t}/shape_axes"], [out])
         return helper.make_node("Unsqueeze", [name], [out], axes=shape_axes)
 
-    def constant(name, values, dtype=TensorProto.INT64, dims=None):
-        return helper.make_node("Constant", [], [f"{tag}/{name}"], value=helper.make_tensor(
-            f"{tag}/{name}_value", dtype, [len(values)] if dims is None else dims, values))
-
-    constants = [constant("eps", [site.eps], TensorProto.FLOAT, [])]
-    if opset >= 18:  # ReduceMean takes its axes as an input
-        constants.append(constant("axes", axes))
-    if opset >= 13:  # Unsqueeze too
-        constants.append(constant("shape_axes", shape_axes))
     return [
-        *constants,
-        *reduce(x, f"{tag}/mean"),
-        helper.make_node("Sub", [x, f"{tag}/mean"], [f"{tag}/centred"]),
-        helper.make_node("Mul", [f"{tag}/centred", f"{tag}/centred"], [f"{tag}/squared"]),
-        *reduce(f"{tag}/squared", f"{tag}/var"),
-        helper.make_node("CastLike", [f"{tag}/eps", x], [f"{tag}/eps_like"]) if opset >= 15 else
-        helper.make_node("Identity", [f"{tag}/eps"], [f"{tag}/eps_like"]),
-        helper.make_node("Add", [f"{tag}/var", f"{tag}/eps_like"], [f"{tag}/var_eps"]),
-        helper.make_node("Sqrt", [f"{tag}/var_eps"], [f"{tag}/std"]),
-        helper.make_node("Div", [f"{tag}/centred", f"{tag}/std"], [f"{tag}/normal"]),
-        unsqueeze(scale, f"{tag}/scale"),
-        unsqueeze(bias, f"{tag}/bias"),
-        helper.make_node("Mul", [f"{tag}/normal", f"{tag}/scale"], [f"{tag}/scaled"]),
-        helper.make_node("Add", [f"{tag}/scaled", f"{tag}/bias"], [node.output[0]], name=node.name),
+        _constant(f"{t}/eps", [site.eps], TensorProto.FLOAT, []),
+        *([_constant(f"{t}/shape_axes", shape_axes)] if opset >= 13 else []),
+        helper.make_node("CastLike", [f"{t}/eps", site.x], [f"{t}/eps_like"]) if opset >= 15 else
+        helper.make_node("Identity", [f"{t}/eps"], [f"{t}/eps_like"]),
+        helper.make_node("Add", [f"{t}/var", f"{t}/eps_like"], [f"{t}/var_eps"]),
+        helper.make_node("Sqrt", [f"{t}/var_eps"], [f"{t}/std"]),
+        helper.make_node("Div", [f"{t}/centred", f"{t}/std"], [f"{t}/normal"]),
+        unsqueeze(scale, f"{t}/scale"),
+        unsqueeze(bias, f"{t}/bias"),
+        helper.make_node("Mul", [f"{t}/normal", f"{t}/scale"], [f"{t}/scaled"]),
+        helper.make_node("Add", [f"{t}/scaled", f"{t}/bias"], [node.output[0]], name=node.name),
     ]
 
 

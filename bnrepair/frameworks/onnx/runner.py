@@ -1,8 +1,9 @@
 """ONNX: measure BN inputs in onnxruntime (CUDA when usable, else CPU), write back only BN statistics.
 
 One session per set of layers that normalise with batch statistics, over ``graph.measuring_copy``: the
-statistics are fed as inputs each run, so setting them costs nothing, and every BN input comes back as an
-output, reduced here in float64. The model's own outputs come first, so ``infer`` is the same session.
+statistics are fed as inputs each run, so setting them costs nothing, and each BN input's per-channel batch
+moments come back (float32 within a batch, merged across batches in float64). The model's own outputs come
+first, so ``infer`` is the same session.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
-from .graph import array, find_bn, measuring_copy, ranks
+from .graph import array, find_bn, measuring_copy, ranks, tag
 
 
 def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
@@ -118,8 +119,14 @@ class OnnxRunner:
         if corrections:
             raise BnrepairError("ONNX models take no drift corrections")
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        values = self._run(inputs, train, [self._sites[i].x for i in ids])
-        return {i: Moments.from_array(v, axis=1) for i, v in zip(ids, values)}
+        names = [f"{tag(self._sites[i])}/{stat}" for i in ids for stat in ("mean", "var", "size")]
+        values = iter(self._run(inputs, train, names))
+        found = {}
+        for i in ids:
+            mean, var, size = next(values), next(values), next(values)
+            count = int(size) // mean.size
+            found[i] = Moments.of(count, mean.ravel(), np.asarray(var, np.float64).ravel() * count)
+        return found
 
     def set_stats(self, stats) -> None:
         for layer_id, (mean, var) in stats.items():
