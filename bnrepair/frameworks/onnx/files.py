@@ -49,6 +49,10 @@ def read(path: Path):
             onnx.load_external_data_for_model(model, str(folder))
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+    try:  # by path: the checker reads external data itself, and models over 2 GB only that way
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise InputError(f"{path}: fails onnx.checker ({first_line(exc)})") from None
     return model, bool(external)
 
 

@@ -1,6 +1,7 @@
-"""``protocols.FoldBackend`` for ONNX: BN folded backward into the Conv, ConvTranspose (any group) or Gemm
-that feeds it, in float64, the node then removed and its producer writing the BN's output tensor, so every
-reader and graph output is unchanged. Verified in onnxruntime like every fold.
+"""``protocols.FoldBackend`` for ONNX: BN folded backward into the Conv, ConvTranspose (any group), Gemm or
+MatMul (+ Add of its bias) that feeds it, in float64; the BN node goes and the folded layer writes its output
+tensor (a bias-less MatMul's BN becomes the Add of its shift), so every reader and graph output is unchanged.
+Verified in onnxruntime like every fold.
 
 A fold is exact when the producer's output feeds only that BN and its weights are initializers no other
 node reads; anything else stays, with the reason (a BN after an activation, a pooling, a shared weight).
@@ -9,6 +10,7 @@ node reads; anything else stays, with the reason (a BN after an activation, a po
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from ...writers import atomic_path
 
 SUFFIXES = (".onnx",)
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm"}
+"""Nodes that carry their weights (and bias) as inputs; a MatMul (+ Add of a bias) folds too."""
 
 
 def precise():
@@ -55,11 +58,23 @@ def _params(node, weight: np.ndarray, bias: np.ndarray | None) -> Params | str:
     return Params(w, b, axis_index(w.shape, 0 if _attr(node, "transB", 0) else 1))
 
 
+@dataclass
+class Target:
+    """Where one BN folds: the weights' node, its bias (its own input, or a following Add), and the node whose
+    output becomes the BN's."""
+
+    node: object
+    params: Params
+    bias: str | None
+    last: object | None
+    """the producer or its Add; None: a MatMul without bias, whose BN node becomes the Add of its shift"""
+
+
 def fold(model, bn_ids: set[str], example) -> Folded:
     import onnx
     from onnx import numpy_helper
 
-    from .graph import find_bn
+    from .graph import find_bn, ranks
 
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
@@ -72,41 +87,43 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     outputs = {o.name for o in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
     sites, _ = find_bn(folded)
+    rank = ranks(folded, [s.x for s in sites])
     decisions, probes, tensors, drop = [], {}, {}, []
     for site in sites:
         if site.id not in bn_ids:
             continue
         bn = graph.node[site.index]
-        producer = producers.get(site.x)
-        reason = _refusal(site, bn, producer, readers, outputs, inits)
-        params = None if reason else _params(producer, numpy_helper.to_array(inits[producer.input[1]]),
-                                             numpy_helper.to_array(inits[producer.input[2]])
-                                             if len(producer.input) > 2 and producer.input[2] else None)
-        if isinstance(params, str):
-            reason = params
-        if reason:
-            decisions.append(Decision(site.id, reason=reason, axis=1))
+        target = _target(site, bn, producers, readers, outputs, inits, rank[site.x])
+        if isinstance(target, str):
+            decisions.append(Decision(site.id, reason=target, axis=1))
             continue
         scale, shift = bn_affine(*(numpy_helper.to_array(inits[n]) for n in (site.mean, site.var)), site.eps,
                                  numpy_helper.to_array(inits[bn.input[1]]), numpy_helper.to_array(inits[bn.input[2]]))
-        weight, bias = fold_backward(params, scale, shift)
-        w_name = producer.input[1]
-        dtype = numpy_helper.to_array(inits[w_name]).dtype
-        inits[w_name].CopyFrom(numpy_helper.from_array(weight.astype(dtype), w_name))
-        if len(producer.input) > 2 and producer.input[2]:
-            b_name = producer.input[2]
-            inits[b_name].CopyFrom(numpy_helper.from_array(bias.astype(dtype), b_name))
+        weight, bias = fold_backward(target.params, scale, shift)
+        w_name = target.node.input[1]
+        stored = numpy_helper.to_array(inits[w_name])
+        inits[w_name].CopyFrom(numpy_helper.from_array(weight.astype(stored.dtype), w_name))
+        if target.bias is not None:
+            b_name, old = target.bias, numpy_helper.to_array(inits[target.bias])
+            inits[b_name].CopyFrom(numpy_helper.from_array(bias.reshape(old.shape).astype(old.dtype), b_name))
         else:
-            b_name = f"{producer.name or w_name}/bias"
-            new = numpy_helper.from_array(bias.astype(dtype), b_name)
+            b_name = f"{bn.name or w_name}/bias"
+            new = numpy_helper.from_array(bias.astype(stored.dtype), b_name)
             graph.initializer.append(new)
             inits[b_name] = new
-            while len(producer.input) < 2:
-                producer.input.append("")
-            producer.input.append(b_name)
-        producer.output[0] = bn.output[0]  # its readers now read the folded producer
-        drop.append(site.index)
-        name = producer.name or producer.output[0]
+        last = target.last
+        if last is None:  # MatMul without a bias: the BN node itself becomes the Add of the folded shift
+            bn.op_type, bn.domain = "Add", ""
+            del bn.input[:]
+            del bn.attribute[:]
+            bn.input.extend([site.x, b_name])
+            last = bn
+        else:
+            if target.bias is None:  # a Conv / Gemm that had no bias takes one
+                target.node.input.extend([""] * (2 - len(target.node.input)) + [b_name])
+            last.output[0] = bn.output[0]  # its readers now read the folded layer
+            drop.append(site.index)
+        name = last.name or last.output[0]
         decisions.append(Decision(site.id, "backward", [name], axis=1))
         probes[site.id] = [(site.id, None, name)]
         tensors[site.id] = [w_name, b_name]
@@ -119,20 +136,51 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     return Folded(folded, decisions, probes, tensors)
 
 
-def _refusal(site, bn, producer, readers, outputs, inits) -> str:
+def _target(site, bn, producers, readers, outputs, inits, rank: int) -> Target | str:
+    """Where ``site`` folds, or why it cannot."""
+    from onnx import numpy_helper
+
+    def alone(tensor) -> bool:
+        return readers.get(tensor, 0) == 1 and tensor not in outputs
+
+    def label(node) -> str:
+        return node.name or node.output[0]
+
+    producer = producers.get(site.x)
     if producer is None:
         return "BN reads a graph input, not a conv or dense layer"
-    if producer.op_type not in PRODUCERS:
-        return (f"BN follows {producer.name or producer.output[0]} ({producer.op_type}), not a Conv, ConvTranspose "
-                "or Gemm")
-    if readers.get(site.x, 0) > 1 or site.x in outputs:
-        return f"the output of {producer.name or producer.op_type} is also used elsewhere"
-    weights = [n for n in producer.input[1:3] if n]
-    if not all(n in inits and readers.get(n, 0) == 1 for n in weights):
-        return f"{producer.name or producer.op_type}'s weights are computed or shared with another node"
+    if not alone(site.x):
+        return f"the output of {label(producer)} is also used elsewhere"
     if not all(n in inits for n in bn.input[1:3]):
         return "the BN's scale or bias is computed, not stored"
-    return ""
+    add, bias = None, None
+    if producer.op_type == "Add":
+        first, second = producer.input[:2]
+        bias = second if second in inits else first if first in inits else None
+        matmul = producers.get(first if bias == second else second)
+        if bias is None or matmul is None or matmul.op_type != "MatMul" or not alone(matmul.output[0]) \
+                or not alone(bias):
+            return f"BN follows {label(producer)} (Add), not the bias of a MatMul that feeds it alone"
+        add, producer = producer, matmul
+    if producer.op_type not in PRODUCERS and producer.op_type != "MatMul":
+        return f"BN follows {label(producer)} ({producer.op_type}), not a Conv, ConvTranspose, Gemm or MatMul"
+    own_bias = producer.input[2] if producer.op_type != "MatMul" and len(producer.input) > 2 and \
+        producer.input[2] else None
+    weights = [producer.input[1], *([own_bias] if own_bias else [])]
+    if not all(n in inits and readers.get(n, 0) == 1 for n in weights):
+        return f"{label(producer)}'s weights are computed or shared with another node"
+    w = numpy_helper.to_array(inits[producer.input[1]])
+    if producer.op_type == "MatMul":
+        if w.ndim != 2 or rank != 2:
+            return f"{label(producer)} multiplies rank {rank} by rank {w.ndim}; BN's axis 1 is not its columns"
+        b = None if add is None else numpy_helper.to_array(inits[bias]).astype(np.float64).reshape(-1)
+        if b is not None and b.size != w.shape[1]:
+            return f"{label(add)} adds a bias of {b.size} values to {w.shape[1]} columns"
+        return Target(producer, Params(w.astype(np.float64), b, axis_index(w.shape, 1)), bias, add)
+    params = _params(producer, w, numpy_helper.to_array(inits[own_bias]) if own_bias else None)
+    if isinstance(params, str):
+        return params
+    return Target(producer, params, own_bias, producer)
 
 
 _SESSIONS: dict = {}

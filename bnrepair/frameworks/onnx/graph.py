@@ -5,7 +5,7 @@ variance are recalibrated where both are initializers; computed ones (or graph i
 alone. The measuring copy makes each recalibrated mean / variance a graph input (fed the statistics of the
 moment, so passes need no new session), outputs each BN input's per-channel batch moments (a few numbers per
 layer come back, not the activations), and, for the layers that normalise with batch statistics, replaces the
-node by the same normalisation computed from those moments.
+node by a BatchNormalization fed those moments.
 """
 
 from __future__ import annotations
@@ -136,30 +136,17 @@ def _moments(site: Site, rank: int, opset: int) -> list:
 
 
 def _batch_normalised(node, site: Site, rank: int, opset: int) -> list:
-    """``node``'s normalisation with the batch statistics ``_moments`` computes."""
-    from onnx import TensorProto, helper
+    """``node`` itself, fed the batch statistics ``_moments`` computes (flattened to one value per channel) in
+    place of the stored ones: onnxruntime's own BatchNormalization kernel normalises."""
+    from onnx import helper
 
-    t, shape_axes = tag(site), [0, *range(2, rank)]  # where scale and bias get their singleton axes
-    scale, bias = node.input[1:3]
-
-    def unsqueeze(name, out):
-        if opset >= 13:
-            return helper.make_node("Unsqueeze", [name, f"{t}/shape_axes"], [out])
-        return helper.make_node("Unsqueeze", [name], [out], axes=shape_axes)
-
-    return [
-        _constant(f"{t}/eps", [site.eps], TensorProto.FLOAT, []),
-        *([_constant(f"{t}/shape_axes", shape_axes)] if opset >= 13 else []),
-        helper.make_node("CastLike", [f"{t}/eps", site.x], [f"{t}/eps_like"]) if opset >= 15 else
-        helper.make_node("Identity", [f"{t}/eps"], [f"{t}/eps_like"]),
-        helper.make_node("Add", [f"{t}/var", f"{t}/eps_like"], [f"{t}/var_eps"]),
-        helper.make_node("Sqrt", [f"{t}/var_eps"], [f"{t}/std"]),
-        helper.make_node("Div", [f"{t}/centred", f"{t}/std"], [f"{t}/normal"]),
-        unsqueeze(scale, f"{t}/scale"),
-        unsqueeze(bias, f"{t}/bias"),
-        helper.make_node("Mul", [f"{t}/normal", f"{t}/scale"], [f"{t}/scaled"]),
-        helper.make_node("Add", [f"{t}/scaled", f"{t}/bias"], [node.output[0]], name=node.name),
-    ]
+    t = tag(site)
+    fed = helper.make_node("BatchNormalization", [site.x, node.input[1], node.input[2], f"{t}/mean_c", f"{t}/var_c"],
+                           [node.output[0]], name=node.name, epsilon=site.eps)
+    return [_constant(f"{t}/flat", [-1]),
+            helper.make_node("Reshape", [f"{t}/mean", f"{t}/flat"], [f"{t}/mean_c"]),
+            helper.make_node("Reshape", [f"{t}/var", f"{t}/flat"], [f"{t}/var_c"]),
+            fed]
 
 
 def ranks(model, tensors: list[str]) -> dict[str, int]:

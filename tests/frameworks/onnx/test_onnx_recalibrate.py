@@ -176,7 +176,7 @@ def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "f.json").read_text())
     assert len(report["folded"]) == 3 and [r["reason"] for r in report["refused"]] == [
-        "BN follows /Relu_1 (Relu), not a Conv, ConvTranspose or Gemm"]
+        "BN follows /Relu_1 (Relu), not a Conv, ConvTranspose, Gemm or MatMul"]
     folded = onnx.load(str(tmp_path / "mixed.folded.onnx"))
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
     assert any(p.key.startswith("bnrepair") for p in folded.metadata_props)
@@ -211,3 +211,41 @@ def test_the_fixtures_as_onnx_get_the_statistics_their_checkpoints_get(tmp_path,
         std = np.sqrt(theirs.var + theirs.eps)
         assert np.max(np.abs(ours.mean - theirs.mean) / std) < 1e-4
         np.testing.assert_allclose(ours.var, theirs.var, rtol=1e-4)  # torch's unbiased: n / (n - 1) = 1 + 4e-6
+
+
+def test_matmul_with_and_without_a_bias_add_folds(tmp_path):
+    """MatMul -> Add -> BN and MatMul -> BN (as other exporters write dense layers), checked against numpy."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1, b1, w2 = rng.normal(0, 1, (4, 5)), rng.normal(0, 1, 5), rng.normal(0, 1, (5, 3))
+    bns = [(rng.uniform(0.5, 2, c), rng.normal(0, 1, c), rng.normal(0, 1, c), rng.uniform(0.5, 2, c)) for c in (5, 3)]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("w1", w1), ("b1", b1), ("w2", w2), *((f"{k}{i}", a) for i, bn in enumerate(bns)
+                                                     for k, a in zip(("g", "b", "m", "v"), bn)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="dense1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("BatchNormalization", ["hb", "g0", "b0", "m0", "v0"], ["y1"], name="bn1"),
+             helper.make_node("MatMul", ["y1", "w2"], ["h2"], name="dense2"),
+             helper.make_node("BatchNormalization", ["h2", "g1", "b1_", "m1", "v1"], ["y"], name="bn2")]
+    for init in inits:
+        if init.name == "b1" and init.dims == [3]:
+            init.name = "b1_"
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "dense.onnx"))
+    x = rng.normal(0, 1, (16, 4)).astype(np.float32)
+    report = bnrepair.fold(tmp_path / "dense.onnx", tmp_path / "f.onnx", data=x)
+    assert [row.bn for row in report.folded] == ["bn1", "bn2"] and not report.refused
+    folded = onnx.load(str(tmp_path / "f.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+
+    def bn(h, g, b, m, v):
+        return (h - m) / np.sqrt(v + 1e-5) * g + b
+
+    want = bn(bn(x.astype(np.float64) @ w1 + b1, *bns[0]) @ w2, *bns[1])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
