@@ -74,7 +74,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     import onnx
     from onnx import numpy_helper
 
-    from .graph import find_bn, ranks
+    from .graph import find_bn, tensor_types
 
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
@@ -87,13 +87,13 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     outputs = {o.name for o in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
     sites, _ = find_bn(folded)
-    rank = ranks(folded, [s.x for s in sites])
+    types = tensor_types(folded, [s.x for s in sites])
     decisions, probes, tensors, drop = [], {}, {}, []
     for site in sites:
         if site.id not in bn_ids:
             continue
         bn = graph.node[site.index]
-        target = _target(site, bn, producers, readers, outputs, inits, rank[site.x])
+        target = _target(site, bn, producers, readers, outputs, inits, types[site.x].rank)
         if isinstance(target, str):
             decisions.append(Decision(site.id, reason=target, axis=1))
             continue

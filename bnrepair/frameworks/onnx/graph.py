@@ -74,7 +74,7 @@ def tag(site: Site) -> str:
     return f"bnrepair/{site.id}"
 
 
-def measuring_copy(model, sites: list[Site], batch_stats: frozenset, ranks: dict[str, int]):
+def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict[str, TensorType]):
     """A copy of ``model`` that takes each site's statistics as graph inputs, outputs each BN input's batch
     mean, biased variance (over every axis but 1, two-pass within the batch) and element count after the
     model's own outputs, and normalises the ``batch_stats`` sites with those batch statistics."""
@@ -86,17 +86,17 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, ranks: dict
     graph = copy.graph
     fed = {name for site in sites for name in (site.mean, site.var)}
     kept = [init for init in graph.initializer if init.name not in fed]
-    types = {init.name: (init.data_type, list(init.dims)) for init in graph.initializer if init.name in fed}
+    declared = {init.name: (init.data_type, list(init.dims)) for init in graph.initializer if init.name in fed}
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for name in sorted(fed):
-        graph.input.append(helper.make_tensor_value_info(name, *types[name]))
+        graph.input.append(helper.make_tensor_value_info(name, *declared[name]))
     opset = next((o.version for o in copy.opset_import if o.domain in ("", "ai.onnx")), 13)
     for site in sorted(sites, key=lambda s: -s.index):  # from the back, so earlier indices stay valid
         node = graph.node[site.index]
-        added = _moments(site, ranks[site.x], opset)
+        added = _moments(site, types[site.x], opset)
         if site.id in batch_stats:
-            added += _batch_normalised(node, site, ranks[site.x], opset)
+            added += _batch_normalised(node, site, types[site.x])
             del graph.node[site.index]
         for offset, new in enumerate(added):
             graph.node.insert(site.index + offset, new)
@@ -113,14 +113,19 @@ def _constant(name: str, values, dtype=None, dims=None):
         f"{name}_value", dtype, [len(values)] if dims is None else dims, values))
 
 
-def _moments(site: Site, rank: int, opset: int) -> list:
-    """The batch's mean and biased variance of ``site.x`` over every axis but 1 (kept as singletons), and its
-    element count."""
-    from onnx import helper
+WIDE = {1, 11}
+"""float32 and float64: moments of anything narrower (float16, bfloat16) are taken in float32"""
 
-    if rank < 2:
-        raise InputError(f"BN {site.id}: its input has rank {rank}; BatchNormalization needs at least 2")
-    t, axes = tag(site), [0, *range(2, rank)]
+
+def _moments(site: Site, x: TensorType, opset: int) -> list:
+    """The batch's mean and biased variance of ``site.x`` over every axis but 1 (kept as singletons; in float32
+    at least), and its element count."""
+    from onnx import TensorProto, helper
+
+    if x.rank < 2:
+        raise InputError(f"BN {site.id}: its input has rank {x.rank}; BatchNormalization needs at least 2")
+    t, axes = tag(site), [0, *range(2, x.rank)]
+    source = site.x if x.elem_type in WIDE else f"{t}/wide"
 
     def reduce(op_input, out):
         if opset >= 18:
@@ -128,34 +133,46 @@ def _moments(site: Site, rank: int, opset: int) -> list:
         return helper.make_node("ReduceMean", [op_input], [out], axes=axes, keepdims=1)
 
     return [*([_constant(f"{t}/axes", axes)] if opset >= 18 else []),
-            reduce(site.x, f"{t}/mean"),
-            helper.make_node("Sub", [site.x, f"{t}/mean"], [f"{t}/centred"]),
+            *([] if source == site.x else [helper.make_node("Cast", [site.x], [source], to=TensorProto.FLOAT)]),
+            reduce(source, f"{t}/mean"),
+            helper.make_node("Sub", [source, f"{t}/mean"], [f"{t}/centred"]),
             helper.make_node("Mul", [f"{t}/centred", f"{t}/centred"], [f"{t}/squared"]),
             reduce(f"{t}/squared", f"{t}/var"),
             helper.make_node("Size", [site.x], [f"{t}/size"])]
 
 
-def _batch_normalised(node, site: Site, rank: int, opset: int) -> list:
-    """``node`` itself, fed the batch statistics ``_moments`` computes (flattened to one value per channel) in
-    place of the stored ones: onnxruntime's own BatchNormalization kernel normalises."""
+def _batch_normalised(node, site: Site, x: TensorType) -> list:
+    """``node`` itself, fed the batch statistics ``_moments`` computes (flattened to one value per channel, in
+    the input's type) in place of the stored ones: onnxruntime's own BatchNormalization kernel normalises."""
     from onnx import helper
 
     t = tag(site)
     fed = helper.make_node("BatchNormalization", [site.x, node.input[1], node.input[2], f"{t}/mean_c", f"{t}/var_c"],
                            [node.output[0]], name=node.name, epsilon=site.eps)
-    return [_constant(f"{t}/flat", [-1]),
-            helper.make_node("Reshape", [f"{t}/mean", f"{t}/flat"], [f"{t}/mean_c"]),
-            helper.make_node("Reshape", [f"{t}/var", f"{t}/flat"], [f"{t}/var_c"]),
-            fed]
+    nodes = [_constant(f"{t}/flat", [-1])]
+    for stat in ("mean", "var"):
+        flat = f"{t}/{stat}_flat" if x.elem_type not in WIDE else f"{t}/{stat}_c"
+        nodes.append(helper.make_node("Reshape", [f"{t}/{stat}", f"{t}/flat"], [flat]))
+        if x.elem_type not in WIDE:
+            nodes.append(helper.make_node("Cast", [flat], [f"{t}/{stat}_c"], to=x.elem_type))
+    return [*nodes, fed]
 
 
-def ranks(model, tensors: list[str]) -> dict[str, int]:
-    """The rank of each of ``tensors``, from onnx's shape inference (the graph inputs' declared shapes)."""
+@dataclass(frozen=True)
+class TensorType:
+    rank: int
+    elem_type: int
+    """onnx.TensorProto data type"""
+
+
+def tensor_types(model, tensors: list[str]) -> dict[str, TensorType]:
+    """The rank and element type of each of ``tensors``, from onnx's shape inference (the graph inputs'
+    declared shapes)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    known = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.input,
-                                                                  *inferred.graph.output)
+    known = {v.name: TensorType(len(v.type.tensor_type.shape.dim), v.type.tensor_type.elem_type)
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
              if v.type.tensor_type.HasField("shape")}
     missing = [t for t in tensors if t not in known]
     if missing:

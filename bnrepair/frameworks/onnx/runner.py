@@ -17,7 +17,7 @@ from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
-from .graph import array, find_bn, measuring_copy, ranks, tag
+from .graph import array, find_bn, measuring_copy, tag, tensor_types
 
 
 def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
@@ -54,7 +54,7 @@ class OnnxRunner:
             raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
                               + (f" ({'; '.join(self.left)})" if self.left else ""))
         self._sites = {site.id: site for site in sites}
-        self._ranks = ranks(model, [s.x for s in sites])
+        self._types = tensor_types(model, [s.x for s in sites])
         self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}
         self._input = self._data_input()
         layers = [BNLayer(id=s.id, channels=int(self._stats[s.id][0].size), axis=1, eps=s.eps, momentum=s.momentum,
@@ -86,7 +86,7 @@ class OnnxRunner:
 
     def _session(self, batch_stats: frozenset):
         if batch_stats not in self._sessions:
-            copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._ranks)
+            copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._types)
             providers = ["CPUExecutionProvider"]
             if self.device == "cuda":
                 providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))

@@ -211,6 +211,21 @@ def test_the_fixtures_as_onnx_get_the_statistics_their_checkpoints_get(tmp_path,
         std = np.sqrt(theirs.var + theirs.eps)
         assert np.max(np.abs(ours.mean - theirs.mean) / std) < 1e-4
         np.testing.assert_allclose(ours.var, theirs.var, rtol=1e-4)  # torch's unbiased: n / (n - 1) = 1 + 4e-6
+    broken = bnrepair.load(tmp_path / "m.onnx")
+    accuracy = {name: heldout_accuracy(runner) for name, runner in
+                (("broken", broken), ("onnx", onnx_model), ("checkpoint", checkpoint))}
+    assert abs(accuracy["onnx"] - accuracy["checkpoint"]) <= 0.01, accuracy
+    assert accuracy["onnx"] > accuracy["broken"] + 0.2, accuracy  # the repair is what the accuracy shows
+
+
+def heldout_accuracy(runner) -> float:
+    """Top-1 accuracy on the fixtures' held-out images of domain a, the model at inference."""
+    from bnrepair.data import calibration, image_spec
+    from fixtures import synthetic
+
+    batches = calibration(synthetic.folder("a", "heldout"), image_spec(runner.graph, None, "unit"), 64)
+    hits = [np.argmax(np.asarray(runner.infer(runner.cast_input(b.inputs))), axis=1) == b.labels for b in batches]
+    return float(np.mean(np.concatenate(hits)))
 
 
 def test_matmul_with_and_without_a_bias_add_folds(tmp_path):
@@ -249,3 +264,37 @@ def test_matmul_with_and_without_a_bias_add_folds(tmp_path):
 
     session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
+
+
+def half(model):
+    """``model`` with every float tensor (initializers, constants, inputs, outputs) in float16."""
+    from onnx import TensorProto
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for node in out.graph.node:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16)))
+    for value in (*out.graph.input, *out.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del out.graph.value_info[:]
+    return out
+
+
+def test_a_float16_model_is_measured_in_float32_and_written_in_float16(tmp_path):
+    """Moments of float16 activations are taken in float32; the statistics are stored back as float16. The
+    reference: the same network in float32, whose statistics the float16 ones must round to."""
+    model = onnx.load(str(exported(broken_model(), tmp_path / "m.onnx")))
+    onnx.save(half(model), str(tmp_path / "h.onnx"))
+    batches = [np.random.default_rng(i).normal(0.3, 1.2, (16, 3, 32, 32)).astype(np.float32) for i in range(3)]
+    bnrepair.recalibrate(tmp_path / "m.onnx", batches, output=tmp_path / "m.r.onnx")
+    bnrepair.recalibrate(tmp_path / "h.onnx", batches, output=tmp_path / "h.r.onnx")
+    full, reduced = stored(tmp_path / "m.r.onnx"), stored(tmp_path / "h.r.onnx")
+    for name in (k for k in full if k.endswith(("running_mean", "running_var"))):
+        assert reduced[name].dtype == np.float16
+        scale = np.sqrt(full[name.replace("mean", "var")] + 1e-5)
+        assert np.max(np.abs(reduced[name].astype(np.float64) - full[name]) / scale) < 5e-3  # float16 weights: 1.4e-3 measured
