@@ -297,4 +297,5 @@ def test_a_float16_model_is_measured_in_float32_and_written_in_float16(tmp_path)
     for name in (k for k in full if k.endswith(("running_mean", "running_var"))):
         assert reduced[name].dtype == np.float16
         scale = np.sqrt(full[name.replace("mean", "var")] + 1e-5)
-        assert np.max(np.abs(reduced[name].astype(np.float64) - full[name]) / scale) < 5e-3  # float16 weights: 1.4e-3 measured
+        off = np.max(np.abs(reduced[name].astype(np.float64) - full[name]) / scale)
+        assert off < 5e-3  # the weights are float16 too: 1.4e-3 measured
