@@ -299,3 +299,33 @@ def test_a_float16_model_is_measured_in_float32_and_written_in_float16(tmp_path)
         scale = np.sqrt(full[name.replace("mean", "var")] + 1e-5)
         off = np.max(np.abs(reduced[name].astype(np.float64) - full[name]) / scale)
         assert off < 5e-3  # the weights are float16 too: 1.4e-3 measured
+
+
+def test_bad_onnx_input_is_one_line(tmp_path):
+    from onnx import TensorProto, helper
+
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    broken = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["missing"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                            [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]), ir_version=8,
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(broken, str(tmp_path / "unchecked.onnx"))
+    plain = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])]), ir_version=8,
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(plain, str(tmp_path / "no_bn.onnx"))
+    model = exported(broken_model(), tmp_path / "m.onnx")
+    np.save(tmp_path / "gray.npy", np.zeros((8, 1, 32, 32), np.float32))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, message in (
+            (["inspect", tmp_path / "junk.onnx"], "junk.onnx: not a readable ONNX model"),
+            (["inspect", tmp_path / "unchecked.onnx"], "unchecked.onnx: fails onnx.checker"),
+            (["recalibrate", tmp_path / "no_bn.onnx", "-d", CALIB],
+             "no_bn.onnx: the model has no BatchNormalization node with stored statistics"),
+            (["recalibrate", model, "-d", tmp_path / "gray.npy"], "gray.npy")):
+        done = CliRunner().invoke(app, [str(a) for a in args])
+        assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
+        assert message in done.output, done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
