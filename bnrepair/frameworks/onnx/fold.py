@@ -86,7 +86,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
             readers[name] = readers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
     producers = {out: node for node in graph.node for out in node.output}
-    sites, _ = find_bn(folded)
+    sites, left = find_bn(folded)
     types = tensor_types(folded, [s.x for s in sites])
     decisions, probes, tensors, drop = [], {}, {}, []
     for site in sites:
@@ -127,6 +127,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
         decisions.append(Decision(site.id, "backward", [name], axis=1))
         probes[site.id] = [(site.id, None, name)]
         tensors[site.id] = [w_name, b_name]
+    decisions += [Decision(layer_id, reason=why, axis=1) for layer_id, why in left]  # every BN kept is named
     for index in sorted(drop, reverse=True):
         del graph.node[index]
     unused = {n for s in sites for n in (s.mean, s.var)} - {i for node in graph.node for i in node.input}

@@ -42,8 +42,8 @@ def _attr(node, name: str, default):
     return default if found is None else helper.get_attribute_value(found)
 
 
-def find_bn(model) -> tuple[list[Site], list[str]]:
-    """The recalibratable BN nodes in graph order, and a line for each BN whose statistics are not stored."""
+def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
+    """The recalibratable BN nodes in graph order, and (id, why) for each BN left alone."""
     graph = model.graph
     stored = {init.name for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -56,11 +56,11 @@ def find_bn(model) -> tuple[list[Site], list[str]]:
             layer_id = f"{layer_id}#{index}"
         seen.add(layer_id)
         if _attr(node, "training_mode", 0):
-            left.append(f"{layer_id}: runs in training mode (training_mode=1), so it keeps no inference statistics")
+            left.append((layer_id, "runs in training mode (training_mode=1): it keeps no inference statistics"))
             continue
         x, _, _, mean, var = node.input[:5]
         if mean not in stored or var not in stored:
-            left.append(f"{layer_id}: its mean / variance are computed in the graph, not stored; left alone")
+            left.append((layer_id, "its mean / variance are computed in the graph, not stored"))
             continue
         producer = producers.get(x)
         sites.append(Site(layer_id, index, x, mean, var, float(_attr(node, "epsilon", 1e-5)),

@@ -49,10 +49,10 @@ class OnnxRunner:
         self.device = "cuda" if device in ("auto", "gpu", "cuda") and cuda_usable() else "cpu"
         if device in ("gpu", "cuda") and self.device == "cpu":
             raise InputError("--device gpu: onnxruntime sees no usable CUDA device")
-        sites, self.left = find_bn(model)
+        sites, left = find_bn(model)
         if not sites:
             raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
-                              + (f" ({'; '.join(self.left)})" if self.left else ""))
+                              + (f" ({'; '.join(f'{i}: {why}' for i, why in left)})" if left else ""))
         self._sites = {site.id: site for site in sites}
         self._types = tensor_types(model, [s.x for s in sites])
         self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}

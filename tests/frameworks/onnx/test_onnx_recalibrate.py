@@ -329,3 +329,29 @@ def test_bad_onnx_input_is_one_line(tmp_path):
         assert done.exit_code == 2 and len(done.output.strip().splitlines()) == 1, done.output
         assert message in done.output, done.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_bn_with_computed_statistics_is_left_alone_and_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(0, 1, (4, 3, 3, 3)), "g": np.ones(4), "b": np.zeros(4), "m": np.zeros(4),
+              "v": np.ones(4), "m2": np.zeros(4), "v2": np.ones(4)}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y1"], name="bn1"),
+             helper.make_node("Identity", ["m2"], ["m2_computed"], name="computed"),
+             helper.make_node("BatchNormalization", ["y1", "g", "b", "m2_computed", "v2"], ["y"], name="bn2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "m.onnx"))
+    x = rng.normal(2, 3, (16, 3, 8, 8)).astype(np.float32)
+    report = bnrepair.recalibrate(tmp_path / "m.onnx", [x[:8], x[8:]], output=tmp_path / "r.onnx")
+    assert [layer.id for layer in report.layers] == ["bn1"]
+    after = stored(tmp_path / "r.onnx")
+    assert np.array_equal(after["m2"], arrays["m2"].astype(np.float32)) and not np.allclose(after["m"], 0)
+    folded = bnrepair.fold(tmp_path / "m.onnx", tmp_path / "f.onnx", data=x)
+    assert [row.bn for row in folded.folded] == ["bn1"]
+    assert [(r.bn, r.reason) for r in folded.refused] == [("bn2", "its mean / variance are computed in the graph, "
+                                                                  "not stored")]
