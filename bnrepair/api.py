@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from . import frameworks
-from .data import Cached, calibration, check_fits, check_path, check_preprocess, image_spec
+from .data import (
+    Cached,
+    Calibration,
+    ImageFolder,
+    calibration,
+    check_fits,
+    check_path,
+    check_preprocess,
+    image_spec,
+)
 from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, check_opset, prepare, require_onnx
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
 from .errors import InputError, NoBatchNorm
@@ -62,13 +71,16 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                 samples: int | None = None, tol: float = 1e-4, layers: str | None = None,
                 skip: str | None = None, device: str = "auto", image_size=None, preprocess: str = "unit",
                 skip_bad: bool = False, input_index: int = 0, progress: Progress | None = None,
-                max_passes: int | None = None, export=None, fold: bool = False, **load_options) -> Report:
+                max_passes: int | None = None, export=None, fold: bool = False, workers: int | None = None,
+                cache_mb: float | None = None, **load_options) -> Report:
     """Recompute every chosen BN layer's statistics from ``data``; returns the report.
 
     With a path, the repaired checkpoint goes to ``output`` (default ``<stem>.recalibrated<suffix>``)
     and the input is never modified; with an in-memory model, the model itself is updated.
     ``export``: also write the recalibrated model (BN folded with ``fold``) as verified ONNX there;
-    when its verification fails nothing at all is written.
+    when its verification fails nothing at all is written. ``workers``: image-decoding threads (default: the
+    CPUs this process may use). ``cache_mb``: in eval mode, an image folder whose decoded samples fit this many
+    MB (default a quarter of the memory available; 0: never) is decoded once and kept for the passes.
     """
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -91,9 +103,10 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
         if reason:
             raise InputError(f"{source or 'model'}: {reason}")
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
-                         samples, skip_bad, input_index)
+                         samples, skip_bad, input_index, workers)
     check_fits(runner.graph, stream)
-    outcome = run(runner, stream, mode, tol, layers, skip, progress, max_passes)
+    outcome = run(runner, decoded_once(stream, mode, cache_mb, progress), mode, tol, layers, skip, progress,
+                  max_passes)
     report = Report.of(outcome, runner.framework, mode, str(runner.device), stream.seed,
                        skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)())
     pending = None if onnx_path is None else prepare(runner, onnx_path, fold=fold, to_onnx=True, data=stream,
@@ -125,10 +138,24 @@ def inspect(model, **load_options) -> InspectReport:
                                                                       for bn in runner.graph.bn_layers])
 
 
+def decoded_once(stream, mode: str, cache_mb: float | None, progress: Progress | None):
+    """``stream``, or in eval mode (several passes) its batches kept in memory when they are images to decode
+    and fit ``cache_mb`` (default a quarter of the memory available)."""
+    from .untrusted import available_memory
+
+    if mode != "eval" or not isinstance(stream, Calibration) or not isinstance(stream.source, ImageFolder):
+        return stream
+    if cache_mb is not None and cache_mb < 0:
+        raise InputError(f"--cache-mb must be >= 0, got {cache_mb:g}")
+    budget = cache_mb * 2**20 if cache_mb is not None else (available_memory() or 0) / 4
+    return Cached(stream, progress) if budget > 0 and stream.decoded_bytes() <= budget else stream
+
+
 def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_size: int = 32, seed: int = 0,
              samples: int | None = 1024, tol: float = 1e-4, device: str = "auto", image_size=None,
              preprocess: str = "unit", skip_bad: bool = False, input_index: int = 0,
-             progress: Progress | None = None, fix_command: str | None = None, **load_options) -> DiagnoseReport:
+             progress: Progress | None = None, fix_command: str | None = None, workers: int | None = None,
+             **load_options) -> DiagnoseReport:
     """Compare stored statistics with what ``data`` produces, and predict what a recalibration gives back.
 
     The data is read once (at most ``samples``) and kept in memory for the passes: inference and
@@ -143,7 +170,7 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     _checked_request(data, preprocess, mode, device)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
-                         samples, skip_bad, input_index)
+                         samples, skip_bad, input_index, workers)
     check_fits(runner.graph, stream)
     cached = Cached(stream, progress)
     if 2 <= len(cached) < DIAGNOSE_MIN_SAMPLES:  # fewer than 2 gets the loop's own message

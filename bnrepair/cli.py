@@ -250,6 +250,8 @@ Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature 
                                         rich_help_panel="Loading: SavedModel")]
 InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed, "
                                                   "when it has several.", rich_help_panel="Loading: SavedModel")]
+Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads decoding images [default: the "
+                                               "CPUs this process may use].", rich_help_panel="Data")]
 DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABLE returning an iterable of "
                                                "batches (instead of --data).", rich_help_panel="Data")]
 InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.",
@@ -361,6 +363,12 @@ def recalibrate(
     input_name: InputName = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
+    workers: Workers = None,
+    cache_mb: Annotated[Optional[float], typer.Option("--cache-mb", help="--mode eval on an image folder: decode "
+                                                      "once and keep the samples for the passes when they fit this "
+                                                      "many MB (0: never; the values are the same either way) "
+                                                      "[default: a quarter of the memory available].",
+                                                      rich_help_panel="Data")] = None,
     export: Annotated[Optional[Path], typer.Option("--export", help="Also write the recalibrated model as ONNX "
                                                    "here, verified in onnxruntime (nothing is written if it "
                                                    "fails).", rich_help_panel="Output")] = None,
@@ -379,7 +387,7 @@ def recalibrate(
             checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
             skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes, export=export,
-            fold=fold,
+            fold=fold, workers=workers, cache_mb=cache_mb,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:
@@ -462,6 +470,7 @@ def diagnose(
     input_name: InputName = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
+    workers: Workers = None,
 ):
     """Say which BN layers are wrong and why, with evidence, and what a recalibration would give back."""
     import shlex
@@ -486,7 +495,7 @@ def diagnose(
         report = run_diagnose(
             checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
-            input_index=input_index, fix_command=fix, progress=progress,
+            input_index=input_index, fix_command=fix, progress=progress, workers=workers,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:

@@ -6,6 +6,7 @@ order, so eval-mode fixed-point passes and repeated runs with one seed are repro
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class Calibration:
     """A seeded, batched, prefetched stream over a random-access source."""
 
     def __init__(self, source, batch_size: int = 32, seed: int = 0, samples: int | None = None,
-                 skip_bad: bool = False, prefetch: int = 2, workers: int = 2):
+                 skip_bad: bool = False, prefetch: int | None = None, workers: int | None = None):
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -61,8 +62,10 @@ class Calibration:
         self.seed = seed
         self.repeatable = True
         self.skip_bad = skip_bad
-        self.prefetch = max(1, prefetch)
-        self.workers = max(1, workers)
+        if workers is not None and workers < 1:
+            raise InputError(f"--workers must be at least 1, got {workers}")
+        self.workers = workers or usable_cpus()
+        self.prefetch = max(1, prefetch or self.workers)  # one batch in flight per worker keeps them all busy
         order = np.random.default_rng(seed).permutation(len(source))
         if samples is not None:
             order = order[:samples]
@@ -77,6 +80,16 @@ class Calibration:
     @property
     def has_labels(self) -> bool:
         return getattr(self.source, "labels", None) is not None
+
+    def decoded_bytes(self) -> int:
+        """What every sample of a pass takes in memory once decoded: from the image size the samples are made,
+        else the first sample's."""
+        spec = getattr(self.source, "spec", None)
+        if spec is not None and spec.size is not None:
+            per_sample = spec.size[0] * spec.size[1] * spec.channels * 4  # float32
+        else:
+            per_sample = int(np.asarray(self.source.sample(int(self.order[0]))).nbytes)
+        return per_sample * len(self.order)
 
     def classes_lost(self) -> list[str]:
         """Classes that --skip-bad left without a single image of those drawn: the statistics then describe
@@ -223,13 +236,22 @@ def _same_batches_each_pass(batches) -> bool:
     return type(sampler).__name__ == "SequentialSampler" and getattr(batches, "batch_sampler", None) is not None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and job schedulers restrict)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
-                samples: int | None = None, skip_bad: bool = False, input_index: int = 0):
+                samples: int | None = None, skip_bad: bool = False, input_index: int = 0,
+                workers: int | None = None):
     """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated."""
     if isinstance(data, (Calibration, IterableCalibration)):
         return data
     if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
-        return Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad)
+        return Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad, workers=workers)
     if hasattr(data, "__iter__"):
         return IterableCalibration(data, input_index, samples)
     raise InputError(f"cannot use {type(data).__name__} as calibration data")

@@ -234,3 +234,33 @@ def test_keras_refusals_give_the_innermost_reason(tmp_path):
     assert done.exit_code == 2 and done.output.strip() == (
         f"error: {tmp_path / 'bogus.keras'}: Keras could not load the model: Unrecognized keyword arguments "
         "passed to BatchNormalization: {'bogus_arg': 1}")
+
+
+def test_eval_mode_decodes_each_image_once_when_the_samples_fit(tmp_path):
+    """The passes of --mode eval read the decoded samples from memory; --cache-mb 0 decodes on every pass. The
+    statistics are the same bytes either way."""
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(CALIB, data)
+    opened = []
+
+    def watch(event, args):
+        if event == "open" and isinstance(args[0], str) and args[0].startswith(str(data)) and \
+                args[0].endswith(".png"):
+            opened.append(args[0])
+
+    sys.addaudithook(watch)  # hooks cannot be removed; this one only counts this test's images
+    images = len(list(data.rglob("*.png")))
+    counts, states = {}, {}
+    for cache in ("1000", "0"):
+        opened.clear()
+        out = tmp_path / f"r{cache}.pt"
+        done = invoke("recalibrate", TORCH_STALE, *ARCH_FLAGS, "-d", data, "--mode", "eval", "--cache-mb", cache,
+                      "-o", out, "--json", f"{out}.json", "-q")
+        assert done.exit_code == 0, done.output
+        counts[cache] = len(opened)
+        states[cache] = torch.load(out, weights_only=True)
+    passes = json.loads((tmp_path / "r0.pt.json").read_text())["passes"]
+    assert passes >= 3 and counts == {"1000": images, "0": images * passes}, (counts, passes)
+    assert all(torch.equal(states["1000"][k], states["0"][k]) for k in states["0"])

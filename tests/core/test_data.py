@@ -140,3 +140,14 @@ def test_an_npz_member_cannot_declare_more_than_memory_or_its_bytes(tmp_path):
     with pytest.raises(InputError, match=r"short.npz: array 'x' declares shape \(1000, 32\), more than its \d+ "
                                          "bytes hold"):
         open_source(tmp_path / "short.npz", ImageSpec())
+
+
+def test_decoding_threads_default_to_the_cpus_this_process_may_use(tmp_path):
+    import os
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+    source = open_source(tmp_path / "x.npy", ImageSpec())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert Calibration(source).workers == usable and Calibration(source, workers=3).workers == 3
+    with pytest.raises(InputError, match="--workers must be at least 1, got 0"):
+        Calibration(source, workers=0)
