@@ -72,15 +72,16 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                 skip: str | None = None, device: str = "auto", image_size=None, preprocess: str = "unit",
                 skip_bad: bool = False, input_index: int = 0, progress: Progress | None = None,
                 max_passes: int | None = None, export=None, fold: bool = False, workers: int | None = None,
-                cache_mb: float | None = None, **load_options) -> Report:
+                cache_mb: float | None = None, fast_jpeg: bool = False, **load_options) -> Report:
     """Recompute every chosen BN layer's statistics from ``data``; returns the report.
 
     With a path, the repaired checkpoint goes to ``output`` (default ``<stem>.recalibrated<suffix>``)
     and the input is never modified; with an in-memory model, the model itself is updated.
     ``export``: also write the recalibrated model (BN folded with ``fold``) as verified ONNX there;
     when its verification fails nothing at all is written. ``workers``: image-decoding threads (default: the
-    CPUs this process may use). ``cache_mb``: in eval mode, an image folder whose decoded samples fit this many
-    MB (default a quarter of the memory available; 0: never) is decoded once and kept for the passes.
+    CPUs this process may use). ``fast_jpeg``: see ``data.ImageSpec.fast_jpeg``. ``cache_mb``: in eval mode,
+    an image folder whose decoded samples fit this many MB (default a quarter of the memory available; 0:
+    never) is decoded once and kept for the passes.
     """
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -102,7 +103,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
         reason = runner.fold_backend().unfoldable(runner.model) if fold else None
         if reason:
             raise InputError(f"{source or 'model'}: {reason}")
-    stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
+    stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
                          samples, skip_bad, input_index, workers)
     check_fits(runner.graph, stream)
     outcome = run(runner, decoded_once(stream, mode, cache_mb, progress), mode, tol, layers, skip, progress,
@@ -155,7 +156,7 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
              samples: int | None = 1024, tol: float = 1e-4, device: str = "auto", image_size=None,
              preprocess: str = "unit", skip_bad: bool = False, input_index: int = 0,
              progress: Progress | None = None, fix_command: str | None = None, workers: int | None = None,
-             **load_options) -> DiagnoseReport:
+             fast_jpeg: bool = False, **load_options) -> DiagnoseReport:
     """Compare stored statistics with what ``data`` produces, and predict what a recalibration gives back.
 
     The data is read once (at most ``samples``) and kept in memory for the passes: inference and
@@ -169,7 +170,7 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     started = time.perf_counter()
     _checked_request(data, preprocess, mode, device)
     runner = load(model, device=device, **load_options)
-    stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed,
+    stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
                          samples, skip_bad, input_index, workers)
     check_fits(runner.graph, stream)
     cached = Cached(stream, progress)

@@ -252,6 +252,9 @@ InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: t
                                                   "when it has several.", rich_help_panel="Loading: SavedModel")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads decoding images [default: the "
                                                "CPUs this process may use].", rich_help_panel="Data")]
+FastJpeg = Annotated[bool, typer.Option("--fast-jpeg", help="Decode large JPEGs at a reduced DCT scale, then resize: "
+                                        "faster, not identical (1024x768 -> 224: means within 1e-4 std, variances "
+                                        "within 0.6%).", rich_help_panel="Data")]
 DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABLE returning an iterable of "
                                                "batches (instead of --data).", rich_help_panel="Data")]
 InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.",
@@ -364,6 +367,7 @@ def recalibrate(
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
+    fast_jpeg: FastJpeg = False,
     cache_mb: Annotated[Optional[float], typer.Option("--cache-mb", help="--mode eval on an image folder: decode "
                                                       "once and keep the samples for the passes when they fit this "
                                                       "many MB (0: never; the values are the same either way) "
@@ -387,7 +391,7 @@ def recalibrate(
             checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
             skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes, export=export,
-            fold=fold, workers=workers, cache_mb=cache_mb,
+            fold=fold, workers=workers, cache_mb=cache_mb, fast_jpeg=fast_jpeg,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:
@@ -471,6 +475,7 @@ def diagnose(
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
+    fast_jpeg: FastJpeg = False,
 ):
     """Say which BN layers are wrong and why, with evidence, and what a recalibration would give back."""
     import shlex
@@ -495,7 +500,7 @@ def diagnose(
         report = run_diagnose(
             checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
             tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
-            input_index=input_index, fix_command=fix, progress=progress, workers=workers,
+            input_index=input_index, fix_command=fix, progress=progress, workers=workers, fast_jpeg=fast_jpeg,
             **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
                            signature, input_name))
     finally:

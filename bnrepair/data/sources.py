@@ -30,6 +30,10 @@ class ImageSpec:
     channels: int = 3
     preprocess: str = "unit"
     channels_first: bool = False
+    fast_jpeg: bool = False
+    """decode JPEGs at a reduced DCT scale (Pillow's ``draft``) when the target is at most half the file's size,
+    then resize as always: faster, not identical (measured: per-channel means within 1e-4 std, variances
+    within 0.6%, on 1024x768 -> 224x224)"""
 
     def __post_init__(self):
         check_preprocess(self.preprocess)
@@ -110,6 +114,8 @@ def _pixels(im, spec: ImageSpec) -> np.ndarray:
             return grey
         rgb = np.repeat(grey, 3, axis=2)
         return np.concatenate([rgb, np.full_like(grey, 255.0)], axis=2) if spec.channels == 4 else rgb
+    if spec.fast_jpeg and size is not None and im.format == "JPEG":
+        im.draft(_MODES.get(spec.channels, "RGB"), size)  # the smallest DCT scale still >= the target size
     im = im.convert(_MODES.get(spec.channels, "RGB"))
     if size is not None and im.size != size:
         im = im.resize(size, Image.BILINEAR)

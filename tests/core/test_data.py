@@ -151,3 +151,16 @@ def test_decoding_threads_default_to_the_cpus_this_process_may_use(tmp_path):
     assert Calibration(source).workers == usable and Calibration(source, workers=3).workers == 3
     with pytest.raises(InputError, match="--workers must be at least 1, got 0"):
         Calibration(source, workers=0)
+
+
+def test_fast_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    """Pillow's draft: a 1024x768 JPEG for a 224x224 input is decoded at 512x384, then resized as always. The
+    reference: the full decode with the same resize."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).resize((1024, 768), Image.BICUBIC)
+    smooth.save(tmp_path / "big.jpg", quality=90)
+    exact = ImageFolder(tmp_path, ImageSpec(size=(224, 224))).sample(0)
+    fast = ImageFolder(tmp_path, ImageSpec(size=(224, 224), fast_jpeg=True)).sample(0)
+    assert fast.shape == exact.shape and not np.array_equal(fast, exact)  # it did decode at another scale
+    assert np.max(np.abs(fast.mean((0, 1)) - exact.mean((0, 1))) / exact.std((0, 1))) < 1e-2
+    np.testing.assert_allclose(fast.std((0, 1)), exact.std((0, 1)), rtol=2e-2)
