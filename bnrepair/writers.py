@@ -121,6 +121,18 @@ def write_error(dest: Path, exc: BaseException) -> BnrepairError | None:
 
 
 @contextmanager
+def refused_in_one_line(dest: Path):
+    """A write the system refuses, anywhere in the block, becomes ``write_error``'s one line."""
+    try:
+        yield
+    except BaseException as exc:
+        error = write_error(dest, exc)
+        if error is not None:
+            raise error from None
+        raise
+
+
+@contextmanager
 def atomic_path(dest: Path, suffix: str = ""):
     """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step.
 
@@ -133,19 +145,31 @@ def atomic_path(dest: Path, suffix: str = ""):
     except OSError as exc:
         raise BnrepairError(f"{dest}: cannot write in {dest.parent} ({exc.strerror})") from None
     os.close(fd)
+    with refused_in_one_line(dest):
+        try:
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+@contextmanager
+def scratch_folder(dest: Path, suffix: str = ""):
+    """A temporary folder beside ``dest`` (named by ``scratch_affixes``) for output built of several files, which
+    the caller renames into place; whatever is left in it goes on the way out, and a refused write is one line."""
+    dest = Path(dest)
+    remove_stale(dest, suffix)
+    folder = Path(tempfile.mkdtemp(**scratch_affixes(dest, suffix), dir=dest.parent))
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dest)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        error = write_error(dest, exc)
-        if error is not None:
-            raise error from None
-        raise
+        with refused_in_one_line(dest):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """ONNX wing: ``.onnx`` models (and in-memory ``onnx.ModelProto``s), run in onnxruntime.
 
 ``files`` reads (external data checked) and writes back only BN statistics, ``graph`` finds the
-BatchNormalization nodes and builds the measuring copy, ``runner`` measures through onnxruntime. Folding and
-export are not built for this wing yet.
+BatchNormalization nodes and builds the measuring copy, ``runner`` measures through onnxruntime, ``fold``
+folds BN into its producer and is the wing's export (the model is ONNX already).
 """
 
 from __future__ import annotations

@@ -10,14 +10,13 @@ initializer, input, output, opset import and metadata entry is the same message,
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path, PurePath
 
 import numpy as np
 
 from ...errors import InputError, first_line
-from ...writers import atomic_path, scratch_affixes, storable, write_error
+from ...writers import atomic_path, scratch_folder, storable
+from .graph import copied, set_initializers
 
 
 def _external(tensor) -> str | None:
@@ -49,8 +48,8 @@ def read(path: Path):
             onnx.load_external_data_for_model(model, str(folder))
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
-    try:  # by path: the checker reads external data itself, and models over 2 GB only that way
-        onnx.checker.check_model(str(path))
+    try:  # with external data by path (the checker reads it itself; over 2 GB only that way), else as read
+        onnx.checker.check_model(str(path) if external else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{path}: fails onnx.checker ({first_line(exc)})") from None
     return model, bool(external)
@@ -61,28 +60,17 @@ def write(model, source: Path, output: Path, values: dict[str, np.ndarray], exte
     import onnx
     from onnx import numpy_helper
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in values:
-            stored = numpy_helper.to_array(init)
-            new = storable(values[init.name], stored.dtype, f"{source}: {init.name}").reshape(stored.shape)
-            init.CopyFrom(numpy_helper.from_array(new, init.name))
+    out = copied(model)
+    stored = {init.name: numpy_helper.to_array(init) for init in out.graph.initializer if init.name in values}
+    set_initializers(out, {name: storable(values[name], old.dtype, f"{source}: {name}").reshape(old.shape)
+                           for name, old in stored.items()})
     if external:  # the data beside the output, named after it: each file built aside, then renamed into place
         data = output.with_name(output.name + ".data")
-        folder = Path(tempfile.mkdtemp(**scratch_affixes(output), dir=output.parent))
-        try:
+        with scratch_folder(output) as folder:
             onnx.save_model(out, str(folder / output.name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
             os.replace(folder / data.name, data)
             os.replace(folder / output.name, output)
-        except BaseException as exc:
-            error = write_error(output, exc)
-            if error is not None:
-                raise error from None
-            raise
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         return
     with atomic_path(output) as tmp:
         tmp.write_bytes(out.SerializeToString())

@@ -17,6 +17,7 @@ import numpy as np
 
 from ...folding import Decision, Folded, Params, axis_index, bn_affine, fold_backward
 from ...writers import atomic_path
+from .graph import attribute, copied, find_bn, tensor_types
 
 SUFFIXES = (".onnx",)
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm"}
@@ -35,13 +36,6 @@ def unfoldable(model) -> None:
     return None
 
 
-def _attr(node, name: str, default):
-    from onnx import helper
-
-    found = next((a for a in node.attribute if a.name == name), None)
-    return default if found is None else helper.get_attribute_value(found)
-
-
 def _params(node, weight: np.ndarray, bias: np.ndarray | None) -> Params | str:
     """The producer's weights with the output channel of each element, or why it cannot take a BN."""
     w = weight.astype(np.float64)
@@ -49,13 +43,13 @@ def _params(node, weight: np.ndarray, bias: np.ndarray | None) -> Params | str:
     if node.op_type == "Conv":
         return Params(w, b, axis_index(w.shape, 0))
     if node.op_type == "ConvTranspose":  # (C_in, C_out / group, k...): output channel g * C_out/group + j
-        group = int(_attr(node, "group", 1))
+        group = int(attribute(node, "group", 1))
         per_group_in, per_group_out = w.shape[0] // group, w.shape[1]
         out = (axis_index(w.shape, 0) // per_group_in) * per_group_out + axis_index(w.shape, 1)
         return Params(w, b, out)
-    if _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0 or _attr(node, "transA", 0):
+    if attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0 or attribute(node, "transA", 0):
         return f"{node.name or node.op_type} is a Gemm with alpha, beta or transA set"
-    return Params(w, b, axis_index(w.shape, 0 if _attr(node, "transB", 0) else 1))
+    return Params(w, b, axis_index(w.shape, 0 if attribute(node, "transB", 0) else 1))
 
 
 @dataclass
@@ -71,13 +65,9 @@ class Target:
 
 
 def fold(model, bn_ids: set[str], example) -> Folded:
-    import onnx
     from onnx import numpy_helper
 
-    from .graph import find_bn, tensor_types
-
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+    folded = copied(model)
     graph = folded.graph
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = {}
@@ -206,14 +196,12 @@ def run(model, x) -> list[np.ndarray]:
 
 def capture(model, names: set[str], x) -> dict[str, np.ndarray]:
     """The output of each named node (a BN by its id, a folded producer by its name) on ``x``."""
-    import onnx
     from onnx import helper
 
     tensor = {}
     for node in model.graph.node:
         tensor.setdefault(node.name or node.output[0], node.output[0])
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = copied(model)
     have = {o.name for o in copy.graph.output}
     wanted = sorted(names)
     for name in wanted:

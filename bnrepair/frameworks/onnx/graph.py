@@ -16,7 +16,8 @@ import numpy as np
 
 from ...errors import InputError
 
-STATS = ("mean", "var")
+MOMENTS = ("mean", "var", "size")
+"""what the measuring copy outputs per BN input, as ``<tag>/<moment>``"""
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,29 @@ class Site:
     producer_kind: str | None
 
 
-def _attr(node, name: str, default):
+def attribute(node, name: str, default):
     from onnx import helper
 
     found = next((a for a in node.attribute if a.name == name), None)
     return default if found is None else helper.get_attribute_value(found)
+
+
+def copied(model):
+    """A deep copy of a ModelProto, to rewrite without touching the original."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def set_initializers(model, values: dict[str, np.ndarray]) -> None:
+    """Replace, in place, the initializers named in ``values`` by those arrays (their dtype as given)."""
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(values[init.name]), init.name))
 
 
 def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
@@ -55,7 +74,7 @@ def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
         if layer_id in seen:
             layer_id = f"{layer_id}#{index}"
         seen.add(layer_id)
-        if _attr(node, "training_mode", 0):
+        if attribute(node, "training_mode", 0):
             left.append((layer_id, "runs in training mode (training_mode=1): it keeps no inference statistics"))
             continue
         x, _, _, mean, var = node.input[:5]
@@ -63,8 +82,8 @@ def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
             left.append((layer_id, "its mean / variance are computed in the graph, not stored"))
             continue
         producer = producers.get(x)
-        sites.append(Site(layer_id, index, x, mean, var, float(_attr(node, "epsilon", 1e-5)),
-                          float(_attr(node, "momentum", 0.9)), producer.name if producer is not None else None,
+        sites.append(Site(layer_id, index, x, mean, var, float(attribute(node, "epsilon", 1e-5)),
+                          float(attribute(node, "momentum", 0.9)), producer.name if producer is not None else None,
                           producer.op_type if producer is not None else None))
     return sites, left
 
@@ -78,11 +97,9 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
     """A copy of ``model`` that takes each site's statistics as graph inputs, outputs each BN input's batch
     mean, biased variance (over every axis but 1, two-pass within the batch) and element count after the
     model's own outputs, and normalises the ``batch_stats`` sites with those batch statistics."""
-    import onnx
     from onnx import helper
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = copied(model)
     graph = copy.graph
     fed = {name for site in sites for name in (site.mean, site.var)}
     kept = [init for init in graph.initializer if init.name not in fed]
@@ -100,7 +117,7 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
             del graph.node[site.index]
         for offset, new in enumerate(added):
             graph.node.insert(site.index + offset, new)
-        for stat in ("mean", "var", "size"):
+        for stat in MOMENTS:
             graph.output.append(helper.make_empty_tensor_value_info(f"{tag(site)}/{stat}"))
     return copy
 

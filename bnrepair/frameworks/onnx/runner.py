@@ -17,7 +17,7 @@ from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
-from .graph import array, find_bn, measuring_copy, tag, tensor_types
+from .graph import MOMENTS, array, copied, find_bn, measuring_copy, set_initializers, tag, tensor_types
 
 
 def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
@@ -67,6 +67,7 @@ class OnnxRunner:
                                 channels_first=channels_first(shape))
         self._outputs = [o.name for o in model.graph.output]
         self._sessions: dict = {}
+        self._current = None  # ``model``, made on demand
 
     def _data_input(self):
         """The one graph input the data feeds (onnxruntime needs every input fed: a second cannot be left out)."""
@@ -119,7 +120,7 @@ class OnnxRunner:
         if corrections:
             raise BnrepairError("ONNX models take no drift corrections")
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        names = [f"{tag(self._sites[i])}/{stat}" for i in ids for stat in ("mean", "var", "size")]
+        names = [f"{tag(self._sites[i])}/{moment}" for i in ids for moment in MOMENTS]
         values = iter(self._run(inputs, train, names))
         found = {}
         for i in ids:
@@ -135,14 +136,14 @@ class OnnxRunner:
                                      np.asarray(var).astype(stored_var.dtype).reshape(stored_var.shape))
             bn = self.graph.layer(layer_id)
             bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
-            if self.source is None:  # a ModelProto passed in memory holds the statistics, as a module would
-                from onnx import numpy_helper
+        self._current = None
+        if self.source is None:  # a ModelProto passed in memory holds the statistics, as a module would
+            set_initializers(self.proto, self._stat_values(stats))
 
-                site = self._sites[layer_id]
-                for init in self.proto.graph.initializer:
-                    if init.name in (site.mean, site.var):
-                        value = self._stats[layer_id][0 if init.name == site.mean else 1]
-                        init.CopyFrom(numpy_helper.from_array(value, init.name))
+    def _stat_values(self, ids) -> dict[str, np.ndarray]:
+        """The statistics held now, by the initializer that stores each."""
+        return {name: value for i in ids for name, value in zip((self._sites[i].mean, self._sites[i].var),
+                                                                self._stats[i])}
 
     def call_counts(self) -> dict[str, int]:
         uses = Counter(site.mean for site in self._sites.values())
@@ -167,18 +168,12 @@ class OnnxRunner:
 
     @property
     def model(self):
-        """The model with the statistics held now (what ``fold`` and ``export`` start from)."""
-        import onnx
-        from onnx import numpy_helper
-
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self.proto)
-        values = {name: value for i, site in self._sites.items()
-                  for name, value in zip((site.mean, site.var), self._stats[i])}
-        for init in copy.graph.initializer:
-            if init.name in values:
-                init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
-        return copy
+        """The model with the statistics held now (what ``fold`` and ``export`` start from), made once per set
+        of statistics."""
+        if self._current is None:
+            self._current = copied(self.proto)
+            set_initializers(self._current, self._stat_values(self._sites))
+        return self._current
 
     def fold_backend(self):
         from . import fold

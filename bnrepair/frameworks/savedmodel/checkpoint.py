@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import BnrepairError, InputError
-from ...writers import remove_stale, scratch_affixes, storable, write_error
+from ...writers import scratch_folder, storable
 from ..tf_runtime import import_tensorflow
 from .graph import split
 
@@ -145,18 +144,10 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         raise BnrepairError(f"{dest}: exists and is not a SavedModel; choose another -o/--output")
     if source.resolve() in dest.resolve().parents:
         raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
-    remove_stale(dest)
-    tmp = Path(tempfile.mkdtemp(**scratch_affixes(dest), dir=dest.parent))
-    try:
+    with scratch_folder(dest) as tmp:
         shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
         _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
         _replace_dir(tmp, dest)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        error = write_error(dest, exc)
-        if error is not None:
-            raise error from None
-        raise
 
 
 def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
@@ -194,13 +185,10 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(tmp, dest)
         return
-    remove_stale(dest, ".old")
-    aside = Path(tempfile.mkdtemp(**scratch_affixes(dest, ".old"), dir=dest.parent))
-    os.replace(dest, aside / dest.name)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(aside / dest.name, dest)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    with scratch_folder(dest, ".old") as aside:
+        os.replace(dest, aside / dest.name)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(aside / dest.name, dest)
+            raise
