@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
+from ..protocols import NoProgress
 from .sources import ImageSpec, open_source
 
 if TYPE_CHECKING:
@@ -206,15 +207,13 @@ class Cached:
     """Batches read once and kept in memory, for commands that make several passes over few samples."""
 
     def __init__(self, stream, progress: Progress | None = None):
+        progress = progress or NoProgress()
+        progress.start_pass(0, len(stream) if hasattr(stream, "__len__") else None, label="reading data")
         self.batches = []
-        if progress is not None:
-            progress.start_pass(0, len(stream) if hasattr(stream, "__len__") else None, label="reading data")
         for batch in stream:
             self.batches.append(batch)
-            if progress is not None:
-                progress.advance(batch.size)
-        if progress is not None:
-            progress.end_pass()
+            progress.advance(batch.size)
+        progress.end_pass()
         self.origin = getattr(stream, "origin", "calibration data")
         self.seed = getattr(stream, "seed", None)
         self.repeatable = True
