@@ -128,13 +128,14 @@ class Report:
     def render(self, console) -> None:
         from rich.table import Table
 
+        shown_rows = sorted(self.layers, key=lambda layer: (layer.share_moved, layer.max_mean_shift),
+                            reverse=True)[:ROWS]
         table = Table(title="BatchNorm statistics, largest change first", title_justify="left")
-        id_column(table, "layer", [layer.id for layer in self.layers])
+        id_column(table, "layer", [layer.id for layer in shown_rows])
         for name, justify in (("channels", "right"), ("frozen", "center"), ("max |Δmean|/std", "right"),
                               ("var new/old", "right")):
             table.add_column(name, justify=justify)
-        ranked = sorted(self.layers, key=lambda layer: (layer.share_moved, layer.max_mean_shift), reverse=True)
-        for layer in ranked[:ROWS]:
+        for layer in shown_rows:
             table.add_row(shown(layer.id), str(layer.channels), "yes" if layer.frozen else "",
                           f"{layer.max_mean_shift:.3g}", f"{layer.var_ratio_min:.3g} – {layer.var_ratio_max:.3g}",
                           style="red" if layer.moved else None)

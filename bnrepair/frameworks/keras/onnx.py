@@ -273,9 +273,12 @@ class Emitter:
         if first is None or len(names) != 2:
             raise InputError(f"cannot export to ONNX: {name} (operation {cls} of {len(names)} arguments)")
         if cls == "NotEqual":
-            equal = self.node("Equal", names, name)
-            return Value(self.node("Cast", [self.node("Not", [equal], name)], name, to=1), first.perm, first.shape)
+            return Value(self.not_equal(name, *names), first.perm, first.shape)
         return Value(self.node(OPERATIONS[cls], names, name), first.perm, first.shape)
+
+    def not_equal(self, name: str, a: str, b: str) -> str:
+        """``a != b`` as float 0 / 1, the form masks are used in."""
+        return self.node("Cast", [self.node("Not", [self.node("Equal", [a, b], name)], name)], name, to=1)
 
     def reduce(self, op: str, x: str, axes: list[int], keepdims: bool, name: str) -> str:
         """``op`` over ``axes``: an input from opset 18 on (13 for ReduceSum), an attribute before."""
@@ -444,8 +447,7 @@ class Emitter:
 
     def emit_masking(self, name, layer, x, args):
         """Keras's Masking: steps whose features all equal ``mask_value`` become zeros."""
-        keep = self.node("Cast", [self.node("Not", [self.node("Equal", [x.name, self.const(
-            f"{name}/mask_value", layer.mask_value)], name)], name)], name, to=1)
+        keep = self.not_equal(name, x.name, self.const(f"{name}/mask_value", layer.mask_value))
         step = self.reduce("ReduceMax", keep, [x.axis(-1)], True, name)
         return Value(self.node("Mul", [x.name, step], name), x.perm, x.shape)
 

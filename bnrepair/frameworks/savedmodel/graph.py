@@ -393,8 +393,8 @@ def freeze(graph_def, values: dict):
     from tensorflow.core.framework import graph_pb2, node_def_pb2
 
     resource = tf.resource.as_datatype_enum
-    handles = {name: name for name in values
-               if any(n.name == name and n.attr["dtype"].type == resource for n in graph_def.node)}
+    nodes = {n.name: n for n in graph_def.node}
+    handles = {name: name for name in values if name in nodes and nodes[name].attr["dtype"].type == resource}
     grown = True
     while grown:  # identities of a handle, in whatever order the nodes come
         grown = False
