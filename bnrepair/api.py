@@ -93,6 +93,8 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     if onnx_path is not None:
         require_onnx()
     _checked_request(data, preprocess, mode, device)
+    if cache_mb is not None and not cache_mb >= 0:
+        raise InputError(f"--cache-mb must be >= 0, got {cache_mb:g}")
     try:
         runner = load(model, device=device, **load_options)
     except NoBatchNorm:
@@ -146,8 +148,6 @@ def decoded_once(stream, mode: str, cache_mb: float | None, progress: Progress |
 
     if mode != "eval" or not isinstance(stream, Calibration) or not isinstance(stream.source, ImageFolder):
         return stream
-    if cache_mb is not None and cache_mb < 0:
-        raise InputError(f"--cache-mb must be >= 0, got {cache_mb:g}")
     budget = cache_mb * 2**20 if cache_mb is not None else (available_memory() or 0) / 4
     return Cached(stream, progress) if budget > 0 and stream.decoded_bytes() <= budget else stream
 

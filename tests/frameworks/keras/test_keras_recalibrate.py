@@ -438,6 +438,7 @@ def test_renorm_and_synchronized_layers_get_the_statistics_inference_uses(option
     (["recalibrate", "{model}", "-d", "{image}"], "calibration data must be an image folder, a .npy or a .npz"),
     (["export", "{model}", "-o", "{out}", "--opset", "99"], "--opset must be between"),
     (["fold", "{model}", "-o", "{pt}"], "a folded keras model is written as .keras, .h5 or .onnx"),
+    (["recalibrate", "{model}", "-d", "{calib}", "--mode", "eval", "--cache-mb", "-1"], "--cache-mb must be >= 0"),
 ])
 def test_option_mistakes_are_refused_before_tensorflow_loads(tmp_path, files, args, message):
     """Each of these waited for TensorFlow to load (5-10 s) before saying one line."""
