@@ -32,7 +32,7 @@ class LoadOptions:
     trust_code: bool = _option(False, "--trust-code", "torch,savedmodel")
     safe_globals: tuple[str, ...] = _option(None, "--safe-global", "torch", factory=tuple)
     signature: str = _option("serving_default", "--signature", "savedmodel")
-    input_name: str | None = _option(None, "--input", "savedmodel")
+    input_name: str | None = _option(None, "--input", "savedmodel,onnx")
 
     @classmethod
     def of(cls, options: LoadOptions | None = None, **given) -> LoadOptions:
@@ -74,4 +74,5 @@ def check_device(device: str) -> str:
 
 
 APPLIES_TO = {("keras",): "Keras .h5/.keras files", ("torch",): "PyTorch checkpoints",
-              ("savedmodel",): "TensorFlow SavedModels", ("torch", "savedmodel"): "PyTorch and SavedModel files"}
+              ("savedmodel",): "TensorFlow SavedModels", ("torch", "savedmodel"): "PyTorch and SavedModel files",
+              ("savedmodel", "onnx"): "SavedModels and ONNX models"}

@@ -18,7 +18,7 @@ def load(path: Path, options: LoadOptions, device: str = "auto"):
     from .runner import load_file
 
     require_onnx()
-    return load_file(path, device)
+    return load_file(path, device, options.input_name)
 
 
 def claims(model) -> bool:

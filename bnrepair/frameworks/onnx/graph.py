@@ -122,6 +122,52 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
     return copy
 
 
+def fanin(model, tensors: list[str]) -> tuple[set[int], set[str]]:
+    """The nodes (indices) that ``tensors`` are computed by, and the graph inputs they read; a node's subgraphs
+    (If / Loop / Scan bodies) count with the outer names they read."""
+    producers = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
+    inputs = {i.name for i in model.graph.input}
+    nodes, read, todo = set(), set(), list(tensors)
+    while todo:
+        name = todo.pop()
+        if name in inputs:
+            read.add(name)
+        if name not in producers or producers[name] in nodes:
+            continue
+        nodes.add(producers[name])
+        todo.extend(outer_names(model.graph.node[producers[name]]))
+    return nodes, read
+
+
+def outer_names(node) -> list[str]:
+    """What ``node`` reads: its inputs, and the names its subgraphs read from the graph around them."""
+    names = [n for n in node.input if n]
+    for attr in node.attribute:
+        for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = {o for n in body.node for o in n.output} | {i.name for i in body.input} | \
+                    {i.name for i in body.initializer}
+            names += [n for sub in body.node for n in outer_names(sub) if n not in inner]
+    return names
+
+
+def pruned(model, outputs: list[str]):
+    """``model`` computing only ``outputs``: the nodes and graph inputs they do not need are dropped (a graph
+    input onnxruntime would otherwise insist on being fed)."""
+    from onnx import helper
+
+    nodes, read = fanin(model, outputs)
+    copy = copied(model)
+    graph = copy.graph
+    declared = {o.name: o for o in graph.output}
+    kept = [node for i, node in enumerate(graph.node) if i in nodes]
+    inputs = [i for i in graph.input if i.name in read]
+    del graph.node[:], graph.input[:], graph.output[:]
+    graph.node.extend(kept)
+    graph.input.extend(inputs)
+    graph.output.extend(declared.get(name) or helper.make_empty_tensor_value_info(name) for name in outputs)
+    return copy
+
+
 def _constant(name: str, values, dtype=None, dims=None):
     from onnx import TensorProto, helper
 

@@ -17,12 +17,23 @@ from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
-from .graph import MOMENTS, array, copied, find_bn, measuring_copy, set_initializers, tag, tensor_types
+from .graph import (
+    MOMENTS,
+    array,
+    copied,
+    fanin,
+    find_bn,
+    measuring_copy,
+    pruned,
+    set_initializers,
+    tag,
+    tensor_types,
+)
 
 
-def load_file(path: Path, device: str = "auto") -> "OnnxRunner":
+def load_file(path: Path, device: str = "auto", input_name: str | None = None) -> "OnnxRunner":
     model, external = files.read(Path(path))
-    return OnnxRunner(model, device, source=Path(path), external=external)
+    return OnnxRunner(model, device, source=Path(path), external=external, input_name=input_name)
 
 
 def channels_first(shape: tuple) -> bool:
@@ -39,7 +50,8 @@ class OnnxRunner:
     framework = "onnx"
     drift_corrections = False  # corrections would need one more graph rewrite per layer; plain passes only
 
-    def __init__(self, model, device: str = "auto", source: Path | None = None, external: bool = False):
+    def __init__(self, model, device: str = "auto", source: Path | None = None, external: bool = False,
+                 input_name: str | None = None):
         from ...deploy import cuda_usable, import_ort
 
         self.ort = import_ort()
@@ -56,7 +68,7 @@ class OnnxRunner:
         self._sites = {site.id: site for site in sites}
         self._types = tensor_types(model, [s.x for s in sites])
         self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}
-        self._input = self._data_input()
+        self._input, self._others = self._data_input(input_name)
         layers = [BNLayer(id=s.id, channels=int(self._stats[s.id][0].size), axis=1, eps=s.eps, momentum=s.momentum,
                           center=True, scale=True, frozen=False, mean=self._stats[s.id][0].astype(np.float64),
                           var=self._stats[s.id][1].astype(np.float64), locations={"mean": s.mean, "var": s.var},
@@ -65,18 +77,35 @@ class OnnxRunner:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
         self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None,
                                 channels_first=channels_first(shape))
-        self._outputs = [o.name for o in model.graph.output]
+        self._outputs = self._computable([o.name for o in model.graph.output], [s.x for s in sites])
         self._sessions: dict = {}
         self._current = None  # ``model``, made on demand
 
-    def _data_input(self):
-        """The one graph input the data feeds (onnxruntime needs every input fed: a second cannot be left out)."""
+    def _data_input(self, name: str | None):
+        """The graph input the data feeds (``--input`` where there are several), and the others' names."""
         stored = {init.name for init in self.proto.graph.initializer}
         inputs = [i for i in self.proto.graph.input if i.name not in stored]
-        if len(inputs) != 1:
-            raise InputError(f"{self.source or 'model'}: the graph takes {len(inputs)} inputs "
-                             f"({', '.join(i.name for i in inputs)}); bnrepair feeds one")
-        return inputs[0]
+        names = ", ".join(i.name for i in inputs)
+        if name is None and len(inputs) != 1:
+            raise InputError(f"{self.source or 'model'}: the graph takes {len(inputs)} inputs ({names}); name the "
+                             "one the calibration data feeds with --input")
+        chosen = next((i for i in inputs if name in (None, i.name)), None)
+        if chosen is None:
+            raise InputError(f"{self.source or 'model'}: the graph has no input {name!r} (--input); its inputs: "
+                             f"{names}")
+        return chosen, {i.name for i in inputs} - {chosen.name}
+
+    def _computable(self, outputs: list[str], bn_inputs: list[str]) -> list[str]:
+        """The model outputs that the data input alone determines; the BN layers must need no other input
+        (onnxruntime wants every input a computation reads, and the data feeds one)."""
+        if not self._others:
+            return outputs
+        _, read = fanin(self.proto, bn_inputs)
+        if read & self._others:
+            raise InputError(f"{self.source or 'model'}: BN layers depend on graph input(s) "
+                             f"{', '.join(sorted(read & self._others))}, but the calibration data feeds only "
+                             f"{self._input.name!r} (--input)")
+        return [o for o in outputs if not fanin(self.proto, [o])[1] & self._others]
 
     # --- runner protocol -------------------------------------------------------------------------------
     def cast_input(self, x):
@@ -88,6 +117,8 @@ class OnnxRunner:
     def _session(self, batch_stats: frozenset):
         if batch_stats not in self._sessions:
             copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._types)
+            if self._others:  # only what the data input determines, so the other inputs need no feed
+                copy = pruned(copy, self._outputs + [f"{tag(s)}/{m}" for s in self._sites.values() for m in MOMENTS])
             providers = ["CPUExecutionProvider"]
             if self.device == "cuda":
                 providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
@@ -105,13 +136,20 @@ class OnnxRunner:
         feeds = {self._input.name: self.cast_input(inputs)}
         for site in self._sites.values():
             feeds[site.mean], feeds[site.var] = self._stats[site.id]
+        session = self._session(batch_stats)
+        if self._others:  # a pruned copy reads fewer statistics: onnxruntime refuses a feed it does not take
+            taken = {i.name for i in session.get_inputs()}
+            feeds = {name: value for name, value in feeds.items() if name in taken}
         try:
-            return self._session(batch_stats).run(names, feeds)
+            return session.run(names, feeds)
         except Exception as exc:  # a batch of another shape or type
             raise InputError(f"the model does not run on a batch of shape {np.shape(inputs)}: "
                              f"{first_line(exc)}") from None
 
     def infer(self, inputs, mode: str = "eval"):
+        if not self._outputs:
+            raise BnrepairError(f"{self.source or 'model'}: every output of the graph needs inputs besides "
+                                f"{self._input.name!r}")
         batch_stats = frozenset(self._sites) if mode == "train" else frozenset()
         outputs = self._run(inputs, batch_stats, self._outputs)
         return outputs[0] if len(outputs) == 1 else dict(zip(self._outputs, outputs))

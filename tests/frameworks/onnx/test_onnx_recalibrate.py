@@ -355,3 +355,50 @@ def test_a_bn_with_computed_statistics_is_left_alone_and_named(tmp_path):
     assert [row.bn for row in folded.folded] == ["bn1"]
     assert [(r.bn, r.reason) for r in folded.refused] == [("bn2", "its mean / variance are computed in the graph, "
                                                                   "not stored")]
+
+
+class Scaled(torch.nn.Module):
+    """The fixture net with a second input: a temperature that divides the logits (or, ``into_bn``, is added
+    to the image before the first BN, so that the BN layers depend on it)."""
+
+    def __init__(self, into_bn: bool = False):
+        super().__init__()
+        self.net, self.into_bn = broken_model(), into_bn
+
+    def forward(self, x, temperature):
+        return self.net(x + temperature) if self.into_bn else self.net(x) / temperature
+
+
+def two_inputs(path, into_bn=False):
+    model = Scaled(into_bn).eval()
+    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32), torch.ones(1, 1)), str(path), dynamo=False, opset_version=17,
+                      input_names=["image", "temperature"], output_names=["logits"], do_constant_folding=False,
+                      dynamic_axes={"image": {0: "b"}, "temperature": {0: "b"}, "logits": {0: "b"}})
+    return model, path
+
+
+def test_input_names_the_graph_input_the_data_feeds_when_there_are_several(tmp_path):
+    model, path = two_inputs(tmp_path / "two.onnx")
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).uniform(0, 1, (48, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "fixed.onnx"
+    result = CliRunner().invoke(app, ["recalibrate", str(path), "--data", str(data), "--input", "image", "-o",
+                                      str(out), "-q", "-b", "48"])  # one batch: what the reference normalises with
+    assert result.exit_code == 0, result.output
+    expected = bn_inputs(model.net, [np.load(data)], train=True)
+    got = stored(out)
+    names = [n for n, m in model.net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    mean_names = sorted(k for k in got if k.endswith("running_mean"))
+    assert len(mean_names) == len(names)
+    for name in names:
+        np.testing.assert_allclose(got[f"net.{name}.running_mean"], expected[name][0], rtol=1e-4, atol=1e-5)
+    without = CliRunner().invoke(app, ["recalibrate", str(path), "--data", str(data), "-o", str(out)])
+    assert without.exit_code == 2 and "takes 2 inputs (image, temperature)" in without.output
+    assert "--input" in without.output
+    wrong = CliRunner().invoke(app, ["recalibrate", str(path), "--data", str(data), "--input", "nope", "-o", str(out)])
+    assert wrong.exit_code == 2 and "no input 'nope' (--input); its inputs: image, temperature" in wrong.output
+    _, both = two_inputs(tmp_path / "both.onnx", into_bn=True)
+    needs = CliRunner().invoke(app, ["recalibrate", str(both), "--data", str(data), "--input", "image", "-o",
+                                     str(tmp_path / "b.onnx")])
+    assert needs.exit_code == 2 and "depend on graph input(s) temperature" in needs.output
+    assert not (tmp_path / "b.onnx").exists()
