@@ -28,6 +28,7 @@ from .data import (
 )
 from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, check_opset, prepare, require_onnx
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
+from .distributed import Group, share_of, together
 from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
 from .options import LoadOptions, check_device
@@ -72,7 +73,8 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                 skip: str | None = None, device: str = "auto", image_size=None, preprocess: str = "unit",
                 skip_bad: bool = False, input_index: int = 0, progress: Progress | None = None,
                 max_passes: int | None = None, export=None, fold: bool = False, workers: int | None = None,
-                cache_mb: float | None = None, fast_jpeg: bool = False, **load_options) -> Report:
+                cache_mb: float | None = None, fast_jpeg: bool = False, process_group=None,
+                **load_options) -> Report:
     """Recompute every chosen BN layer's statistics from ``data``; returns the report.
 
     With a path, the repaired checkpoint goes to ``output`` (default ``<stem>.recalibrated<suffix>``)
@@ -82,7 +84,23 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     CPUs this process may use). ``fast_jpeg``: see ``data.ImageSpec.fast_jpeg``. ``cache_mb``: in eval mode,
     an image folder whose decoded samples fit this many MB (default a quarter of the memory available; 0:
     never) is decoded once and kept for the passes.
+
+    Inside an initialized ``torch.distributed`` process group (torchrun, a DDP script) every rank calls this and
+    the moments are merged across the group (``distributed``); ``process_group`` picks a group, False opts out.
+    Each rank then ends with the same statistics, and only rank 0 writes. A path or array given as ``data`` is
+    one data set, shared out by batches; any other iterable is each rank's own data.
     """
+    group = Group.current(process_group)
+    with together(group):
+        return _recalibrate(model, data, group, output, mode, batch_size, seed, samples, tol, layers, skip, device,
+                            image_size, preprocess, skip_bad, input_index, progress, max_passes, export, fold,
+                            workers, cache_mb, fast_jpeg, load_options)
+
+
+def _recalibrate(model, data, group, output, mode, batch_size, seed, samples, tol, layers, skip, device, image_size,
+                 preprocess, skip_bad, input_index, progress, max_passes, export, fold, workers, cache_mb,
+                 fast_jpeg, load_options) -> Report:
+    writes = group is None or group.rank == 0
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
         output = check_output(source, Path(output) if output else default_output(source))
@@ -106,12 +124,18 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
         if reason:
             raise InputError(f"{source or 'model'}: {reason}")
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
-                         samples, skip_bad, input_index, workers)
+                         samples, skip_bad, input_index, workers, share_of(group, data))
     check_fits(runner.graph, stream)
     outcome = run(runner, decoded_once(stream, mode, cache_mb, progress), mode, tol, layers, skip, progress,
-                  max_passes)
+                  max_passes, group)
+    if group is not None:  # undecodable images of every rank
+        stream.bad = set(group.gathered(np.array(sorted(stream.bad), np.float64)).astype(int).tolist())
     report = Report.of(outcome, runner.framework, mode, str(runner.device), stream.seed,
-                       skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)())
+                       skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)(),
+                       world_size=1 if group is None else group.size)
+    if not writes:
+        group.exchange()  # rank 0's writes, below: their failure is every rank's
+        return report
     pending = None if onnx_path is None else prepare(runner, onnx_path, fold=fold, to_onnx=True, data=stream,
                                                       batch_size=batch_size, seed=seed, source_path=source)
     if source is not None:
@@ -129,6 +153,8 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
                            "bnrepair.recalibrated": json.dumps({"mode": mode, "samples": report.samples,
                                                                 "seed": stream.seed, "passes": report.passes})})
             report.export = pending.report
+        if group is not None:
+            group.exchange()
     return report
 
 
@@ -156,49 +182,65 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
              samples: int | None = 1024, tol: float = 1e-4, device: str = "auto", image_size=None,
              preprocess: str = "unit", skip_bad: bool = False, input_index: int = 0,
              progress: Progress | None = None, fix_command: str | None = None, workers: int | None = None,
-             fast_jpeg: bool = False, **load_options) -> DiagnoseReport:
+             fast_jpeg: bool = False, process_group=None, **load_options) -> DiagnoseReport:
     """Compare stored statistics with what ``data`` produces, and predict what a recalibration gives back.
 
     The data is read once (at most ``samples``) and kept in memory for the passes: inference and
     training-mode predictions with the stored statistics, the inference-consistent statistics
     (``--mode eval``'s fixed point) that the stored ones are compared with, then a recalibration
     in ``mode`` exactly as ``recalibrate`` would do it, whose predictions give the expected gain.
-    Nothing is written.
+    Nothing is written. In a process group (see ``recalibrate``) the ranks share the samples out, every pass
+    and every prediction is merged across them, and every rank returns the same report.
     """
+    group = Group.current(process_group)
+    with together(group):
+        return _diagnose(model, data, group, threshold, mode, batch_size, seed, samples, tol, device, image_size,
+                         preprocess, skip_bad, input_index, progress, fix_command, workers, fast_jpeg, load_options)
+
+
+def _diagnose(model, data, group, threshold, mode, batch_size, seed, samples, tol, device, image_size, preprocess,
+              skip_bad, input_index, progress, fix_command, workers, fast_jpeg, load_options) -> DiagnoseReport:
     if not threshold > 0:  # NaN would call every layer healthy
         raise InputError(f"--threshold must be a positive number, got {threshold}")
     started = time.perf_counter()
     _checked_request(data, preprocess, mode, device)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
-                         samples, skip_bad, input_index, workers)
+                         samples, skip_bad, input_index, workers, share_of(group, data))
     check_fits(runner.graph, stream)
     cached = Cached(stream, progress)
-    if 2 <= len(cached) < DIAGNOSE_MIN_SAMPLES:  # fewer than 2 gets the loop's own message
-        raise InputError(f"{cached.origin}: {len(cached)} samples are too few for a verdict: per-channel statistics "
+    count = len(cached) if group is None else int(group.gathered(np.array([len(cached)])).sum())
+    if 2 <= count < DIAGNOSE_MIN_SAMPLES:  # fewer than 2 gets the loop's own message
+        raise InputError(f"{cached.origin}: {count} samples are too few for a verdict: per-channel statistics "
                          f"of fewer than {DIAGNOSE_MIN_SAMPLES} samples differ from the stored ones by chance alone "
                          "(give more with --samples / --data)")
     stored = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in runner.graph.bn_layers}
-    inference = as_scores_of(runner, cached, "eval")
-    training = as_scores_of(runner, cached, "train")
-    consistent = run(runner, cached, "eval", tol, progress=progress)
+    inference = as_scores_of(runner, cached, "eval", group)
+    training = as_scores_of(runner, cached, "train", group)
+    consistent = run(runner, cached, "eval", tol, progress=progress, group=group)
     runner.set_stats(stored)
-    recalibrated = run(runner, cached, mode, tol, progress=progress)
-    after = as_scores_of(runner, cached, "eval")
+    recalibrated = run(runner, cached, mode, tol, progress=progress, group=group)
+    after = as_scores_of(runner, cached, "eval", group)
     runner.set_stats(stored)
     evidence = [compare(replace(bn, mean=stored[bn.id][0], var=stored[bn.id][1]), *consistent.after[bn.id],
                         threshold) for bn in consistent.layers]
     command = fix_command or (f"bnrepair recalibrate {model} --data {data}" if source_like(model, data)
                               else "bnrepair.recalibrate(model, data)")
     labels = np.concatenate([b.labels for b in cached]) if cached.has_labels else None
-    return DiagnoseReport(runner.framework, runner.graph.source, len(cached), threshold, mode,
+    if group is not None and group.every(labels is not None):
+        labels = group.gathered(labels).astype(int)
+    return DiagnoseReport(runner.framework, runner.graph.source, count, threshold, mode,
                           recalibrated.passes + consistent.passes + 3, time.perf_counter() - started, evidence,
                           verdicts(runner.graph, evidence, command), inspect_layers(runner.graph),
                           output_evidence(inference, training, after, labels))
 
 
-def as_scores_of(runner: Runner, data, mode: str) -> np.ndarray:
-    return np.concatenate([as_scores(runner.infer(runner.cast_input(b.inputs), mode)) for b in data])
+def as_scores_of(runner: Runner, data, mode: str, group=None) -> np.ndarray:
+    """Prediction scores for every sample (of every rank of ``group``, in rank order)."""
+    scores = [as_scores(runner.infer(runner.cast_input(b.inputs), mode)) for b in data]
+    if group is None:
+        return np.concatenate(scores)
+    return group.gathered(np.concatenate(scores) if scores else np.zeros((0, 0)))
 
 
 def source_like(model, data) -> bool:

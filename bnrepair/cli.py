@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -21,7 +22,8 @@ from .version import __version__
 
 EXIT_CODES = """Exit codes: 0 success; 2 bad input (file, data or option; one-line message, nothing written);
 3 --mode eval did not converge within --max-passes (the output is written, with a warning);
-130 interrupted (nothing written); 1 unexpected internal error."""
+4 under torchrun, a rank did not answer within --dist-timeout; 130 interrupted (nothing written);
+1 unexpected internal error."""
 
 
 class OneLineUsageErrors(typer.core.TyperGroup):
@@ -248,8 +250,9 @@ SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="
                                                          rich_help_panel="Loading: PyTorch")]
 Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.",
                                         rich_help_panel="Loading: SavedModel")]
-InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed, "
-                                                  "when it has several.", rich_help_panel="Loading: SavedModel")]
+InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed; ONNX: "
+                                                  "the graph input; when there are several.",
+                                                  rich_help_panel="Loading: SavedModel / ONNX")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads decoding images [default: the "
                                                "CPUs this process may use].", rich_help_panel="Data")]
 FastJpeg = Annotated[bool, typer.Option("--fast-jpeg", help="Decode large JPEGs at a reduced DCT scale, then resize: "
@@ -259,6 +262,38 @@ DataFn = Annotated[Optional[str], typer.Option("--data-fn", help="MODULE:CALLABL
                                                "batches (instead of --data).", rich_help_panel="Data")]
 InputIndex = Annotated[int, typer.Option("--input-index", help="Which element of a tuple batch is the input.",
                                          rich_help_panel="Data")]
+DistTimeout = Annotated[float, typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for the "
+                                            "others at the end of a pass before naming the one that did not "
+                                            "answer.", rich_help_panel="Distributed (torchrun)")]
+
+
+@contextlib.contextmanager
+def ranks(timeout: float):
+    """Under torchrun: this process's ``distributed.Group`` (joined here, left at the end), else None. Rank 0
+    reports and writes; the other ranks print errors only."""
+    from .distributed import Group, NoAnswer, launched
+
+    group = Group.join(timeout) if launched() else None
+    if group is None:
+        yield None
+        return
+    try:
+        yield group
+    except (NoAnswer, KeyboardInterrupt):  # a rank is gone or going: nobody to wait for
+        group.close(everyone_here=False)
+        raise
+    except BaseException:
+        group.close()
+        raise
+    group.close()
+
+
+def single_process(command: str) -> None:
+    from .distributed import launched
+
+    if launched():
+        raise BnrepairError(f"bnrepair {command} runs in one process: start it without torchrun (only recalibrate "
+                            "and diagnose share their work across ranks)")
 
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
@@ -319,13 +354,17 @@ def committed() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def calibration_source(data, data_fn):
-    """--data or --data-fn, exactly one of them."""
+def calibration_source(data, data_fn, group=None):
+    """--data or --data-fn, exactly one of them. Under torchrun the --data-fn batches are the same on every rank
+    (the same callable runs on each), so the ranks share them out as they do --data."""
+    from .distributed import SameOnEveryRank
     from .user_code import data_from
 
     if (data is None) == (data_fn is None):
         raise BnrepairError("give calibration data with --data PATH or --data-fn MODULE:CALLABLE (one of them)")
-    return data if data_fn is None else data_from(data_fn)
+    if data_fn is None:
+        return data
+    return data_from(data_fn) if group is None else SameOnEveryRank(data_from(data_fn))
 
 
 @app.command(cls=Command, epilog=EXIT_CODES)
@@ -378,36 +417,45 @@ def recalibrate(
                                                    "fails).", rich_help_panel="Output")] = None,
     fold: Annotated[bool, typer.Option("--fold", help="With --export: fold BN into conv/dense weights "
                                        "first.", rich_help_panel="Output")] = False,
+    dist_timeout: DistTimeout = 1800.0,
 ):
-    """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint."""
+    """Recompute BN moving mean/variance from calibration data and write a repaired checkpoint.
+
+    Under torchrun (torchrun --nproc-per-node N -m bnrepair recalibrate ...) the ranks share the batches out
+    and merge their moments exactly: the output is what one process would write, and rank 0 writes it.
+    """
     from .api import recalibrate as run_recalibrate
     from .writers import default_output
 
     apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output or default_output(checkpoint), export])
-    source = calibration_source(data, data_fn)
-    progress = None if quiet else RichProgress(err)
-    try:
-        report = run_recalibrate(
-            checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
-            tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
-            skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes, export=export,
-            fold=fold, workers=workers, cache_mb=cache_mb, fast_jpeg=fast_jpeg,
-            **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                           signature, input_name))
-    finally:
-        if progress is not None:
-            progress.close()
+    with ranks(dist_timeout) as group:
+        speaks = group is None or group.rank == 0  # the other ranks print errors only
+        quiet, json_path = (quiet, json_path) if speaks else (True, None)
+        source = calibration_source(data, data_fn, group)
+        progress = None if quiet else RichProgress(err)
+        try:
+            report = run_recalibrate(
+                checkpoint, source, output=output, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
+                tol=tol, layers=layers, skip=skip, device=device, image_size=image_size, preprocess=preprocess,
+                skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes,
+                export=export, fold=fold, workers=workers, cache_mb=cache_mb, fast_jpeg=fast_jpeg,
+                process_group=group, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
+                                                    trust_code, safe_global, signature, input_name))
+        finally:
+            if progress is not None:
+                progress.close()
     write_report(report, json_path, report.output, report.export.output if report.export is not None else None)
     if not quiet:
         report.render(screen(json_path))
         if report.export is not None:
             report.export.render(screen(json_path))
-    if report.classes_lost:
+    if report.classes_lost and speaks:
         from .terminal import shown
 
         err.print(f"[yellow]warning:[/] {shown(report.classes_note())}", highlight=False)
     if not report.converged:
-        err.print(f"[yellow]warning:[/] {report.convergence_note()}", highlight=False, soft_wrap=True)
+        if speaks:
+            err.print(f"[yellow]warning:[/] {report.convergence_note()}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
 
 
@@ -431,6 +479,7 @@ def inspect(
     """List every BN layer with its settings and stored statistics, and flag what looks wrong (no data)."""
     from .api import inspect as run_inspect
 
+    single_process("inspect")
     apart_from_input(checkpoint, json_path)
     report = run_inspect(checkpoint, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
                                                     trust_code, safe_global, signature, input_name))
@@ -476,6 +525,7 @@ def diagnose(
     input_index: InputIndex = 0,
     workers: Workers = None,
     fast_jpeg: FastJpeg = False,
+    dist_timeout: DistTimeout = 1800.0,
 ):
     """Say which BN layers are wrong and why, with evidence, and what a recalibration would give back."""
     import shlex
@@ -485,7 +535,6 @@ def diagnose(
     apart_from_input(checkpoint, json_path, plot, inputs=[data])
     if plot:
         require(("matplotlib",), "--plot", "plot")  # before the diagnosis, not after it
-    source = calibration_source(data, data_fn)
     given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,
              "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
@@ -495,17 +544,22 @@ def diagnose(
                                     ("--unsafe", unsafe)) if on]
     words += [w for name in safe_global or [] for w in ("--safe-global", name)]
     fix = "bnrepair recalibrate " + shlex.join(words)
-    progress = None if quiet else RichProgress(err)
-    try:
-        report = run_diagnose(
-            checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed, samples=samples,
-            tol=tol, device=device, image_size=image_size, preprocess=preprocess, skip_bad=skip_bad,
-            input_index=input_index, fix_command=fix, progress=progress, workers=workers, fast_jpeg=fast_jpeg,
-            **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                           signature, input_name))
-    finally:
-        if progress is not None:
-            progress.close()
+    with ranks(dist_timeout) as group:
+        if group is not None and group.rank:  # the other ranks print errors only
+            quiet, json_path, plot = True, None, None
+        source = calibration_source(data, data_fn, group)
+        progress = None if quiet else RichProgress(err)
+        try:
+            report = run_diagnose(
+                checkpoint, source, threshold=threshold, mode=mode, batch_size=batch_size, seed=seed,
+                samples=samples, tol=tol, device=device, image_size=image_size, preprocess=preprocess,
+                skip_bad=skip_bad, input_index=input_index, fix_command=fix, progress=progress, workers=workers,
+                fast_jpeg=fast_jpeg, process_group=group,
+                **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
+                               signature, input_name))
+        finally:
+            if progress is not None:
+                progress.close()
     if json_path:
         report.write_json(json_path)
     if plot:
@@ -532,6 +586,7 @@ Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output"
 def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
            arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
     """Shared by fold and export: data (optional here), load options, the report."""
+    single_process(run.__name__)
     apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output])
     source = calibration_source(data, data_fn) if data is not None or data_fn else None
     report = run(checkpoint, output, data=source, preprocess=preprocess,

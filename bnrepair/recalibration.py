@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .distributed import Group, together
 from .drift import Drift
 from .errors import BnrepairError, InputError
 from .graph import BNLayer
@@ -54,26 +55,30 @@ def perturbed(stats: dict, seed: int = 0) -> dict:
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
-                   index: int = 0, batch_stats: frozenset = frozenset(),
-                   drift: Drift | None = None) -> tuple[dict[str, Moments], int]:
-    """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples."""
+                   index: int = 0, batch_stats: frozenset = frozenset(), drift: Drift | None = None,
+                   group: Group | None = None) -> tuple[dict[str, Moments], int]:
+    """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples (of every
+    rank of ``group``)."""
     totals = {i: Moments(0, np.zeros(()), np.zeros(())) for i in ids}
     seen = 0
     progress.start_pass(index, len(data) or None)
-    for number, batch in enumerate(data):
-        inputs = runner.cast_input(batch.inputs)
-        if drift is not None and drift.correcting:
-            corrections = drift.corrections(number)
-            moments = runner.collect(inputs, "eval", ids, frozenset(corrections), corrections)
-        else:
-            moments = runner.collect(inputs, mode, ids, batch_stats)
-        if drift is not None:
-            drift.record(number, moments)
-        for layer_id, m in moments.items():
-            totals[layer_id] = totals[layer_id].merge(m)
-        seen += batch.size
-        progress.advance(batch.size)
+    with together(group):
+        for number, batch in enumerate(data):
+            inputs = runner.cast_input(batch.inputs)
+            if drift is not None and drift.correcting:
+                corrections = drift.corrections(number)
+                moments = runner.collect(inputs, "eval", ids, frozenset(corrections), corrections)
+            else:
+                moments = runner.collect(inputs, mode, ids, batch_stats)
+            if drift is not None:
+                drift.record(number, moments)
+            for layer_id, m in moments.items():
+                totals[layer_id] = totals[layer_id].merge(m)
+            seen += batch.size
+            progress.advance(batch.size)
     progress.end_pass()
+    if group is not None:
+        totals, seen = group.merged(totals, ids, seen)
     if seen < 2:
         raise InputError(f"{data.origin}: need at least 2 calibration samples, got {seen}")
     return totals, seen
@@ -100,7 +105,8 @@ def check_weights(runner: Runner) -> None:
 
 
 def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, layers: str | None = None,
-        skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None) -> Outcome:
+        skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None,
+        group: Group | None = None) -> Outcome:
     """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``.
 
     ``eval`` starts its fixed point from the train-mode (PreciseBN) statistics of a first pass: stored
@@ -117,6 +123,9 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     Deep float32 nets cannot resolve the fixed point below some level (Keras's InceptionV3: 1.1e-4 std):
     when plain passes stop shrinking the change, one pass at statistics perturbed by two float32 ulps
     measures that level, and a change within twice it counts as converged (``Outcome.noise_floor``).
+
+    With ``group`` (``distributed``), each rank streams its own share of the data and every pass is merged
+    across the ranks, so every rank takes the same decisions and ends with the same statistics.
     """
     if mode not in MODES:
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -144,21 +153,26 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         if drift is not None:
             drift.plan(plain_before, current)
         corrected = drift is not None and drift.correcting
-        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, drift=drift)
+        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, drift=drift,
+                                         group=group)
         passes += 1
         guarded = frozenset()
         if index > 0 and not corrected and first_non_finite(totals, ids) is not None:
             settled = next((k for k, i in enumerate(ids) if moved[i] >= tol), len(ids))
             guarded = frozenset(ids[settled:])
-            totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded)
+            totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded,
+                                             group=group)
             passes += 1
         if index == 0:
             unreached = [i for i in ids if totals[i].count == 0]
             if len(unreached) == len(ids):
                 raise InputError(f"{data.origin}: the forward pass reaches none of the BN layers to recalibrate")
             ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
-            if drift is not None and not drift.fits(ids):  # plain passes only
+            fits = drift is not None and drift.fits(ids)
+            if drift is not None and not (fits if group is None else group.every(fits)):  # plain passes only
                 drift = None
+        if corrected and group is not None:
+            drift.moved = group.largest(drift.moved)
         overflow = first_non_finite(totals, ids)
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
@@ -180,7 +194,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
             if floor is None and len(plain_changes) > 2 and plain_changes[-1] > 0.5 * plain_changes[-2]:
                 # passes no longer shrink the change: measure what float32 alone moves, with one more pass
                 runner.set_stats(perturbed(new))
-                totals, _ = pooled_moments(runner, data, mode, ids, progress, index)
+                totals, _ = pooled_moments(runner, data, mode, ids, progress, index, group=group)
                 passes += 1
                 probe = statistics(totals, ids, unbiased)
                 runner.set_stats(new)

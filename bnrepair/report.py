@@ -60,6 +60,8 @@ class Report:
     noise_floor: float | None = None
     """eval mode: how far float32 arithmetic alone moves this model's statistics, where passes stopped shrinking
     the change (a change within twice it counts as converged)"""
+    world_size: int = 1
+    """processes that shared the data (torch.distributed); the statistics are those of all their samples"""
     version: str = __version__
     export: object | None = None
     """``deploy.DeployReport`` of the ONNX file written with ``--export``"""

@@ -6,6 +6,7 @@ order, so eval-mode fixed-point passes and repeated runs with one seed are repro
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -72,8 +73,16 @@ class Calibration:
             order = order[:samples]
         if len(order) < 2:
             raise InputError(f"{self.origin}: need at least 2 calibration samples, got {len(order)}")
-        self.order = order
+        self.order = self.drawn = order
+        self.shared = False
         self.bad: set[int] = set()
+
+    def take_share(self, rank: int, ranks: int) -> None:
+        """Keep only batches ``rank, rank + ranks, ...`` of the sequence (``distributed``): whole batches, the same
+        ones a single process makes, so the ranks together see every sample once."""
+        chunks = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        self.order = np.concatenate(chunks[rank::ranks] or [self.order[:0]])
+        self.shared = ranks > 1
 
     def __len__(self) -> int:
         return len(self.order)
@@ -98,8 +107,8 @@ class Calibration:
         labels = getattr(self.source, "labels", None)
         if labels is None or not self.bad:
             return []
-        kept = set(labels[[i for i in self.order if int(i) not in self.bad]].tolist())
-        return [self.source.classes[c] for c in sorted(set(labels[self.order].tolist()) - kept)]
+        kept = set(labels[[i for i in self.drawn if int(i) not in self.bad]].tolist())
+        return [self.source.classes[c] for c in sorted(set(labels[self.drawn].tolist()) - kept)]
 
     def _load(self, indices: np.ndarray) -> Batch | None:
         xs, kept = [], []
@@ -141,7 +150,7 @@ class Calibration:
                 if batch is not None:
                     kept += batch.size
                     yield batch
-        if kept < 2:  # --skip-bad left too few
+        if kept < 2 and not self.shared:  # --skip-bad left too few (shared: counted over every rank)
             raise InputError(f"{self.origin}: need at least 2 calibration samples, got {kept} "
                              f"({len(self.bad)} undecodable image(s) skipped)")
 
@@ -153,8 +162,11 @@ class IterableCalibration:
     when present, as labels); a dict is passed through whole (torch: keyword arguments).
     """
 
-    def __init__(self, batches: Iterable, input_index: int = 0, samples: int | None = None):
+    def __init__(self, batches: Iterable, input_index: int = 0, samples: int | None = None,
+                 share: tuple[int, int] = (0, 1)):
         self.batches = batches
+        self.share = share
+        """(rank, ranks): keep batches rank, rank + ranks, ... (the same batches on every rank, shared out)"""
         self.input_index = input_index
         self.samples = samples
         self.origin = "calibration data"
@@ -171,9 +183,10 @@ class IterableCalibration:
         return False
 
     def __iter__(self) -> Iterator[Batch]:
-        count = 0
+        count, mine = 0, 0
+        rank, ranks = self.share
         batches = iter(self.batches)
-        while True:
+        for number in itertools.count():
             try:
                 item = next(batches)
             except StopIteration:
@@ -190,17 +203,20 @@ class IterableCalibration:
             except (AttributeError, IndexError, TypeError, StopIteration):
                 raise InputError("calibration data: a batch must be an array or tensor (N, ...), or a tuple or dict "
                                  f"of them; got {type(item).__name__}") from None
-            if self.samples is not None and count + size >= self.samples:  # an endless loader stops here
-                yield batch.first(self.samples - count)
-                count = self.samples
-                break
+            last = self.samples is not None and count + size >= self.samples  # an endless loader stops here
+            if last:
+                batch, size = batch.first(self.samples - count), self.samples - count
             count += size
-            yield batch
+            if number % ranks == rank:
+                mine += size
+                yield batch
+            if last:
+                break
         if count == 0:
             raise InputError("calibration data yielded no batches" if self._count is None else
                              "calibration data yielded no batches on its second pass: a generator runs only once; "
                              "give a list or a re-iterable (a DataLoader, a tf.data.Dataset)")
-        self._count = count
+        self._count = mine
 
 
 class Cached:
@@ -245,14 +261,17 @@ def usable_cpus() -> int:
 
 def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
                 samples: int | None = None, skip_bad: bool = False, input_index: int = 0,
-                workers: int | None = None):
-    """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated."""
+                workers: int | None = None, share: tuple[int, int] = (0, 1)):
+    """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated.
+    ``share`` (rank, ranks): this rank's batches of it (see ``Calibration.take_share``)."""
     if isinstance(data, (Calibration, IterableCalibration)):
         return data
     if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
-        return Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad, workers=workers)
+        stream = Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad, workers=workers)
+        stream.take_share(*share)
+        return stream
     if hasattr(data, "__iter__"):
-        return IterableCalibration(data, input_index, samples)
+        return IterableCalibration(data, input_index, samples, share)
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 
 
