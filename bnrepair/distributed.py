@@ -31,6 +31,8 @@ from .moments import Moments
 
 DEFAULT_TIMEOUT = 1800.0
 """seconds a rank waits for the others at an exchange: they may still be finishing a longer share of a pass"""
+JOIN_TIMEOUT = 600.0
+"""seconds the ranks wait for each other to start, at least"""
 MESSAGE_BYTES = 1024
 """room for a failing rank's one-line error in the header"""
 
@@ -84,7 +86,8 @@ class Group:
         if gpu:
             torch.cuda.set_device(local)  # the runner's device "auto" is then this rank's GPU
         try:
-            dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout))
+            # joining waits for every rank to start (model loads, imports): not what --dist-timeout bounds
+            dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=max(timeout, JOIN_TIMEOUT)))
         except (RuntimeError, ValueError) as exc:
             raise BnrepairError(f"joining the torchrun process group failed: {first_line(exc)}") from None
         group = cls.of(None, timeout)
