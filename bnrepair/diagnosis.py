@@ -55,7 +55,7 @@ def never_updated(bn: BNLayer) -> bool:
 
 def inspect_layers(graph: ModelGraph, calls: dict[str, int] | None = None) -> list[Flag]:
     """What the stored statistics and settings alone say; ``calls``: forward calls per layer when known."""
-    flags = []
+    flags = [Flag("info", "left_alone", f"not recalibrated: {why}", layer) for layer, why in graph.left_alone]
     default_eps = DEFAULT_EPS.get(graph.framework)
     for bn in graph.bn_layers:
         if not bn.tracks_stats:

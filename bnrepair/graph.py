@@ -53,6 +53,8 @@ class ModelGraph:
     momentum_stored: bool = True
     """False where the checkpoint does not hold the layers' momentum (a torch state_dict: the module ``--arch``
     builds brings its own default, which says nothing about training)"""
+    left_alone: list[tuple[str, str]] = field(default_factory=list)
+    """BN ops found but not recalibrated, with the reason (an ONNX BN whose statistics are computed)"""
 
     def layer(self, layer_id: str) -> BNLayer:
         for bn in self.bn_layers:

@@ -76,7 +76,7 @@ class OnnxRunner:
         dims = self._input.type.tensor_type.shape.dim
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
         self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None,
-                                channels_first=channels_first(shape))
+                                channels_first=channels_first(shape), left_alone=list(left))
         self._outputs = self._computable([o.name for o in model.graph.output], [s.x for s in sites])
         self._sessions: dict = {}
         self._current = None  # ``model``, made on demand

@@ -355,6 +355,9 @@ def test_a_bn_with_computed_statistics_is_left_alone_and_named(tmp_path):
     assert [row.bn for row in folded.folded] == ["bn1"]
     assert [(r.bn, r.reason) for r in folded.refused] == [("bn2", "its mean / variance are computed in the graph, "
                                                                   "not stored")]
+    flags = [(f.layer, f.code, f.message) for f in bnrepair.inspect(tmp_path / "m.onnx").flags if f.layer == "bn2"]
+    assert flags == [("bn2", "left_alone", "not recalibrated: its mean / variance are computed in the graph, not "
+                                           "stored")]
 
 
 class Scaled(torch.nn.Module):
