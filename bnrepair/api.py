@@ -28,7 +28,7 @@ from .data import (
 )
 from .deploy import DEFAULT_OPSET, VERIFY_SAMPLES, check_opset, prepare, require_onnx
 from .diagnosis import compare, decay, inspect_layers, output_evidence, verdicts
-from .distributed import Group, share_of, together
+from .distributed import across_ranks, share_of
 from .errors import InputError, NoBatchNorm
 from .metrics import as_scores
 from .options import LoadOptions, check_device
@@ -68,6 +68,7 @@ def _checked_request(data, preprocess: str, mode: str | None = None, device="aut
         check_device(device)
 
 
+@across_ranks
 def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: int = 32, seed: int = 0,
                 samples: int | None = None, tol: float = 1e-4, layers: str | None = None,
                 skip: str | None = None, device: str = "auto", image_size=None, preprocess: str = "unit",
@@ -90,16 +91,7 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     Each rank then ends with the same statistics, and only rank 0 writes. A path or array given as ``data`` is
     one data set, shared out by batches; any other iterable is each rank's own data.
     """
-    group = Group.current(process_group)
-    with together(group):
-        return _recalibrate(model, data, group, output, mode, batch_size, seed, samples, tol, layers, skip, device,
-                            image_size, preprocess, skip_bad, input_index, progress, max_passes, export, fold,
-                            workers, cache_mb, fast_jpeg, load_options)
-
-
-def _recalibrate(model, data, group, output, mode, batch_size, seed, samples, tol, layers, skip, device, image_size,
-                 preprocess, skip_bad, input_index, progress, max_passes, export, fold, workers, cache_mb,
-                 fast_jpeg, load_options) -> Report:
+    group = process_group or None  # resolved by ``across_ranks``
     writes = group is None or group.rank == 0
     source = Path(model) if isinstance(model, (str, Path)) else None
     if source is not None:
@@ -124,7 +116,7 @@ def _recalibrate(model, data, group, output, mode, batch_size, seed, samples, to
         if reason:
             raise InputError(f"{source or 'model'}: {reason}")
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
-                         samples, skip_bad, input_index, workers, share_of(group, data))
+                         samples, skip_bad, input_index, workers, share_of(group))
     check_fits(runner.graph, stream)
     outcome = run(runner, decoded_once(stream, mode, cache_mb, progress), mode, tol, layers, skip, progress,
                   max_passes, group)
@@ -178,6 +170,7 @@ def decoded_once(stream, mode: str, cache_mb: float | None, progress: Progress |
     return Cached(stream, progress) if budget > 0 and stream.decoded_bytes() <= budget else stream
 
 
+@across_ranks
 def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_size: int = 32, seed: int = 0,
              samples: int | None = 1024, tol: float = 1e-4, device: str = "auto", image_size=None,
              preprocess: str = "unit", skip_bad: bool = False, input_index: int = 0,
@@ -192,21 +185,14 @@ def diagnose(model, data, *, threshold: float = 0.5, mode: str = "train", batch_
     Nothing is written. In a process group (see ``recalibrate``) the ranks share the samples out, every pass
     and every prediction is merged across them, and every rank returns the same report.
     """
-    group = Group.current(process_group)
-    with together(group):
-        return _diagnose(model, data, group, threshold, mode, batch_size, seed, samples, tol, device, image_size,
-                         preprocess, skip_bad, input_index, progress, fix_command, workers, fast_jpeg, load_options)
-
-
-def _diagnose(model, data, group, threshold, mode, batch_size, seed, samples, tol, device, image_size, preprocess,
-              skip_bad, input_index, progress, fix_command, workers, fast_jpeg, load_options) -> DiagnoseReport:
+    group = process_group or None  # resolved by ``across_ranks``
     if not threshold > 0:  # NaN would call every layer healthy
         raise InputError(f"--threshold must be a positive number, got {threshold}")
     started = time.perf_counter()
     _checked_request(data, preprocess, mode, device)
     runner = load(model, device=device, **load_options)
     stream = calibration(data, image_spec(runner.graph, image_size, preprocess, fast_jpeg), batch_size, seed,
-                         samples, skip_bad, input_index, workers, share_of(group, data))
+                         samples, skip_bad, input_index, workers, share_of(group))
     check_fits(runner.graph, stream)
     cached = Cached(stream, progress)
     count = len(cached) if group is None else int(group.gathered(np.array([len(cached)])).sum())

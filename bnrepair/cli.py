@@ -273,19 +273,17 @@ def ranks(timeout: float):
     reports and writes; the other ranks print errors only."""
     from .distributed import Group, NoAnswer, launched
 
-    group = Group.join(timeout) if launched() else None
-    if group is None:
+    if not launched():
         yield None
         return
+    group, everyone_here = Group.join(timeout), True
     try:
         yield group
     except (NoAnswer, KeyboardInterrupt):  # a rank is gone or going: nobody to wait for
-        group.close(everyone_here=False)
+        everyone_here = False
         raise
-    except BaseException:
-        group.close()
-        raise
-    group.close()
+    finally:
+        group.close(everyone_here)
 
 
 def single_process(command: str) -> None:
@@ -545,8 +543,8 @@ def diagnose(
     words += [w for name in safe_global or [] for w in ("--safe-global", name)]
     fix = "bnrepair recalibrate " + shlex.join(words)
     with ranks(dist_timeout) as group:
-        if group is not None and group.rank:  # the other ranks print errors only
-            quiet, json_path, plot = True, None, None
+        speaks = group is None or group.rank == 0  # the other ranks print errors only
+        quiet, json_path, plot = (quiet, json_path, plot) if speaks else (True, None, None)
         source = calibration_source(data, data_fn, group)
         progress = None if quiet else RichProgress(err)
         try:

@@ -16,6 +16,7 @@ script passes in over NCCL is used as it is: its own timeout applies and names n
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -50,10 +51,6 @@ class NoAnswer(BnrepairError):
 def launched() -> bool:
     """Whether this process is one of several that torchrun (or another launcher using its variables) started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def rank_from_environment() -> int:
-    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 @dataclass
@@ -128,12 +125,13 @@ class Group:
         """Leave a group joined here. Where every rank got this far (success, or an error all of them share),
         they wait for each other first: gloo aborts a rank whose peer tore down in the middle of the last
         exchange ("terminate called without an active exception")."""
+        global _GLOO_TWIN
         if self.owned:
             import torch.distributed as dist
 
             if everyone_here:
                 dist.barrier(self.control)
-            _TWINS.clear()
+            _GLOO_TWIN = None  # it goes with the default group
             dist.destroy_process_group()
 
     def exchange(self, payload: np.ndarray | None = None, failure: str | None = None) -> list[np.ndarray]:
@@ -233,15 +231,28 @@ class Group:
 
 
 def _gloo_twin(timeout: float):
+    """The gloo group beside an NCCL default group, made once (every rank must take part in making it)."""
+    global _GLOO_TWIN
     import torch.distributed as dist
 
-    key = "bnrepair.gloo"
-    if key not in _TWINS:
-        _TWINS[key] = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-    return _TWINS[key]
+    if _GLOO_TWIN is None:
+        _GLOO_TWIN = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    return _GLOO_TWIN
 
 
-_TWINS: dict[str, Any] = {}
+_GLOO_TWIN = None
+
+
+def across_ranks(function):
+    """``function(..., process_group=...)`` as one rank of that group (``Group.current``): it gets the resolved
+    ``Group`` (False for none) and its failure is told to the other ranks."""
+    @functools.wraps(function)
+    def wrapper(*args, process_group=None, **kwargs):
+        group = Group.current(process_group)
+        with together(group):
+            return function(*args, process_group=False if group is None else group, **kwargs)
+
+    return wrapper
 
 
 def together(group: Group | None):
@@ -249,12 +260,10 @@ def together(group: Group | None):
     return group.together() if group is not None else nullcontext()
 
 
-def share_of(group: Group | None, data) -> tuple[int, int]:
-    """(rank, ranks) of ``data`` this rank takes: one data set named alike on every rank (a path, an array,
-    ``SameOnEveryRank``) is shared out; any other iterable holds the rank's own batches (a DDP script's
-    loader with its DistributedSampler) and is all its own."""
-    one_set = isinstance(data, (str, np.ndarray, SameOnEveryRank)) or hasattr(data, "__fspath__")
-    return (group.rank, group.size) if group is not None and one_set else (0, 1)
+def share_of(group: Group | None) -> tuple[int, int]:
+    """(rank, ranks): which batches of one data set named alike on every rank this rank takes
+    (``data.calibration`` applies it; an iterable of the rank's own batches is all its own)."""
+    return (0, 1) if group is None else (group.rank, group.size)
 
 
 class SameOnEveryRank:

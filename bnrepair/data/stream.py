@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
+from ..distributed import SameOnEveryRank
 from ..errors import InputError
 from ..protocols import NoProgress
 from .sources import ImageSpec, open_source
@@ -80,9 +81,12 @@ class Calibration:
     def take_share(self, rank: int, ranks: int) -> None:
         """Keep only batches ``rank, rank + ranks, ...`` of the sequence (``distributed``): whole batches, the same
         ones a single process makes, so the ranks together see every sample once."""
-        chunks = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
-        self.order = np.concatenate(chunks[rank::ranks] or [self.order[:0]])
+        self.order = np.concatenate(self._chunks()[rank::ranks] or [self.order[:0]])
         self.shared = ranks > 1
+
+    def _chunks(self) -> list[np.ndarray]:
+        """The sample indices of each batch, in order."""
+        return [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -134,7 +138,7 @@ class Calibration:
         return Batch(np.stack(xs), labels)
 
     def __iter__(self) -> Iterator[Batch]:
-        chunks = [self.order[i:i + self.batch_size] for i in range(0, len(self.order), self.batch_size)]
+        chunks = self._chunks()
         kept = 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="bnrepair-data") as pool:
             pending: deque = deque()
@@ -263,7 +267,9 @@ def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
                 samples: int | None = None, skip_bad: bool = False, input_index: int = 0,
                 workers: int | None = None, share: tuple[int, int] = (0, 1)):
     """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated.
-    ``share`` (rank, ranks): this rank's batches of it (see ``Calibration.take_share``)."""
+    ``share`` (rank, ranks): this rank's batches of one data set named alike on every rank (a path, an array,
+    ``distributed.SameOnEveryRank``; see ``Calibration.take_share``); any other iterable holds the rank's own
+    batches (a DDP script's loader with its DistributedSampler) and is all its own."""
     if isinstance(data, (Calibration, IterableCalibration)):
         return data
     if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
@@ -271,7 +277,8 @@ def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
         stream.take_share(*share)
         return stream
     if hasattr(data, "__iter__"):
-        return IterableCalibration(data, input_index, samples, share)
+        return IterableCalibration(data, input_index, samples,
+                                   share if isinstance(data, SameOnEveryRank) else (0, 1))
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 
 
