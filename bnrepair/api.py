@@ -93,7 +93,9 @@ def recalibrate(model, data, *, output=None, mode: str = "train", batch_size: in
     """
     group = process_group or None  # resolved by ``across_ranks``
     writes = group is None or group.rank == 0
-    source = Path(model) if isinstance(model, (str, Path)) else None
+    source = None
+    if isinstance(model, (str, Path)):
+        model = source = frameworks.checkpoint_of(Path(model), LoadOptions.of(**load_options))
     if source is not None:
         output = check_output(source, Path(output) if output else default_output(source))
         if source.is_file() and output.suffix.lower() != source.suffix.lower():

@@ -242,8 +242,9 @@ Key = Annotated[Optional[str], typer.Option(help="torch checkpoint dict: the ent
                                             rich_help_panel="Loading: PyTorch")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="torch: allow full pickled modules (runs code).",
                                            rich_help_panel="Loading: PyTorch")]
-TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives; SavedModel: allow "
-                                         "graph ops with side effects or file access (both run the file's code).",
+TrustCode = Annotated[bool, typer.Option("--trust-code", help="torch: allow TorchScript archives; SavedModel and "
+                                         "TF1: allow graph ops with side effects or file access (both run the "
+                                         "file's code).",
                                          rich_help_panel="Loading: PyTorch")]
 SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="torch: allow one more global "
                                                          "(mod.Name) in weights_only loading; repeatable.",
@@ -251,8 +252,16 @@ SafeGlobal = Annotated[Optional[list[str]], typer.Option("--safe-global", help="
 Signature = Annotated[str, typer.Option(help="SavedModel: the serving signature to run.",
                                         rich_help_panel="Loading: SavedModel")]
 InputName = Annotated[Optional[str], typer.Option("--input", help="SavedModel: the signature input to feed; ONNX: "
-                                                  "the graph input; when there are several.",
-                                                  rich_help_panel="Loading: SavedModel / ONNX")]
+                                                  "the graph input; TF1: the placeholder (or any tensor); when "
+                                                  "there are several.",
+                                                  rich_help_panel="Loading: SavedModel / ONNX / TF1")]
+Feed = Annotated[Optional[list[str]], typer.Option("--feed", help="TF1 checkpoint: NAME=VALUE, the value a "
+                                                   "placeholder takes at inference (keep_prob=1); repeatable. The "
+                                                   "training flag is found and fed false without it.",
+                                                   rich_help_panel="Loading: TF1")]
+Step = Annotated[Optional[int], typer.Option("--step", help="TF1 model folder: the checkpoint of this global step "
+                                             "[default: the latest, from its checkpoint file].",
+                                             rich_help_panel="Loading: TF1")]
 Workers = Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads decoding images [default: the "
                                                "CPUs this process may use].", rich_help_panel="Data")]
 FastJpeg = Annotated[bool, typer.Option("--fast-jpeg", help="Decode large JPEGs at a reduced DCT scale, then resize: "
@@ -295,12 +304,12 @@ def single_process(command: str) -> None:
 
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                 signature, input_name) -> dict:
+                 signature, input_name, feed=None, step=None) -> dict:
     """The load flags as the API's ``options``: one typed ``LoadOptions``."""
     from .options import LoadOptions
 
     return {"options": LoadOptions(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
-                                   tuple(safe_global or ()), signature, input_name)}
+                                   tuple(safe_global or ()), signature, input_name, tuple(feed or ()), step)}
 
 
 def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outputs=()) -> None:
@@ -401,6 +410,8 @@ def recalibrate(
     safe_global: SafeGlobal = None,
     signature: Signature = "serving_default",
     input_name: InputName = None,
+    feed: Feed = None,
+    step: Step = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
@@ -438,7 +449,7 @@ def recalibrate(
                 skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes,
                 export=export, fold=fold, workers=workers, cache_mb=cache_mb, fast_jpeg=fast_jpeg,
                 process_group=group, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
-                                                    trust_code, safe_global, signature, input_name))
+                                                    trust_code, safe_global, signature, input_name, feed, step))
         finally:
             if progress is not None:
                 progress.close()
@@ -473,6 +484,8 @@ def inspect(
     safe_global: SafeGlobal = None,
     signature: Signature = "serving_default",
     input_name: InputName = None,
+    feed: Feed = None,
+    step: Step = None,
 ):
     """List every BN layer with its settings and stored statistics, and flag what looks wrong (no data)."""
     from .api import inspect as run_inspect
@@ -480,7 +493,7 @@ def inspect(
     single_process("inspect")
     apart_from_input(checkpoint, json_path)
     report = run_inspect(checkpoint, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
-                                                    trust_code, safe_global, signature, input_name))
+                                                    trust_code, safe_global, signature, input_name, feed, step))
     if json_path:
         report.write_json(json_path)
     if not quiet:
@@ -519,6 +532,8 @@ def diagnose(
     safe_global: SafeGlobal = None,
     signature: Signature = "serving_default",
     input_name: InputName = None,
+    feed: Feed = None,
+    step: Step = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
@@ -536,11 +551,13 @@ def diagnose(
     given = {"--data": data, "--data-fn": data_fn, "--mode": None if mode == "train" else mode,
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,
              "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
-             "--signature": None if signature == "serving_default" else signature, "--input": input_name}
+             "--signature": None if signature == "serving_default" else signature, "--input": input_name,
+             "--step": step}
     words = [str(checkpoint)] + [w for flag, value in given.items() if value is not None for w in (flag, str(value))]
     words += [flag for flag, on in (("--trust-pickle", trust_pickle), ("--trust-code", trust_code),
                                     ("--unsafe", unsafe)) if on]
-    words += [w for name in safe_global or [] for w in ("--safe-global", name)]
+    words += [w for flag, values in (("--safe-global", safe_global), ("--feed", feed)) for value in values or []
+              for w in (flag, value)]
     fix = "bnrepair recalibrate " + shlex.join(words)
     with ranks(dist_timeout) as group:
         speaks = group is None or group.rank == 0  # the other ranks print errors only
@@ -554,7 +571,7 @@ def diagnose(
                 skip_bad=skip_bad, input_index=input_index, fix_command=fix, progress=progress, workers=workers,
                 fast_jpeg=fast_jpeg, process_group=group,
                 **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                               signature, input_name))
+                               signature, input_name, feed, step))
         finally:
             if progress is not None:
                 progress.close()

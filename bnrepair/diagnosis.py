@@ -69,7 +69,11 @@ def inspect_layers(graph: ModelGraph, calls: dict[str, int] | None = None) -> li
         elif np.any(bn.var < bn.eps):
             flags.append(Flag("warning", "var_below_eps", f"{int(np.sum(bn.var < bn.eps))} channel(s) have "
                               f"variance below eps={bn.eps:g}", bn.id))
-        if never_updated(bn):
+        if bn.separate_from:
+            flags.append(Flag("error", "separate_inference_variables", "inference reads its own moving averages, "
+                              f"which no op updates; training updates {bn.separate_from} (a graph built twice "
+                              "without reuse)", bn.id))
+        elif never_updated(bn):
             flags.append(Flag("error", "never_updated", "statistics still at their initial values "
                               "(mean exactly 0, variance exactly 1): updates never ran", bn.id))
         d = decay(graph, bn)
@@ -150,7 +154,7 @@ def _ema_fit(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray) -> tuple[
 
 @dataclass
 class Verdict:
-    cause: str  # never_updated | stale | domain_shift | healthy
+    cause: str  # separate_variables | never_updated | stale | domain_shift | healthy
     title: str
     evidence: list[str] = field(default_factory=list)
     fix: str = ""
@@ -168,6 +172,18 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
                         [f"{len(layers)} BN layer(s) checked; largest mean shift "
                          f"{max((e.mean_shift_max for e in layers), default=0):.3g} std"])]
     found = []
+    separate = [e for e in problems if graph.layer(e.id).separate_from]
+    if separate:
+        found.append(Verdict("separate_variables", "separate inference variables: inference reads moving averages "
+                             "that training never updates (the graph was built twice without reuse)",
+                             [f"{len(separate)} layer(s) read statistics no op of the graph updates, while training "
+                              "updates another set: " + ", ".join(f"{e.id} (training updates "
+                                                                  f"{graph.layer(e.id).separate_from})"
+                                                                  for e in separate[:3]),
+                              "recalibrating writes measured statistics into the variables inference reads; "
+                              "in the training script, share them (variable_scope reuse, tf.get_variable)"],
+                             fix_command))
+    problems = [e for e in problems if not graph.layer(e.id).separate_from]
     untouched = [e for e in problems if e.never_updated]
     if untouched:
         found.append(Verdict("never_updated", "never updated: the moving averages never left 0 / 1",

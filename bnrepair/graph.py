@@ -38,6 +38,9 @@ class BNLayer:
     producer_kind: str | None = None
     tracks_stats: bool = True
     kind: str = "BatchNormalization"
+    separate_from: str | None = None
+    """where the graph says so: the moving mean that training updates while inference reads this layer's own,
+    never-updated one (a TF1 graph built twice without ``reuse``)"""
 
 
 @dataclass

@@ -29,10 +29,12 @@ class LoadOptions:
     arch_kwargs: str | None = _option(None, "--arch-kwargs", "torch")
     key: str | None = _option(None, "--key", "torch")
     trust_pickle: bool = _option(False, "--trust-pickle", "torch")
-    trust_code: bool = _option(False, "--trust-code", "torch,savedmodel")
+    trust_code: bool = _option(False, "--trust-code", "torch,savedmodel,tf1")
     safe_globals: tuple[str, ...] = _option(None, "--safe-global", "torch", factory=tuple)
     signature: str = _option("serving_default", "--signature", "savedmodel")
-    input_name: str | None = _option(None, "--input", "savedmodel,onnx")
+    input_name: str | None = _option(None, "--input", "savedmodel,onnx,tf1")
+    feeds: tuple[str, ...] = _option(None, "--feed", "tf1", factory=tuple)
+    step: int | None = _option(None, "--step", "tf1")
 
     @classmethod
     def of(cls, options: LoadOptions | None = None, **given) -> LoadOptions:
@@ -43,8 +45,9 @@ class LoadOptions:
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; load options are "
                             f"{', '.join(sorted(names))}")
-        if "safe_globals" in given:
-            given["safe_globals"] = tuple(given["safe_globals"] or ())
+        for name in ("safe_globals", "feeds"):
+            if name in given:
+                given[name] = tuple(given[name] or ())
         base = options or cls()
         return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **given})
 
@@ -75,4 +78,6 @@ def check_device(device: str) -> str:
 
 APPLIES_TO = {("keras",): "Keras .h5/.keras files", ("torch",): "PyTorch checkpoints",
               ("savedmodel",): "TensorFlow SavedModels", ("torch", "savedmodel"): "PyTorch and SavedModel files",
-              ("savedmodel", "onnx"): "SavedModels and ONNX models"}
+              ("torch", "savedmodel", "tf1"): "PyTorch, SavedModel and TF1 checkpoint files",
+              ("savedmodel", "onnx", "tf1"): "SavedModels, ONNX models and TF1 checkpoints",
+              ("tf1",): "TF1 training checkpoints (.meta + .index/.data)"}

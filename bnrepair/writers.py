@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import os
 import re
@@ -175,12 +176,16 @@ def scratch_folder(dest: Path, suffix: str = ""):
 @contextmanager
 def removed_on_failure(path: Path | None):
     """Steps after ``path`` is in place (its digest, an export): if one fails or is interrupted, ``path`` goes
-    too, so the run leaves nothing behind, as one that stopped before writing would."""
+    too, so the run leaves nothing behind, as one that stopped before writing would. A path that is no file is
+    a checkpoint prefix (TF1): its files go."""
     try:
         yield
     except BaseException:
         if path is not None and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        elif path is not None and not path.exists():
+            for part in path.parent.glob(glob.escape(path.name) + ".*"):
+                part.unlink(missing_ok=True)
         elif path is not None:
             path.unlink(missing_ok=True)
         raise

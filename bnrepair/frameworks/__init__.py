@@ -20,9 +20,9 @@ from ..options import LoadOptions
 from ..untrusted import check_archive
 
 TITLES = {"keras": "a Keras file", "torch": "a PyTorch checkpoint", "savedmodel": "a TensorFlow SavedModel",
-          "onnx": "an ONNX model"}
+          "onnx": "an ONNX model", "tf1": "a TF1 training checkpoint"}
 """Every format the registry recognises, by wing name, as messages name a file of that format."""
-WINGS = ("keras", "torch", "savedmodel", "onnx")
+WINGS = ("keras", "torch", "savedmodel", "onnx", "tf1")
 """The formats with a wing."""
 FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",), "onnx": (".onnx",)}
 """What a wing's folded model is written as (besides ONNX), the first the default; known before it loads."""
@@ -30,13 +30,18 @@ FOLD_SUFFIXES = {"keras": (".keras", ".h5"), "torch": (".pt2",), "onnx": (".onnx
 
 def detect(path: Path) -> str:
     """The wing name for ``path``, from what the file holds (not its suffix)."""
+    from .tf1.files import is_checkpoint
+
     path = Path(path)
+    if is_checkpoint(path):
+        return "tf1"
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
         if (path / "saved_model.pb").exists():
             return "savedmodel"
-        raise InputError(f"{path}: a folder that is not a TensorFlow SavedModel (no saved_model.pb)")
+        raise InputError(f"{path}: a folder that is neither a TensorFlow SavedModel (no saved_model.pb) nor a "
+                         "TF1 model folder (no checkpoint file)")
     if not path.is_file():  # a FIFO or a device would block the read below, or never end
         raise InputError(f"{path}: not a regular file")
     try:
@@ -65,7 +70,16 @@ def detect(path: Path) -> str:
         return "torch"
     if path.suffix == ".onnx":
         return "onnx"
-    raise InputError(f"{path}: unrecognised checkpoint format (expected .h5, .keras, .pt, SavedModel or .onnx)")
+    raise InputError(f"{path}: unrecognised checkpoint format (expected .h5, .keras, .pt, SavedModel, .onnx or a "
+                     "TF1 checkpoint prefix)")
+
+
+def checkpoint_of(path: Path, options: LoadOptions) -> Path:
+    """The file or folder ``path`` stands for, which an output is named after: a TF1 model folder or checkpoint
+    file stands for its checkpoint prefix (``--step`` choosing); any other path for itself."""
+    from .tf1.files import is_checkpoint, resolve
+
+    return resolve(Path(path), options.step) if is_checkpoint(Path(path)) else Path(path)
 
 
 def wing(name: str):

@@ -44,12 +44,19 @@ def readable_checkpoint(source: Path):
 
 
 class CheckpointReader:
-    """``tf.train.load_checkpoint`` of a SavedModel, every read guarded by ``readable_checkpoint``."""
+    """``tf.train.load_checkpoint`` of the checkpoint at ``prefix`` (of the model at ``source``), every read
+    guarded by ``readable_checkpoint``."""
 
-    def __init__(self, source: Path):
+    def __init__(self, source: Path, prefix: Path):
         self.source = source
         with readable_checkpoint(source):
-            self.reader = import_tensorflow().train.load_checkpoint(str(checkpoint_prefix(source)))
+            self.reader = import_tensorflow().train.load_checkpoint(str(prefix))
+
+    def keys(self) -> set[str]:
+        return set(self.reader.get_variable_to_dtype_map())
+
+    def shapes(self) -> dict[str, list[int]]:
+        return self.reader.get_variable_to_shape_map()
 
     def has_tensor(self, key: str) -> bool:
         return self.reader.has_tensor(key)
@@ -146,7 +153,7 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         raise BnrepairError(f"{dest}: the output cannot lie inside the input SavedModel")
     with scratch_folder(dest) as tmp:
         shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
-        _rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
+        rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
         _replace_dir(tmp, dest)
 
 
@@ -156,7 +163,7 @@ def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
     return [n for n in names if n == "variables.index" or n.startswith("variables.data-")]
 
 
-def _rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
+def rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
     tf = import_tensorflow()
     with readable_checkpoint(source):
         dtypes = tf.train.load_checkpoint(str(source)).get_variable_to_dtype_map()

@@ -224,10 +224,10 @@ class FlatGraph:
                 stack.extend(split(i)[0] for i in data_inputs(self.nodes[name]))
         return seen
 
-    def topological(self, keep: set[str]) -> dict[str, int]:
-        """Position of each kept node in a forward (inputs-first) order. A loop's back edge (NextIteration ->
-        Merge) is met while its target is still being expanded and is not followed: every node is expanded
-        once, so loops end in bounded time."""
+    def topological(self, keep: set[str], controls: bool = False) -> dict[str, int]:
+        """Position of each kept node in a forward (inputs-first) order, control inputs counted with
+        ``controls``. A loop's back edge (NextIteration -> Merge) is met while its target is still being
+        expanded and is not followed: every node is expanded once, so loops end in bounded time."""
         order: dict[str, int] = {}
         expanding: set[str] = set()
         for start in sorted(keep):
@@ -243,8 +243,9 @@ class FlatGraph:
                     continue
                 expanding.add(name)
                 stack.append((name, True))
-                stack.extend((split(i)[0], False) for i in data_inputs(self.nodes[name])
-                             if split(i)[0] in keep and split(i)[0] not in order)
+                inputs = self.nodes[name].input if controls else data_inputs(self.nodes[name])
+                stack.extend((split(i.lstrip("^"))[0], False) for i in inputs
+                             if split(i.lstrip("^"))[0] in keep and split(i.lstrip("^"))[0] not in order)
         return order
 
     # --- what the file declares ---------------------------------------------------------------------
@@ -347,14 +348,15 @@ class FlatGraph:
         return node.name, node.op
 
 
-def no_bn_message(graph: FlatGraph, keep: set[str], rejected: list[str], signature: str) -> str:
-    """One line that says what the signature's graph holds instead of recognisable BN layers."""
+def no_bn_message(graph: FlatGraph, keep: set[str], rejected: list[str], where: str) -> str:
+    """One line that says what the graph (``where``: "signature 'serving_default'") holds instead of
+    recognisable BN layers."""
     if rejected:
         shown = "; ".join(rejected[:3]) + (f"; and {len(rejected) - 3} more" if len(rejected) > 3 else "")
-        return f"cannot identify BatchNorm layers in signature {signature!r}: {shown}"
+        return f"cannot identify BatchNorm layers in {where}: {shown}"
     ops = Counter(graph.nodes[n].op for n in keep if graph.nodes[n].op not in PLUMBING)
     common = ", ".join(f"{op} x{count}" for op, count in ops.most_common(8)) or "none"
-    return (f"cannot identify BatchNorm layers in signature {signature!r}: no FusedBatchNorm op and no "
+    return (f"cannot identify BatchNorm layers in {where}: no FusedBatchNorm op and no "
             f"rsqrt(moving_variance + eps) pattern among its {len(keep)} ops (computing ops: {common})")
 
 

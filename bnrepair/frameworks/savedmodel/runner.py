@@ -30,6 +30,7 @@ from .checkpoint import (
     CheckpointReader,
     captured_keys,
     check_links,
+    checkpoint_prefix,
     checkpointed_objects,
     same_bytes,
     trainable_v1,
@@ -56,6 +57,8 @@ class SavedModelRunner:
     """``protocols.Runner`` for a SavedModel signature."""
 
     framework = "savedmodel"
+    other_inputs_hint = ""
+    """what to do about an input the calibration data does not feed, as the end of the message"""
     drift_corrections = False  # the signature's graph is rewritten once per set of batch-statistics layers
 
     def __init__(self, source: Path, signature: str, input_name: str | None, device: str, trust_code: bool = False):
@@ -66,18 +69,25 @@ class SavedModelRunner:
         meta = read_meta_graph(source)
         self.signature = choose_signature(meta, signature, input_name, str(source))
         saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
-        self.flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
-        self.reader = CheckpointReader(source)
-        objects = checkpointed_objects(meta, self.reader)
-        self.keys = {**self.flat.checkpoint_keys(), **captured_keys(meta, objects)}
+        flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
+        reader = CheckpointReader(source, checkpoint_prefix(source))
+        objects = checkpointed_objects(meta, reader)
+        self._setup(meta, flat, reader, {**flat.checkpoint_keys(), **captured_keys(meta, objects)}, objects,
+                    trust_code)
+
+    def _setup(self, meta, flat: FlatGraph, reader: CheckpointReader, keys: dict[str, str], objects: dict,
+               trust_code: bool) -> None:
+        """The BN layers of the signature's graph ``flat``, their variables on the device and ``self.graph``;
+        ``keys``: variable node -> checkpoint key, ``objects``: ``checkpointed_objects`` (TF2 only)."""
+        self.flat, self.reader, self.keys = flat, reader, keys
         model_nodes = self.flat.fanin(self.signature.outputs.values(),
                                       stop={split(t)[0] for t in self.signature.inputs.values()})
-        check_graph([self.flat.nodes[n] for n in sorted(model_nodes)], str(source), trust_code)
+        check_graph([self.flat.nodes[n] for n in sorted(model_nodes)], str(self.source), trust_code)
         sites, rejected = self.flat.find_bn(model_nodes)
         if not sites:
-            raise InputError(f"{source}: " + no_bn_message(self.flat, model_nodes, rejected, signature))
+            raise InputError(f"{self.source}: " + no_bn_message(self.flat, model_nodes, rejected, self._where()))
         if self.signature.input_name is None:
-            self.signature = choose_signature(meta, signature, self._feeding_input(sites), str(source))
+            self.signature = choose_signature(meta, self.signature.name, self._feeding_input(sites), str(self.source))
         self._check_feeds(sites)
         self._names = {key: name for key, name, _ in objects.values()}
         trainable = {key for key, _, flag in objects.values() if flag} if objects else trainable_v1(meta, self.keys)
@@ -85,12 +95,16 @@ class SavedModelRunner:
         self._vars = self._variables(model_nodes)
         self._ranks, self._dtypes = self._probe()
         layers = [self._describe(i, s, trainable) for i, s in self._sites.items()]
-        self.graph = ModelGraph("savedmodel", str(source), layers,
+        self.graph = ModelGraph(self.framework, str(self.source), layers,
                                 input_shape=self.signature.shape[1:] if self.signature.shape else None,
                                 channels_first=any(bn.axis == 1 and self._ranks[canonical(s.x)] > 2
                                                    for bn, s in zip(layers, sites)),
                                 unbiased_var=False)
         self._functions: dict = {}
+
+    def _where(self) -> str:
+        """The graph measured, as messages name it."""
+        return f"signature {self.signature.name!r}"
 
     # --- reading the file ------------------------------------------------------------------------------
     def _check_feeds(self, sites: list[Site]) -> None:
@@ -99,8 +113,9 @@ class SavedModelRunner:
         others = {split(t)[0]: n for n, t in self.signature.inputs.items() if n != self.signature.input_name}
         used = sorted(name for node, name in others.items() if node in needed)
         if used:
-            raise InputError(f"{self.source}: BN layers depend on signature input(s) {', '.join(used)}, but the "
-                             f"calibration data feeds only {self.signature.input_name!r} (--input)")
+            raise InputError(f"{self.source}: BN layers depend on input(s) {', '.join(used)} of {self._where()}, but "
+                             f"the calibration data feeds only {self.signature.input_name!r} (--input)"
+                             + self.other_inputs_hint)
 
     def _feeding_input(self, sites: list[Site]) -> str:
         """The one signature input the BN layers depend on: the calibration data's, without --input."""
@@ -108,7 +123,7 @@ class SavedModelRunner:
         needed = self.flat.fanin([s.x for s in sites], stop={split(t)[0] for t in inputs.values()})
         used = sorted(name for name, tensor in inputs.items() if split(tensor)[0] in needed)
         if len(used) != 1:
-            raise InputError(f"{self.source}: signature {self.signature.name!r} takes {len(inputs)} inputs "
+            raise InputError(f"{self.source}: {self._where()} takes {len(inputs)} inputs "
                              f"({', '.join(sorted(inputs))}) and its BN layers depend on "
                              f"{', '.join(used) if used else 'none of them'}; name the one the calibration data "
                              "feeds with --input")
@@ -328,7 +343,7 @@ class SavedModelRunner:
         names = [name for name, tensor in sorted(self.signature.outputs.items())
                  if not others & self.flat.fanin([tensor], stop={self._input_node})]
         if not names:
-            raise BnrepairError(f"every output of signature {self.signature.name!r} needs inputs besides "
+            raise BnrepairError(f"every output of {self._where()} needs inputs besides "
                                 f"{self.signature.input_name!r}")
         return names
 

@@ -1,0 +1,180 @@
+"""TF1 training checkpoints: the SavedModel runner, measuring through the training graph of the ``.meta``.
+
+The graph is fixed for inference first (``--feed`` values and the training flag as constants, ``tf.cond``
+resolved), then stands in for a signature: its input is the placeholder the BN layers depend on (or
+``--input``), its outputs the ``graph.Dataflow`` sinks that pass through BN. From there everything is the
+SavedModel wing's: BN sites by op pattern, variables from the checkpoint, moments measured in a
+``tf.function`` of the imported graph, ``train`` mode by rewiring the inference BN ops to batch statistics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InputError
+from ..savedmodel.checkpoint import CheckpointReader
+from ..savedmodel.graph import FlatGraph, Signature, canonical, flatten, no_bn_message, split
+from ..savedmodel.runner import SavedModelRunner
+from ..tf_runtime import import_tensorflow, resolve_device
+from . import conditionals, files
+from .graph import (
+    Dataflow,
+    decays,
+    feed_value,
+    parse_feeds,
+    placeholders,
+    pruned,
+    separate_statistics,
+    steering,
+    training_flag,
+    updated_by_training,
+    with_constants,
+)
+
+FUNCTIONAL = {"If", "StatelessIf", "While", "StatelessWhile", "PartitionedCall", "StatefulPartitionedCall"}
+"""ops of TensorFlow 2's control flow and functions: a graph built by tf.compat.v1 code under TensorFlow 2 uses
+them for tf.cond and tf.while_loop; grappler's function optimizer lowers them to TF1's Switch / Merge"""
+
+
+class TF1CheckpointRunner(SavedModelRunner):
+    """``protocols.Runner`` for a TF1 checkpoint prefix and the meta graph saved with it."""
+
+    framework = "tf1"
+    other_inputs_hint = "; feed the others with --feed NAME=VALUE"
+
+    def __init__(self, prefix: Path, input_name: str | None, feeds: tuple[str, ...], device: str,
+                 trust_code: bool = False):
+        tf = import_tensorflow()
+        self.source = prefix
+        self.device = resolve_device(tf, device)
+        meta = files.read_meta(prefix)
+        trained = FlatGraph(meta.graph_def)
+        if any(node.op in FUNCTIONAL for node in meta.graph_def.node):  # compat.v1 code run by TensorFlow 2
+            trained = FlatGraph(flatten(meta, list(trained.nodes)))
+        self._saver_file = meta.saver_def.filename_tensor_name
+        fixed = self._fixed(trained, parse_feeds(feeds), input_name)
+        resolved = FlatGraph(conditionals.resolve(fixed))
+        reader = CheckpointReader(prefix, prefix)
+        keys = resolved.checkpoint_keys()
+        lacking = sorted(set(keys.values()) - reader.keys())
+        if not keys or lacking:
+            why = (f"{len(lacking)} of the {len(keys)} it saves are not in the checkpoint, such as {lacking[0]}"
+                   if lacking else "it has no saver")
+            raise InputError(f"{prefix}: the graph in {files.meta_path(prefix).name} does not save the checkpoint's "
+                             f"variables ({why}; a .meta of another model?)")
+        input_name, flat, sites = self._model(resolved, input_name)
+        self.signature = self._signature(resolved, flat, sites, input_name)
+        self._setup(meta, flat, reader, keys, {}, trust_code)
+        unresolved = steering(flat, flat.fanin([s.x for s in self._sites.values()], stop={self._input_node}))
+        if unresolved:
+            raise InputError(f"{prefix}: the BN layers' tf.cond depends on {', '.join(sorted(unresolved))}, which "
+                             "bnrepair cannot tell the value of at inference; give it with --feed NAME=VALUE")
+        self._training_facts(trained, fixed, reader.shapes())
+
+    def _training_facts(self, trained: FlatGraph, fixed, shapes: dict[str, list[int]]) -> None:
+        """What the training side of the graph says about each layer: the decay of its moving averages (read off
+        the update ops with the flag True) and, where inference reads statistics no op updates while training
+        updates others, the ones it updates (``BNLayer.separate_from``)."""
+        by_node = {node: tuple(shapes.get(key, ())) for node, key in self.keys.items()}
+        separate = separate_statistics(self._sites, updated_by_training(trained, self._input_node), self.keys,
+                                       by_node)
+        training = FlatGraph(conditionals.resolve(with_constants(fixed, {self._flag: np.array(True)})
+                                                  if self._flag else fixed))
+        decay = decays(training, {s.mean_var for s in self._sites.values()})
+        for bn in self.graph.bn_layers:
+            bn.separate_from = separate.get(bn.id)
+            bn.momentum = decay.get(self._sites[bn.id].mean_var)
+
+    def _where(self) -> str:
+        return f"the graph of {files.meta_path(self.source).name}"
+
+    def _fixed(self, flat: FlatGraph, feeds: dict[str, str], input_name: str | None):
+        """The graph with the ``--feed`` placeholders and the training flag (False) as constants."""
+        saver = flat.fanin([self._saver_file]) if self._saver_file else set()
+        found = {name: node for name, node in placeholders(flat).items() if name not in saver}
+        unknown = sorted(set(feeds) - set(found))
+        if unknown:
+            raise InputError(f"{self.source}: --feed {', '.join(unknown)}: no such placeholder; the graph's "
+                             f"placeholders: {', '.join(sorted(found)) or 'none'}")
+        values = {name: feed_value(text, found[name], str(self.source)) for name, text in feeds.items()}
+        flag = training_flag(flat, set(values) | ({split(input_name)[0]} if input_name else set()), str(self.source))
+        if flag is not None:
+            values[flag] = feed_value("false", found[flag], str(self.source))
+        self._flag = flag
+        return with_constants(flat.graph_def, values)
+
+    def _model(self, resolved: FlatGraph, input_name: str | None):
+        """The input (``input_name``, else the one placeholder through which BN layers are computed), the graph of
+        what that input alone computes (no loss, gradients, optimizer or saver), and the BN sites in it."""
+        candidates = [input_name] if input_name else sorted(
+            n for n, node in placeholders(resolved).items() if node.op != "PlaceholderWithDefault")
+        if input_name and split(input_name)[0] not in resolved.nodes:
+            raise InputError(f"{self.source}: --input {input_name}: the graph has no such tensor")
+        found, rejected = [], []
+        for candidate in candidates:
+            flow = Dataflow(resolved, split(candidate)[0])
+            flat = FlatGraph(pruned(resolved.graph_def, {n for n in resolved.nodes if n not in flow.blocked}))
+            sites, not_bn = flat.find_bn(set(flat.nodes))
+            rejected += not_bn
+            if sites:
+                found.append((candidate, flat, sites))
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InputError(f"{self.source}: BN layers are computed from each of {', '.join(c for c, _, _ in found)}; "
+                             "name the tensor the calibration data feeds with --input")
+        anywhere, _ = resolved.find_bn(set(resolved.nodes))
+        needed = sorted(set(placeholders(resolved)) & resolved.fanin([s.x for s in anywhere]) - {input_name})
+        if not needed:
+            raise InputError(f"{self.source}: " + no_bn_message(resolved, set(resolved.nodes), rejected,
+                                                                self._where()))
+        if input_name:
+            raise InputError(f"{self.source}: the BN layers depend on placeholder(s) {', '.join(needed)} besides "
+                             f"{input_name}; give their values with --feed NAME=VALUE")
+        raise InputError(f"{self.source}: the BN layers depend on placeholders {', '.join(needed)}; name the one "
+                         "the calibration data feeds with --input" + self.other_inputs_hint)
+
+    def _signature(self, resolved: FlatGraph, flat: FlatGraph, sites, input_name: str) -> Signature:
+        """The model graph ``flat`` (of the whole graph ``resolved``) as a signature: its input, and the outputs
+        computed through BN."""
+        node = split(input_name)[0]
+        tensor = canonical(input_name)
+        flow = Dataflow(resolved, node)
+        site_nodes = {s.node for s in sites}
+        sinks = [canonical(n) for n in flow.sinks() if flat.fanin([n], stop={node}) & site_nodes]
+        types = _types(flat.graph_def, [tensor] + sinks)
+        outputs = [split(t)[0] for t in sinks if types[t][0].is_floating]
+        if not outputs:
+            raise InputError(f"{self.source}: nothing the graph computes from {input_name} alone passes through "
+                             "BN (do its other inputs need --feed NAME=VALUE?)")
+        unfed = flow.settings_needed(outputs)
+        if unfed:
+            raise InputError(f"{self.source}: the model's output goes on through placeholder(s) "
+                             f"{', '.join(unfed)}; give their inference values with --feed NAME=VALUE "
+                             "(keep_prob=1 for dropout)")
+        dtype, shape = types[tensor]
+        return Signature("graph", {input_name: tensor}, {input_name: dtype.as_datatype_enum},
+                         {n: canonical(n) for n in outputs}, input_name, shape)
+
+    def save(self, output: Path, changed: list[str]) -> None:
+        """Write the checkpoint again as the prefix ``output``, only ``changed`` layers' statistics replaced."""
+        values = {}
+        for layer_id in changed:
+            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
+            values[bn.locations["mean"]] = self._vars[site.mean_var].numpy()
+            values[bn.locations["var"]] = self._vars[site.var_var].numpy()
+        files.write_patched(self.source, Path(output), values)
+
+
+def _types(graph_def, tensors: list[str]) -> dict:
+    """``tf.DType`` and shape (None: unknown rank) of each tensor, by importing the graph (nothing runs)."""
+    tf = import_tensorflow()
+    with tf.Graph().as_default() as probe:
+        tf.graph_util.import_graph_def(graph_def, name="")
+        found = {}
+        for tensor in tensors:
+            t = probe.get_tensor_by_name(tensor)
+            found[tensor] = t.dtype.base_dtype, None if t.shape.rank is None else tuple(t.shape.as_list())
+    return found
