@@ -19,20 +19,12 @@ MERGES = {"Merge", "RefMerge"}
 
 def predicate(flat: FlatGraph, tensor: str) -> bool | None:
     """The value of a Switch's predicate when it is a constant (through identities and ``logical_not``)."""
-    negate = False
-    name, _ = split(tensor)
-    for _ in range(16):
-        node = flat.nodes.get(name)
-        if node is None:
-            return None
-        if node.op == "Const":
-            value = flat.const(node.name)
-            return None if value is None or value.size != 1 else bool(value.reshape(-1)[0]) != negate
-        if node.op not in ("Identity", "LogicalNot") or not data_inputs(node):
-            return None
-        negate ^= node.op == "LogicalNot"
-        name, _ = split(data_inputs(node)[0])
-    return None
+    node = flat.nodes.get(split(tensor)[0])
+    if node is not None and node.op in ("Identity", "LogicalNot") and data_inputs(node):
+        inner = predicate(flat, data_inputs(node)[0])
+        return None if inner is None else inner != (node.op == "LogicalNot")
+    value = flat.const(tensor)
+    return bool(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
 def resolve(graph_def):
