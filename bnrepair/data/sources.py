@@ -83,6 +83,11 @@ class ImageFolder:
         return str(self.files[i])
 
     def sample(self, i: int) -> np.ndarray:
+        return self.finish(self.pixels(i)[None])[0]
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Image ``i`` decoded: HWC on the 0-255 scale at the spec's size and channels (uint8, what a cache keeps;
+        float32 for 16-bit greyscale)."""
         from PIL import Image
 
         path = self.files[i]
@@ -94,10 +99,13 @@ class ImageFolder:
                 pixels = _pixels(im, self.spec)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: cannot decode image ({exc})") from None
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+    def finish(self, pixels: np.ndarray) -> np.ndarray:
+        """A batch of ``pixels`` (N, H, W, C) as the model takes it: scaled by ``--preprocess``, channels first
+        where the model wants them."""
         x = scale_pixels(pixels, self.spec.preprocess)
-        return np.transpose(x, (2, 0, 1)) if self.spec.channels_first else x
+        return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))) if self.spec.channels_first else x
 
 
 def _pixels(im, spec: ImageSpec) -> np.ndarray:
@@ -114,9 +122,11 @@ def _pixels(im, spec: ImageSpec) -> np.ndarray:
             return grey
         rgb = np.repeat(grey, 3, axis=2)
         return np.concatenate([rgb, np.full_like(grey, 255.0)], axis=2) if spec.channels == 4 else rgb
+    mode = _MODES.get(spec.channels, "RGB")
     if spec.fast_jpeg and size is not None and im.format == "JPEG":
-        im.draft(_MODES.get(spec.channels, "RGB"), size)  # the smallest DCT scale still >= the target size
-    im = im.convert(_MODES.get(spec.channels, "RGB"))
+        im.draft(mode, size)  # the smallest DCT scale still >= the target size
+    if im.mode != mode:
+        im = im.convert(mode)
     if size is not None and im.size != size:
         im = im.resize(size, Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)

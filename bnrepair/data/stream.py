@@ -96,14 +96,21 @@ class Calibration:
         return getattr(self.source, "labels", None) is not None
 
     def decoded_bytes(self) -> int:
-        """What every sample of a pass takes in memory once decoded: from the image size the samples are made,
-        else the first sample's."""
+        """What every sample of a pass takes in memory as ``Cached`` keeps it: an image's decoded pixels (uint8,
+        from the size the images are made; 16-bit greyscale takes 4 bytes a pixel, a rare exception), else the
+        first sample's size."""
         spec = getattr(self.source, "spec", None)
         if spec is not None and spec.size is not None:
-            per_sample = spec.size[0] * spec.size[1] * spec.channels * 4  # float32
+            per_sample = spec.size[0] * spec.size[1] * spec.channels
         else:
-            per_sample = int(np.asarray(self.source.sample(int(self.order[0]))).nbytes)
+            per_sample = int(np.asarray(self._read(int(self.order[0]))).nbytes)
         return per_sample * len(self.order)
+
+    @property
+    def _read(self):
+        """One sample by index: an image source's decoded pixels (``finish`` makes them model inputs), any
+        other source's sample."""
+        return getattr(self.source, "pixels", self.source.sample)
 
     def classes_lost(self) -> list[str]:
         """Classes that --skip-bad left without a single image of those drawn: the statistics then describe
@@ -114,11 +121,12 @@ class Calibration:
         kept = set(labels[[i for i in self.drawn if int(i) not in self.bad]].tolist())
         return [self.source.classes[c] for c in sorted(set(labels[self.drawn].tolist()) - kept)]
 
-    def _load(self, indices: np.ndarray) -> Batch | None:
+    def _load(self, indices: np.ndarray, raw: bool = False) -> Batch | None:
+        """The batch of samples ``indices``; ``raw``: an image source's pixels, not yet ``finish``ed."""
         xs, kept = [], []
         for i in indices:
             try:
-                x = self.source.sample(int(i))
+                x = self._read(int(i))
             except InputError as exc:
                 if not self.skip_bad:
                     raise InputError(f"{exc}; --skip-bad skips undecodable images") from None
@@ -135,15 +143,25 @@ class Calibration:
             raise InputError(f"{self.origin}: samples differ in shape "
                              f"{sorted(shapes)}; give --image-size H W")
         labels = self.source.labels[kept] if self.has_labels else None
-        return Batch(np.stack(xs), labels)
+        inputs = np.stack(xs)
+        return Batch(inputs if raw else self.finish(inputs), labels)
+
+    def finish(self, inputs: np.ndarray) -> np.ndarray:
+        """Batched samples as the model takes them (what ``raw_batches`` left undone)."""
+        finish = getattr(self.source, "finish", None)
+        return inputs if finish is None else finish(inputs)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.raw_batches(raw=False)
+
+    def raw_batches(self, raw: bool = True) -> Iterator[Batch]:
+        """One pass; ``raw``: images as decoded pixels, for ``finish`` to make model inputs of later."""
         chunks = self._chunks()
         kept = 0
         with ThreadPoolExecutor(self.workers, thread_name_prefix="bnrepair-data") as pool:
             pending: deque = deque()
             for chunk in chunks:
-                pending.append(pool.submit(self._load, chunk))
+                pending.append(pool.submit(self._load, chunk, raw))
                 if len(pending) > self.prefetch:
                     batch = pending.popleft().result()
                     if batch is not None:
@@ -224,13 +242,16 @@ class IterableCalibration:
 
 
 class Cached:
-    """Batches read once and kept in memory, for commands that make several passes over few samples."""
+    """Batches read once and kept in memory, for commands that make several passes over few samples. Images are
+    kept as their decoded uint8 pixels, a quarter of the float32 inputs they become on each pass."""
 
     def __init__(self, stream, progress: Progress | None = None):
         progress = progress or NoProgress()
         progress.start_pass(0, len(stream) if hasattr(stream, "__len__") else None, label="reading data")
         self.batches = []
-        for batch in stream:
+        raw = getattr(stream, "raw_batches", None)
+        self.finish = stream.finish if raw is not None else None
+        for batch in raw() if raw is not None else stream:
             self.batches.append(batch)
             progress.advance(batch.size)
         progress.end_pass()
@@ -244,7 +265,9 @@ class Cached:
         return sum(b.size for b in self.batches)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.batches)
+        if self.finish is None:
+            return iter(self.batches)
+        return (Batch(self.finish(b.inputs), b.labels) for b in self.batches)
 
 
 def _same_batches_each_pass(batches) -> bool:

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from bnrepair.data import Calibration, ImageFolder, ImageSpec, open_source
+from bnrepair.data.stream import Cached
 from bnrepair.data.preprocess import scale_pixels
 from bnrepair.errors import InputError
 
@@ -40,6 +41,24 @@ def test_stream_is_seeded_batched_and_complete(tmp_path):
     assert len(Calibration(source, batch_size=4, samples=3)) == 3
     with pytest.raises(InputError, match="--seed must be an integer >= 0, got -1"):
         Calibration(source, seed=-1)  # numpy's own refusal was a traceback
+
+
+@pytest.mark.parametrize("preprocess, channels_first", [("imagenet", True), ("caffe", False)])
+def test_the_cache_keeps_decoded_pixels_and_gives_the_same_inputs(tmp_path, preprocess, channels_first):
+    write_images(tmp_path, 10, size=(8, 8))
+    stream = Calibration(ImageFolder(tmp_path, ImageSpec(size=(8, 8), preprocess=preprocess,
+                                                         channels_first=channels_first)), batch_size=4)
+    cached = Cached(stream)
+    assert all(b.inputs.dtype == np.uint8 and b.inputs.shape[1:] == (8, 8, 3) for b in cached.batches)
+    assert stream.decoded_bytes() == sum(b.inputs.nbytes for b in cached.batches) == 10 * 8 * 8 * 3
+    for kept, fresh in zip(cached, stream):
+        assert kept.inputs.shape == fresh.inputs.shape and kept.inputs.dtype == np.float32
+        assert kept.inputs.tobytes() == fresh.inputs.tobytes() and np.array_equal(kept.labels, fresh.labels)
+    # and each sample is what an independent reading of its file gives
+    first = next(iter(stream))
+    files = sorted(tmp_path.rglob("*.png"))
+    expected = scale_pixels(np.asarray(Image.open(files[int(stream.order[0])]).convert("RGB")), preprocess)
+    np.testing.assert_array_equal(first.inputs[0], expected.transpose(2, 0, 1) if channels_first else expected)
 
 
 def test_npz_takes_x_and_y_or_its_only_array(tmp_path):
