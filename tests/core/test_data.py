@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from bnrepair.data import Calibration, ImageFolder, ImageSpec, open_source
-from bnrepair.data.stream import Cached
 from bnrepair.data.preprocess import scale_pixels
+from bnrepair.data.stream import Cached
 from bnrepair.errors import InputError
 
 
