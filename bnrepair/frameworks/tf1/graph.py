@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 from ...errors import InputError
-from ..savedmodel.graph import VARIABLE_OPS, FlatGraph, Site, canonical, data_inputs, split
+from ..savedmodel.graph import FUSED_OPS, VARIABLE_OPS, FlatGraph, Site, canonical, data_inputs, split
 from ..savedmodel.policy import SAFE_STATEFUL
 from .conditionals import SWITCHES
 
@@ -194,6 +194,64 @@ def updated_by_training(flat: FlatGraph, input_node: str) -> set[str]:
     return {var for name, node in flat.nodes.items() if node.op in ASSIGNS and len(data_inputs(node)) > 1
             and split(data_inputs(node)[1])[0] in flow.reaches
             and (var := flat.variable_of(data_inputs(node)[0])) is not None}
+
+
+def inference_form(flat: FlatGraph):
+    """A copy of the graph in which BN built in training form only (a graph made with ``is_training=True`` as a
+    Python bool, as tf-slim's training script saves it) normalises with its moving averages, as the separate
+    evaluation graph would: the variables each batch statistic's update op writes. A fused op turns
+    ``is_training`` off and reads them; the unfused ``tf.nn.batch_normalization`` reads them in place of the
+    batch mean and variance. None when there is no such BN."""
+    from tensorflow.core.framework import graph_pb2
+
+    out = graph_pb2.GraphDef()
+    out.CopyFrom(flat.graph_def)
+    nodes = {n.name: n for n in out.node}
+    changed = False
+    for name, node in flat.nodes.items():
+        if node.op in FUSED_OPS and node.attr["is_training"].b:
+            mean, var = (_averaged_into(flat, f"{name}:{i}") for i in (1, 2))
+            if mean and var:
+                nodes[name].attr["is_training"].b = False
+                nodes[name].input[3], nodes[name].input[4] = mean, var
+                changed = True
+        elif node.op == "Rsqrt":
+            changed |= _unfused_inference_form(flat, node, nodes)
+    return out if changed else None
+
+
+def _unfused_inference_form(flat: FlatGraph, rsqrt, nodes: dict) -> bool:
+    """``rsqrt(batch_var + eps)`` ... ``batch_mean * inv``: both read the moving averages their updates write."""
+    add = flat.nodes.get(split(data_inputs(rsqrt)[0])[0])
+    if add is None or add.op not in ("Add", "AddV2"):
+        return False
+    slots = [(add.name, i) for i, t in enumerate(data_inputs(add)) if flat.const(t) is None]
+    var = _averaged_into(flat, data_inputs(add)[slots[0][1]]) if len(slots) == 1 else None
+    inv = [rsqrt.name] + [m.name for m, _ in flat.users(rsqrt.name) if m.op == "Mul"]
+    means = [((m.name, 1 - i), moving) for name in inv for m, i in flat.users(name) if m.op == "Mul"
+             if (moving := _averaged_into(flat, data_inputs(m)[1 - i]))]
+    if var is None or len(means) != 1:
+        return False
+    (slot, mean), = means
+    nodes[slots[0][0]].input[slots[0][1]] = var
+    nodes[slot[0]].input[slot[1]] = mean
+    return True
+
+
+def _averaged_into(flat: FlatGraph, tensor: str, hops: int = 4) -> str | None:
+    """The variable a moving-average update writes from ``tensor`` (within a few ops of it), else None."""
+    frontier = [tensor]
+    for _ in range(hops):
+        reached = []
+        for t in frontier:
+            for user, _ in flat.users(t):
+                if user.op in ASSIGNS:
+                    target = flat.variable_of(data_inputs(user)[0])
+                    if target is not None and split(data_inputs(user)[0])[0] != split(t)[0]:
+                        return target
+                reached.append(user.name)
+        frontier = reached
+    return None
 
 
 def decays(flat: FlatGraph, variables: set[str]) -> dict[str, float]:

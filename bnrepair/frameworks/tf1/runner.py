@@ -23,6 +23,7 @@ from .graph import (
     Dataflow,
     decays,
     feed_value,
+    inference_form,
     parse_feeds,
     placeholders,
     pruned,
@@ -64,7 +65,7 @@ class TF1CheckpointRunner(SavedModelRunner):
                    if lacking else "it has no saver")
             raise InputError(f"{prefix}: the graph in {files.meta_path(prefix).name} does not save the checkpoint's "
                              f"variables ({why}; a .meta of another model?)")
-        input_name, flat, sites = self._model(resolved, input_name)
+        input_name, resolved, flat, sites = self._model(resolved, input_name)
         self.signature = self._signature(resolved, flat, sites, input_name)
         self._setup(meta, flat, reader, keys, {}, trust_code)
         unresolved = steering(flat, flat.fanin([s.x for s in self._sites.values()], stop={self._input_node}))
@@ -106,22 +107,21 @@ class TF1CheckpointRunner(SavedModelRunner):
         return with_constants(flat.graph_def, values)
 
     def _model(self, resolved: FlatGraph, input_name: str | None):
-        """The input (``input_name``, else the one placeholder through which BN layers are computed), the graph of
-        what that input alone computes (no loss, gradients, optimizer or saver), and the BN sites in it."""
+        """The input (``input_name``, else the one placeholder through which BN layers are computed), the whole
+        graph, the graph of what that input alone computes (no loss, gradients, optimizer or saver), and the BN
+        sites in it. A graph with BN in training form only is measured in its ``inference_form``."""
         candidates = [input_name] if input_name else sorted(
             n for n, node in placeholders(resolved).items() if node.op != "PlaceholderWithDefault")
         if input_name and split(input_name)[0] not in resolved.nodes:
             raise InputError(f"{self.source}: --input {input_name}: the graph has no such tensor")
-        found, rejected = [], []
-        for candidate in candidates:
-            flow = Dataflow(resolved, split(candidate)[0])
-            flat = FlatGraph(pruned(resolved.graph_def, {n for n in resolved.nodes if n not in flow.blocked}))
-            sites, not_bn = flat.find_bn(set(flat.nodes))
-            rejected += not_bn
-            if sites:
-                found.append((candidate, flat, sites))
+        found, rejected = self._computed_from(resolved, candidates)
+        converted = None if found else inference_form(resolved)
+        if converted is not None:
+            resolved = FlatGraph(converted)
+            found, _ = self._computed_from(resolved, candidates)
         if len(found) == 1:
-            return found[0]
+            candidate, flat, sites = found[0]
+            return candidate, resolved, flat, sites
         if found:
             raise InputError(f"{self.source}: BN layers are computed from each of {', '.join(c for c, _, _ in found)}; "
                              "name the tensor the calibration data feeds with --input")
@@ -135,6 +135,20 @@ class TF1CheckpointRunner(SavedModelRunner):
                              f"{input_name}; give their values with --feed NAME=VALUE")
         raise InputError(f"{self.source}: the BN layers depend on placeholders {', '.join(needed)}; name the one "
                          "the calibration data feeds with --input" + self.other_inputs_hint)
+
+    @staticmethod
+    def _computed_from(resolved: FlatGraph, candidates: list[str]):
+        """(input, the graph it alone computes, BN sites there) for each candidate input computing BN, and the
+        candidate BN ops that were not BN sites."""
+        found, rejected = [], []
+        for candidate in candidates:
+            flow = Dataflow(resolved, split(candidate)[0])
+            flat = FlatGraph(pruned(resolved.graph_def, {n for n in resolved.nodes if n not in flow.blocked}))
+            sites, not_bn = flat.find_bn(set(flat.nodes))
+            rejected += not_bn
+            if sites:
+                found.append((candidate, flat, sites))
+        return found, rejected
 
     def _signature(self, resolved: FlatGraph, flat: FlatGraph, sites, input_name: str) -> Signature:
         """The model graph ``flat`` (of the whole graph ``resolved``) as a signature: its input, and the outputs

@@ -29,9 +29,15 @@ CASES = {
     "never_updated": ([], "conv1/Conv2D:0", "bn1/moving_mean", "logits/BiasAdd:0", r"^(bn1|bn2|fc_bn)/moving_"),
     "slim": ([], "conv1/Conv/Conv2D:0", "conv1/BatchNorm/moving_mean", "logits/Dense/BiasAdd:0",
              r"^(conv1|conv2|fc)/BatchNorm/moving_"),
+    "slim_train_graph": ([], "conv1/Conv/Conv2D:0", "conv1/BatchNorm/moving_mean", "logits/Dense/BiasAdd:0",
+                         r"^(conv1|conv2|fc)/BatchNorm/moving_"),
     "missing_reuse": (["--feed", "keep_prob=1"], "model_1/conv1/Conv2D:0", "model_1/conv1/bn/moving_mean",
                       "model/add:0", r"^model_1/(conv1|conv2|fc)/bn/moving_"),
 }
+
+
+EVAL_META = {"slim_train_graph": "eval.meta"}
+"""fixtures whose .meta holds the training graph only: inference is judged in the evaluation graph saved beside"""
 
 
 def run(*args):
@@ -41,10 +47,10 @@ def run(*args):
 class Restored:
     """A checkpoint restored as a TF1 script restores it: its own .meta graph, its variables, a session."""
 
-    def __init__(self, prefix: Path):
+    def __init__(self, prefix: Path, meta: Path | None = None):
         self.graph = tf.Graph()
         with self.graph.as_default():
-            saver = v1.train.import_meta_graph(f"{prefix}.meta")
+            saver = v1.train.import_meta_graph(str(meta or f"{prefix}.meta"))
             self.session = v1.Session(graph=self.graph)
             saver.restore(self.session, str(prefix))
         names = {op.name for op in self.graph.get_operations()}
@@ -95,12 +101,13 @@ def repaired(tmp_path_factory):
 def test_inference_accuracy_repaired_to_training_mode(name, repaired, heldout):
     source, output = repaired(name)
     x, y = heldout
-    before, after = Restored(source), Restored(output)
+    meta = source.parent / EVAL_META[name] if name in EVAL_META else None
+    trained, before, after = Restored(source), Restored(source, meta), Restored(output, meta)
     train_logits = CASES[name][3]
-    training_mode = accuracy(lambda b: before(train_logits, b, is_training=True), x, y)
+    training_mode = accuracy(lambda b: trained(train_logits, b, is_training=True), x, y)
     broken = accuracy(lambda b: before("probabilities:0", b), x, y)
     fixed = accuracy(lambda b: after("probabilities:0", b), x, y)
-    before.close(), after.close()
+    trained.close(), before.close(), after.close()
     assert training_mode > 0.9
     assert broken < training_mode - 0.2, (broken, training_mode)
     assert fixed >= training_mode - 0.02, (fixed, training_mode)
@@ -121,7 +128,7 @@ def test_only_the_statistics_inference_reads_change(name, repaired):
         source.parent / "model.ckpt-64.meta").read_bytes()
 
 
-@pytest.mark.parametrize("name", ["stale_ema", "slim", "missing_reuse"])
+@pytest.mark.parametrize("name", ["stale_ema", "slim", "slim_train_graph", "missing_reuse"])
 def test_first_layer_statistics_are_the_moments_of_its_input(name, repaired):
     """The first BN's input does not depend on any BN: its statistics are the calibration set's moments there."""
     source, output = repaired(name)
@@ -137,7 +144,8 @@ def test_first_layer_statistics_are_the_moments_of_its_input(name, repaired):
 
 
 @pytest.mark.parametrize("name, cause", [("stale_ema", "stale"), ("never_updated", "never_updated"),
-                                         ("slim", "stale"), ("missing_reuse", "separate_variables")])
+                                         ("slim", "stale"), ("slim_train_graph", "stale"),
+                                         ("missing_reuse", "separate_variables")])
 def test_diagnose_names_the_cause(name, cause, tmp_path):
     result = run("diagnose", FIXTURES / name, "--data", CALIB, "--json", tmp_path / "d.json", *CASES[name][0])
     assert result.exit_code == 1, result.output
@@ -154,7 +162,8 @@ def test_inspect_reports_the_missing_reuse_layers(tmp_path):
     assert not any(f["code"] == "never_updated" for f in flags)
 
 
-@pytest.mark.parametrize("name, decay", [("stale_ema", 0.999), ("never_updated", 0.99), ("slim", 0.999)])
+@pytest.mark.parametrize("name, decay", [("stale_ema", 0.999), ("never_updated", 0.99), ("slim", 0.999),
+                                         ("slim_train_graph", 0.999)])
 def test_inspect_reads_the_decay_from_the_update_ops(name, decay, tmp_path):
     run("inspect", FIXTURES / name, "--json", tmp_path / "i.json")
     report = json.loads((tmp_path / "i.json").read_text())
