@@ -599,14 +599,16 @@ Opset = Annotated[int, typer.Option(help="ONNX opset.", rich_help_panel="Output"
 
 
 def deploy(run, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe, arch,
-           arch_kwargs, key, trust_pickle, trust_code, safe_global, **options):
-    """Shared by fold and export: data (optional here), load options, the report."""
+           arch_kwargs, key, trust_pickle, trust_code, safe_global, graph_options=("serving_default", None, None, None),
+           **options):
+    """Shared by fold and export: data (optional here), load options (``graph_options``: signature, input, feed
+    and step, for graphs), the report."""
     single_process(run.__name__)
     apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output])
     source = calibration_source(data, data_fn) if data is not None or data_fn else None
     report = run(checkpoint, output, data=source, preprocess=preprocess,
                  **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
-                                safe_global, "serving_default", None), **options)
+                                safe_global, *graph_options), **options)
     write_report(report, json_path, report.output)
     if not quiet:
         report.render(screen(json_path))
@@ -682,6 +684,10 @@ def export(
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_global: SafeGlobal = None,
+    signature: Signature = "serving_default",
+    input_name: InputName = None,
+    feed: Feed = None,
+    step: Step = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
 ):
@@ -693,9 +699,9 @@ def export(
     from .api import export as run_export
 
     deploy(run_export, checkpoint, output, data, data_fn, preprocess, json_path, quiet, custom_objects, unsafe,
-           arch, arch_kwargs, key, trust_pickle, trust_code, safe_global, fold=fold, opset=opset, samples=samples,
-           atol=atol, rtol=rtol, batch_size=batch_size, seed=seed, device=device, image_size=image_size,
-           input_index=input_index)
+           arch, arch_kwargs, key, trust_pickle, trust_code, safe_global, (signature, input_name, feed, step),
+           fold=fold, opset=opset, samples=samples, atol=atol, rtol=rtol, batch_size=batch_size, seed=seed,
+           device=device, image_size=image_size, input_index=input_index)
 
 
 def main():

@@ -316,3 +316,12 @@ def test_a_graph_without_bn_is_one_clear_error(tmp_path):
     prefix = two_input_graph(tmp_path / "m", bn=False)
     result = run("inspect", prefix, "--feed", "b=0")
     assert result.exit_code == 2 and "cannot identify BatchNorm layers" in result.output
+
+
+def test_export_takes_the_graph_options(tmp_path):
+    needs = run("export", FIXTURES / "missing_reuse", "-o", tmp_path / "n.onnx", "--data", CALIB)
+    assert needs.exit_code == 2 and "keep_prob" in needs.output and not (tmp_path / "n.onnx").exists()
+    done = run("export", FIXTURES / "missing_reuse", "-o", tmp_path / "m.onnx", "--feed", "keep_prob=1",
+               "--data", CALIB)
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "m.onnx").is_file()
