@@ -10,8 +10,8 @@ A generated folder of JPEGs (``--images`` of 480x360, 4 class folders) resized t
 (c) ``recalibrate --mode eval`` wall time / the plain pass, with the decoded-sample cache and without
     (target with it: <= passes + 0.3);
 (e) Keras: ``recalibrate --mode train`` wall time / ``model.predict`` on the same folder through
-    ``image_dataset_from_directory`` (tf.data, scaled to [0, 1]), a small conv / BN net at 224 x 224 (target
-    <= 1.3);
+    ``image_dataset_from_directory`` (tf.data, scaled to [0, 1]), a small conv / BN net at 224 x 224, both
+    warmed up, alternating, medians (target <= 1.3);
 (d) peak memory (max RSS of a fresh process) of ``recalibrate --mode eval --cache-mb 0`` on folders of 1k and
     10k small PNGs: 10k / 1k (target <= 1.05: the stream holds a few batches, whatever the folder's size).
 
@@ -104,7 +104,7 @@ def peak_kb(count: int, tmp: Path, arch: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-def keras_line(root: Path, tmp: Path, workers: int) -> None:
+def keras_line(root: Path, tmp: Path, workers: int, repeats: int) -> None:
     try:
         import keras
     except ImportError:
@@ -121,8 +121,10 @@ def keras_line(root: Path, tmp: Path, workers: int) -> None:
                                                        verbose=False).map(lambda images, _: images / 255.0)
     model.predict(dataset, verbose=0)  # warm: traces, the page cache
     bnrepair.recalibrate(tmp / "k.keras", root, output=tmp / "r.keras", workers=workers)
-    plain = timed(lambda: model.predict(dataset, verbose=0))
-    ours = timed(lambda: bnrepair.recalibrate(tmp / "k.keras", root, output=tmp / "r.keras", workers=workers))
+    runs = [(timed(lambda: model.predict(dataset, verbose=0)),
+             timed(lambda: bnrepair.recalibrate(tmp / "k.keras", root, output=tmp / "r.keras", workers=workers)))
+            for _ in range(repeats)]
+    plain, ours = (statistics.median(r[k] for r in runs) for k in (0, 1))
     print(f"(e) Keras recalibrate --mode train {ours:.2f}s / tf.data + predict {plain:.2f}s = {ours / plain:.2f} "
           "(target <= 1.3)", flush=True)
 
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--workers", type=int, default=usable_cpus())
     parser.add_argument("--memory-images", type=int, nargs=2, default=(1000, 10000))
-    parser.add_argument("--repeats", type=int, default=3, help="decode passes of each, alternating (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="(a), (e): timed runs of each, alternating (median)")
     args = parser.parse_args(argv)
     import torch
 
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
             print(f"(c) --mode eval, cache {'on' if cache is None else 'off'}: {seconds:.2f}s = "
                   f"{seconds / inference:.2f} plain passes for {report.passes} passes "
                   f"(target with the cache: <= {report.passes + 0.3:.1f})", flush=True)
-        keras_line(root, Path(tmp), args.workers)
+        keras_line(root, Path(tmp), args.workers, args.repeats)
         small, large = (peak_kb(n, Path(tmp), arch) for n in args.memory_images)
         print(f"(d) peak memory, --mode eval --cache-mb 0: {args.memory_images[0]} images {small / 1024:.0f} MiB, "
               f"{args.memory_images[1]} images {large / 1024:.0f} MiB: ratio {large / small:.3f} (target <= 1.05)",
