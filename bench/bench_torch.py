@@ -6,7 +6,10 @@ ours / eval forward <= 1.15. Printed only, never asserted. On CPU the process's 
 too: on a machine shared with other work it is the steadier measure of our own overhead.
 
     python bench/bench_torch.py [--model small|resnet18] [--device cpu|cuda] [--batches 8] [--batch-size 64]
-                                [--reps 5] [--threads N]
+                                [--reps 5] [--threads N] [--amp bf16|fp16]
+
+``--amp``: all three run under ``torch.autocast`` in that dtype (an in-memory module's recalibration runs
+inside the caller's autocast, as ``--amp`` makes it for a checkpoint).
 
 ``--model resnet18``: torchvision's, random weights, at 64x64 (needs torchvision, see bench/README.md).
 """
@@ -14,6 +17,7 @@ too: on a machine shared with other work it is the steadier measure of our own o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads [default: torch's own]")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,22 +81,31 @@ def main() -> None:
                 net(x.to(device))
 
     runs = {"ours": ours, "update_bn": update_bn, "eval forward": eval_forward}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def autocast():
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
     clocks = {"wall": time.perf_counter} | ({"cpu": time.process_time} if device.type == "cpu" else {})
     times = {(clock, name): [] for clock in clocks for name in runs}
     for fn in runs.values():  # warm-up: allocator, kernels, lazy imports
-        fn()
+        with autocast():
+            fn()
     names = list(runs)
     for rep in range(args.reps):
         for name in names[rep % 3:] + names[:rep % 3]:
             sync(device)
             start = {clock: read() for clock, read in clocks.items()}
-            runs[name]()
+            with autocast():
+                runs[name]()
             sync(device)
             for clock, read in clocks.items():
                 times[(clock, name)].append(read() - start[clock])
     median = {key: statistics.median(t) for key, t in times.items()}
     samples = args.batches * args.batch_size
-    print(f"{args.model}, device {device}, {samples} samples in {args.batches} batches of {args.batch_size}, "
+    autocasting = f", autocast {args.amp}" if dtype else ""
+    print(f"{args.model}, device {device}{autocasting}, {samples} samples in {args.batches} batches of "
+          f"{args.batch_size}, "
           f"{args.reps} repetitions, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for clock in clocks:
         print(f"{clock} time, median: " + ", ".join(f"{name} {median[(clock, name)] * 1e3:.0f} ms" for name in runs))

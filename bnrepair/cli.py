@@ -259,6 +259,9 @@ Feed = Annotated[Optional[list[str]], typer.Option("--feed", help="TF1 checkpoin
                                                    "placeholder takes at inference (keep_prob=1); repeatable. The "
                                                    "training flag is found and fed false without it.",
                                                    rich_help_panel="Loading: TF1")]
+Amp = Annotated[Optional[str], typer.Option("--amp", help="PyTorch: run the forward under torch.autocast in bf16 "
+                                          "or fp16 (faster on GPUs; BN statistics still accumulate in float32). "
+                                          "[default: off]", rich_help_panel="Loading: PyTorch")]
 Step = Annotated[Optional[int], typer.Option("--step", help="TF1 model folder: the checkpoint of this global step "
                                              "[default: the latest, from its checkpoint file].",
                                              rich_help_panel="Loading: TF1")]
@@ -304,12 +307,13 @@ def single_process(command: str) -> None:
 
 
 def load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                 signature, input_name, feed=None, step=None) -> dict:
+                 signature, input_name, feed=None, step=None, amp=None) -> dict:
     """The load flags as the API's ``options``: one typed ``LoadOptions``."""
     from .options import LoadOptions
 
     return {"options": LoadOptions(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code,
-                                   tuple(safe_global or ()), signature, input_name, tuple(feed or ()), step)}
+                                   tuple(safe_global or ()), signature, input_name, tuple(feed or ()), step,
+                                   amp)}
 
 
 def apart_from_input(checkpoint: Path, *reports: Optional[Path], inputs=(), outputs=()) -> None:
@@ -412,6 +416,7 @@ def recalibrate(
     input_name: InputName = None,
     feed: Feed = None,
     step: Step = None,
+    amp: Amp = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
@@ -449,7 +454,7 @@ def recalibrate(
                 skip_bad=skip_bad, input_index=input_index, progress=progress, max_passes=max_passes,
                 export=export, fold=fold, workers=workers, cache_mb=cache_mb, fast_jpeg=fast_jpeg,
                 process_group=group, **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle,
-                                                    trust_code, safe_global, signature, input_name, feed, step))
+                                                    trust_code, safe_global, signature, input_name, feed, step, amp))
         finally:
             if progress is not None:
                 progress.close()
@@ -534,6 +539,7 @@ def diagnose(
     input_name: InputName = None,
     feed: Feed = None,
     step: Step = None,
+    amp: Amp = None,
     data_fn: DataFn = None,
     input_index: InputIndex = 0,
     workers: Workers = None,
@@ -552,7 +558,7 @@ def diagnose(
              "--preprocess": None if preprocess == "unit" else preprocess, "--arch": arch,
              "--arch-kwargs": arch_kwargs, "--key": key, "--custom-objects": custom_objects,
              "--signature": None if signature == "serving_default" else signature, "--input": input_name,
-             "--step": step}
+             "--step": step, "--amp": amp}
     words = [str(checkpoint)] + [w for flag, value in given.items() if value is not None for w in (flag, str(value))]
     words += [flag for flag, on in (("--trust-pickle", trust_pickle), ("--trust-code", trust_code),
                                     ("--unsafe", unsafe)) if on]
@@ -571,7 +577,7 @@ def diagnose(
                 skip_bad=skip_bad, input_index=input_index, fix_command=fix, progress=progress, workers=workers,
                 fast_jpeg=fast_jpeg, process_group=group,
                 **load_options(custom_objects, unsafe, arch, arch_kwargs, key, trust_pickle, trust_code, safe_global,
-                               signature, input_name, feed, step))
+                               signature, input_name, feed, step, amp))
         finally:
             if progress is not None:
                 progress.close()

@@ -35,6 +35,7 @@ class LoadOptions:
     input_name: str | None = _option(None, "--input", "savedmodel,onnx,tf1")
     feeds: tuple[str, ...] = _option(None, "--feed", "tf1", factory=tuple)
     step: int | None = _option(None, "--step", "tf1")
+    amp: str | None = _option(None, "--amp", "torch")
 
     @classmethod
     def of(cls, options: LoadOptions | None = None, **given) -> LoadOptions:
@@ -64,6 +65,16 @@ class LoadOptions:
             if framework not in meta["applies"]:
                 raise InputError(f"{meta['flag']} applies to {APPLIES_TO[meta['applies']]}; {path} is "
                                  f"{title}")
+
+
+AMP = ("bf16", "fp16")
+"""--amp: the autocast dtypes a torch forward may run in"""
+
+
+def check_amp(amp: str | None) -> str | None:
+    if amp is not None and amp not in AMP:
+        raise InputError(f"--amp must be one of {', '.join(AMP)}, got {amp!r}")
+    return amp
 
 
 DEVICES = ("auto", "cpu", "gpu", "cuda")

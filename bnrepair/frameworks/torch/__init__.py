@@ -16,7 +16,7 @@ def load(path: Path, options: LoadOptions, device: str = "auto"):
     from .runner import load_file
 
     return load_file(path, options.arch, options.arch_kwargs, options.key, options.trust_pickle,
-                     options.trust_code, options.safe_globals, device)
+                     options.trust_code, options.safe_globals, device, options.amp)
 
 
 def claims(model) -> bool:

@@ -9,6 +9,7 @@ batch, so the module is only ever seen as the user left it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ...options import check_device
+from ...options import check_amp, check_device
 from . import files as torch_files
 from .script import capture_function
 
@@ -33,10 +34,11 @@ def import_torch():
 
 def load_file(path: Path, arch: str | None = None, arch_kwargs: str | None = None, key: str | None = None,
               trust_pickle: bool = False, trust_code: bool = False, safe_globals=(),
-              device: str = "auto") -> "TorchRunner":
+              device: str = "auto", amp: str | None = None) -> "TorchRunner":
     import_torch()
+    check_amp(amp)
     checkpoint = torch_files.read(Path(path), arch, arch_kwargs, key, trust_pickle, trust_code, safe_globals)
-    return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint)
+    return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint, amp=amp)
 
 
 class TorchRunner:
@@ -44,8 +46,12 @@ class TorchRunner:
 
     framework = "torch"
 
-    def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None):
+    def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None,
+                 amp: str | None = None):
         torch = import_torch()
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(check_amp(amp))
+        """``--amp``: the forward runs under ``torch.autocast`` in that dtype (BN inputs' moments are still taken
+        in float32 and merged in float64); an in-memory module also runs inside the caller's own autocast"""
         self.torch = torch
         self.module = _unwrap(torch, model)
         self.checkpoint = checkpoint
@@ -201,7 +207,7 @@ class TorchRunner:
         """One forward pass, everything in ``eval()``, the ``train`` layers on batch statistics:
         (outputs, [(layer id, count, shift, mean - shift, m2) per BN call])."""
         try:
-            with _all_eval(self._modules), self.torch.inference_mode():
+            with _all_eval(self._modules), self.torch.inference_mode(), self._autocast():
                 if not ids:
                     return _call(self.module, inputs), []
                 if self.scripted:
@@ -215,6 +221,11 @@ class TorchRunner:
             text = first_line(exc)
             raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "
                              f"{text}") from exc
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.amp)
 
     def _eager_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
         sink: list = []

@@ -423,3 +423,31 @@ def test_statistics_a_float16_buffer_cannot_hold_are_refused():
     with pytest.raises(InputError, match=r"0.running_var is stored as float16, which cannot hold"):
         bnrepair.recalibrate(model, x)
     assert torch.equal(model[0].running_var, before)
+
+
+def test_amp_runs_the_forward_in_bfloat16_and_keeps_the_statistics_within_its_precision(tmp_path):
+    """--amp bf16 (CPU autocast here; the same path on CUDA): the statistics move by bfloat16's rounding of the
+    activations, not more, and the module's own buffers stay float32."""
+    from pathlib import Path
+
+    from fixtures import synthetic
+
+    root = Path(__file__).resolve().parents[3]
+    fixture = root / "fixtures" / "torch" / "stale_ema.pt"
+    arch = str(root / "fixtures" / "torch" / "arch.py") + ":build"
+    calib = synthetic.folder("a", "calib")
+    full = bnrepair.recalibrate(fixture, calib, output=tmp_path / "f32.pt", arch=arch)
+    half = bnrepair.recalibrate(fixture, calib, output=tmp_path / "bf16.pt", arch=arch, amp="bf16")
+    assert full.samples == half.samples
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("f32.pt", "bf16.pt"))
+    a, b = a.get("state_dict", a), b.get("state_dict", b)
+    means = [k for k in a if k.endswith("running_mean")]
+    assert means and all(b[k].dtype == torch.float32 for k in means)
+    for key in means:
+        var = key.replace("running_mean", "running_var")
+        shift = ((b[key] - a[key]).abs() / a[var].sqrt()).max().item()
+        ratio = (b[var] / a[var]).log().abs().max().item()
+        assert shift < 0.05 and ratio < 0.05, (key, shift, ratio)  # bfloat16 keeps 8 bits of mantissa
+    assert any(not torch.equal(a[k], b[k]) for k in means)  # autocast took effect
+    with pytest.raises(InputError, match="--amp must be one of bf16, fp16"):
+        bnrepair.recalibrate(fixture, calib, output=tmp_path / "x.pt", arch=arch, amp="fp8")
