@@ -2,7 +2,8 @@
 
 ``files`` says which checkpoint a path means and writes the patched copy, ``conditionals`` resolves
 ``tf.cond`` for a known training flag, ``graph`` finds what a training graph does not declare (feeds, flag,
-input, outputs, separate inference statistics), ``runner`` measures through the SavedModel wing's machinery.
+input, outputs), ``training`` what its training side says (decays, separate inference statistics, the
+inference form of training-only BN), ``runner`` measures through the SavedModel wing's machinery.
 There is no in-memory form and no fold backend (ONNX export goes through tf2onnx, as for SavedModels).
 """
 

@@ -19,20 +19,8 @@ from ..savedmodel.graph import FlatGraph, Signature, canonical, flatten, no_bn_m
 from ..savedmodel.runner import SavedModelRunner
 from ..tf_runtime import import_tensorflow, resolve_device
 from . import conditionals, files
-from .graph import (
-    Dataflow,
-    decays,
-    feed_value,
-    inference_form,
-    parse_feeds,
-    placeholders,
-    pruned,
-    separate_statistics,
-    steering,
-    training_flag,
-    updated_by_training,
-    with_constants,
-)
+from .graph import Dataflow, feed_value, parse_feeds, placeholders, pruned, steering, training_flag, with_constants
+from .training import decays, inference_form, separate_statistics, updated_by_training
 
 FUNCTIONAL = {"If", "StatelessIf", "While", "StatelessWhile", "PartitionedCall", "StatefulPartitionedCall"}
 """ops of TensorFlow 2's control flow and functions: a graph built by tf.compat.v1 code under TensorFlow 2 uses
