@@ -232,16 +232,19 @@ def copy_of(name: str, folder: Path) -> Path:
 @pytest.mark.parametrize("damage, message", [
     ("no_meta", "no model.ckpt-64.meta beside the checkpoint"),
     ("other_meta", "does not save the checkpoint's variables"),
+    ("damaged_meta", "model.ckpt-64.meta: cannot be read as a TensorFlow meta graph"),
     ("no_feed", "placeholder(s) keep_prob; give their inference values with --feed NAME=VALUE"),
     ("bad_feed", "--feed 'keep_prob': expected NAME=VALUE"),
     ("unknown_feed", "--feed dropout: no such placeholder"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(damage, message, tmp_path):
-    name = "stale_ema" if damage in ("no_meta", "other_meta") else "missing_reuse"
+    name = "stale_ema" if damage.endswith("meta") else "missing_reuse"
     folder = copy_of(name, tmp_path / name)
     flags = []
     if damage == "no_meta":
         (folder / "model.ckpt-64.meta").unlink()
+    elif damage == "damaged_meta":
+        (folder / "model.ckpt-64.meta").write_bytes(b"\x0a\xffnot a meta graph")
     elif damage == "other_meta":
         (folder / "model.ckpt-64.meta").write_bytes((FIXTURES / "missing_reuse" / "model.ckpt-64.meta").read_bytes())
     else:
