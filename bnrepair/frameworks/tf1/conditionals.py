@@ -29,8 +29,8 @@ def predicate(flat: FlatGraph, tensor: str) -> bool | None:
 
 def resolve(graph_def):
     """A copy of ``graph_def`` with every Switch whose predicate is a constant, and every Merge left with one live
-    input, replaced by the edge it forwards; those Switches and Merges, and the ops only the dead side computes, are
-    removed."""
+    input, replaced by the edge it forwards (a control input on one, by one on the node its data comes from); those
+    Switches and Merges, and the ops only the dead side computes, are removed."""
     from tensorflow.core.framework import graph_pb2
 
     flat = FlatGraph(graph_def)
@@ -38,7 +38,8 @@ def resolve(graph_def):
     alias: dict[tuple[str, int], tuple[str, int]] = {}
     dead_outputs: set[tuple[str, int]] = set()
     dead_nodes: set[str] = set()
-    resolved: set[str] = set()
+    resolved: dict[str, str] = {}
+    """a removed Switch or Merge -> the node its live data comes from (which a control input on it waits for)"""
 
     def live(tensor: str) -> tuple[str, int] | None:
         key = split(tensor)
@@ -58,7 +59,7 @@ def resolve(graph_def):
                 dead_nodes.add(name)
             elif len(taken) == 1 and not flat.users(f"{name}:1"):  # nothing asks which input was taken
                 alias[(name, 0)] = taken[0]
-                resolved.add(name)
+                resolved[name] = taken[0][0]
             continue
         if any(i is None for i in inputs):
             dead_nodes.add(name)
@@ -68,11 +69,11 @@ def resolve(graph_def):
             if value is not None:
                 alias[(name, int(value))] = inputs[0]
                 dead_outputs.add((name, int(not value)))
-                resolved.add(name)
+                resolved[name] = inputs[0][0]
 
     def rewritten(tensor: str) -> str:
         if tensor.startswith("^"):
-            return tensor
+            return f"^{resolved.get(tensor[1:], tensor[1:])}"
         node, index = alias.get(split(tensor), split(tensor))
         return node if index == 0 else f"{node}:{index}"
 

@@ -328,3 +328,30 @@ def test_export_takes_the_graph_options(tmp_path):
                "--data", CALIB)
     assert done.exit_code == 0, done.output
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_resolving_a_cond_keeps_the_control_inputs_on_it():
+    """A control input on a Switch or Merge that resolving removes now waits on the node the data comes from: the
+    resolved graph imports and computes the inference branch."""
+    from tensorflow.core.framework import graph_pb2
+
+    from bnrepair.frameworks.tf1.conditionals import resolve
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [None], name="x")
+        pred = tf.constant(False, name="pred")
+        off, on = tf.raw_ops.Switch(data=x, pred=pred, name="switch")
+        merged = tf.raw_ops.Merge(inputs=[off + 1.0, on * 2.0], name="merge")[0]
+        with tf.control_dependencies([merged.op, graph.get_operation_by_name("switch")]):
+            tf.identity(merged, name="out")
+    resolved = resolve(graph.as_graph_def())
+    names = {n.name for n in resolved.node}
+    assert not {"switch", "merge"} & names
+    out = next(n for n in resolved.node if n.name == "out")
+    assert all(i.lstrip("^") in names for i in out.input), list(out.input)
+    fresh = tf.Graph()
+    with fresh.as_default():
+        tf.graph_util.import_graph_def(graph_pb2.GraphDef.FromString(resolved.SerializeToString()), name="")
+        with v1.Session(graph=fresh) as session:
+            np.testing.assert_array_equal(session.run("out:0", {"x:0": [1.0, 2.0]}), [2.0, 3.0])
