@@ -289,7 +289,11 @@ class SavedModelRunner:
             for node, stat in ((site.mean_var, "mean"), (site.var_var, "var")):
                 for key in self._aliases(bn.locations[stat]):
                     values[key] = self._vars[node].numpy()
-        write_patched(self.source, Path(output), values)
+        self._write(Path(output), values)
+
+    def _write(self, output: Path, values: dict) -> None:
+        """The SavedModel copied to ``output`` with the checkpoint entries ``values`` replaced."""
+        write_patched(self.source, output, values)
 
     def cast_input(self, x):
         tf = import_tensorflow()

@@ -7,6 +7,7 @@ the prefix, one of its files, or the folder (its ``checkpoint`` file's latest, o
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ def prefix_of(path: Path) -> Path:
 
 
 def steps(folder: Path) -> dict[int, Path]:
-    """The checkpoints of ``folder`` by global step, from its ``checkpoint`` file and the ``.index`` files there."""
+    """The checkpoints of ``folder`` by global step, from the ``.index`` files there."""
     found = {}
     for index in folder.glob("*.index"):
         step = re.search(r"-(\d+)$", index.name[: -len(".index")])
@@ -99,12 +100,8 @@ def read_meta(prefix: Path):
 
 def files_of(prefix: Path) -> list[Path]:
     """The files that make the checkpoint ``prefix``: its data shards, its index, its meta graph."""
-    data = sorted(prefix.parent.glob(f"{glob_escape(prefix.name)}.data-*-of-*"))
+    data = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}.data-*-of-*"))
     return data + [meta_path(prefix), prefix.with_name(prefix.name + ".index")]
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> None:
@@ -119,11 +116,9 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
         rewrite_checkpoint(source, tmp / dest.name, values)
         shutil.copyfile(meta_path(source), meta_path(tmp / dest.name))
         built = files_of(tmp / dest.name)
-        state = None
         if not (dest.parent / STATE).exists():
-            state = tmp / STATE
-            state.write_text(_state_text(dest.name))
-            built.append(state)
+            (tmp / STATE).write_text(_state_text(dest.name))
+            built.append(tmp / STATE)
         moved = []
         try:
             for path in built:

@@ -16,7 +16,7 @@ import re
 import numpy as np
 
 from ...errors import InputError
-from ..savedmodel.graph import VARIABLE_OPS, FlatGraph, data_inputs, split
+from ..savedmodel.graph import FlatGraph, data_inputs, split
 from ..savedmodel.policy import SAFE_STATEFUL
 from .conditionals import SWITCHES
 
@@ -115,22 +115,18 @@ class Dataflow:
         """ops with side effects (assignments, the saver, queues)"""
         for name in sorted(flat.nodes, key=order.get):
             node = flat.nodes[name]
-            inputs = [split(i)[0] for i in data_inputs(node)]
-            definition = op_def_registry.get(node.op)
-            stateful = definition is None or (definition.is_stateful and node.op not in SAFE_STATEFUL) or any(
-                arg.is_ref for arg in definition.input_arg)  # an op that takes a reference variable writes to it
             if name == input_node:
                 self.reaches.add(name)
                 continue
-            if stateful and node.op not in VARIABLE_OPS:
+            inputs = [split(i)[0] for i in data_inputs(node)]
+            definition = op_def_registry.get(node.op)  # variables are among the safe stateful ops
+            if definition is None or (definition.is_stateful and node.op not in SAFE_STATEFUL) or any(
+                    arg.is_ref for arg in definition.input_arg):  # an op that takes a reference variable writes to it
                 self.writers.add(name)
             if node.op == "Placeholder" or name in self.writers or any(i in self.blocked for i in inputs):
                 self.blocked.add(name)
             if any(i in self.reaches for i in inputs):
                 self.reaches.add(name)
-
-    def computable(self, name: str) -> bool:
-        return name in self.reaches and name not in self.blocked
 
     def settings_needed(self, outputs: list[str]) -> list[str]:
         """The unfed scalar placeholders (``_setting``) through which the graph goes on from ``outputs`` to ops
@@ -165,21 +161,3 @@ def _setting(node) -> bool:
     """A scalar placeholder: a setting such as dropout's keep_prob or a mode string (labels and data are tensors)."""
     shape = node.attr["shape"].shape
     return shape.unknown_rank or not shape.dim
-
-
-def pruned(graph_def, keep: set[str]):
-    """``graph_def`` with the ``keep`` nodes only (inputs from the others dropped: control inputs alone can be),
-    without colocation hints, which may name nodes that went."""
-    from tensorflow.core.framework import graph_pb2
-
-    out = graph_pb2.GraphDef()
-    out.versions.CopyFrom(graph_def.versions)
-    out.library.CopyFrom(graph_def.library)
-    for node in graph_def.node:
-        if node.name in keep:
-            new = out.node.add()
-            new.CopyFrom(node)
-            new.attr.pop("_class", None)
-            del new.input[:]
-            new.input.extend(i for i in node.input if split(i.lstrip("^"))[0] in keep)
-    return out

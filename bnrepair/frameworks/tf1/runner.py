@@ -15,11 +15,11 @@ import numpy as np
 
 from ...errors import InputError
 from ..savedmodel.checkpoint import CheckpointReader
-from ..savedmodel.graph import FlatGraph, Signature, canonical, flatten, no_bn_message, split
+from ..savedmodel.graph import FlatGraph, Signature, canonical, flatten, no_bn_message, split, subgraph
 from ..savedmodel.runner import SavedModelRunner
 from ..tf_runtime import import_tensorflow, resolve_device
 from . import conditionals, files
-from .graph import Dataflow, feed_value, parse_feeds, placeholders, pruned, steering, training_flag, with_constants
+from .graph import Dataflow, feed_value, parse_feeds, placeholders, steering, training_flag, with_constants
 from .training import decays, inference_form, separate_statistics, updated_by_training
 
 FUNCTIONAL = {"If", "StatelessIf", "While", "StatelessWhile", "PartitionedCall", "StatefulPartitionedCall"}
@@ -53,13 +53,13 @@ class TF1CheckpointRunner(SavedModelRunner):
                    if lacking else "it has no saver")
             raise InputError(f"{prefix}: the graph in {files.meta_path(prefix).name} does not save the checkpoint's "
                              f"variables ({why}; a .meta of another model?)")
-        input_name, resolved, flat, sites = self._model(resolved, input_name)
-        self.signature = self._signature(resolved, flat, sites, input_name)
-        self._setup(meta, flat, reader, keys, {}, trust_code)
-        unresolved = steering(flat, flat.fanin([s.x for s in self._sites.values()], stop={self._input_node}))
+        input_name, flow, flat, sites = self._model(resolved, input_name)
+        unresolved = steering(flat, flat.fanin([s.x for s in sites], stop={split(input_name)[0]}))
         if unresolved:
             raise InputError(f"{prefix}: the BN layers' tf.cond depends on {', '.join(sorted(unresolved))}, which "
                              "bnrepair cannot tell the value of at inference; give it with --feed NAME=VALUE")
+        self.signature = self._signature(flow, flat, sites, input_name)
+        self._setup(meta, flat, reader, keys, {}, trust_code)
         self._training_facts(trained, fixed, reader.shapes())
 
     def _training_facts(self, trained: FlatGraph, fixed, shapes: dict[str, list[int]]) -> None:
@@ -95,9 +95,10 @@ class TF1CheckpointRunner(SavedModelRunner):
         return with_constants(flat.graph_def, values)
 
     def _model(self, resolved: FlatGraph, input_name: str | None):
-        """The input (``input_name``, else the one placeholder through which BN layers are computed), the whole
-        graph, the graph of what that input alone computes (no loss, gradients, optimizer or saver), and the BN
-        sites in it. A graph with BN in training form only is measured in its ``inference_form``."""
+        """The input (``input_name``, else the one placeholder through which BN layers are computed), the
+        ``Dataflow`` from it over the whole graph, the graph of what that input alone computes (no loss,
+        gradients, optimizer or saver), and the BN sites in it. A graph with BN in training form only is measured
+        in its ``inference_form``."""
         candidates = [input_name] if input_name else sorted(
             n for n, node in placeholders(resolved).items() if node.op != "PlaceholderWithDefault")
         if input_name and split(input_name)[0] not in resolved.nodes:
@@ -108,10 +109,9 @@ class TF1CheckpointRunner(SavedModelRunner):
             resolved = FlatGraph(converted)
             found, _ = self._computed_from(resolved, candidates)
         if len(found) == 1:
-            candidate, flat, sites = found[0]
-            return candidate, resolved, flat, sites
+            return found[0]
         if found:
-            raise InputError(f"{self.source}: BN layers are computed from each of {', '.join(c for c, _, _ in found)}; "
+            raise InputError(f"{self.source}: BN layers are computed from each of {', '.join(f[0] for f in found)}; "
                              "name the tensor the calibration data feeds with --input")
         anywhere, _ = resolved.find_bn(set(resolved.nodes))
         needed = sorted(set(placeholders(resolved)) & resolved.fanin([s.x for s in anywhere]) - {input_name})
@@ -126,24 +126,23 @@ class TF1CheckpointRunner(SavedModelRunner):
 
     @staticmethod
     def _computed_from(resolved: FlatGraph, candidates: list[str]):
-        """(input, the graph it alone computes, BN sites there) for each candidate input computing BN, and the
-        candidate BN ops that were not BN sites."""
+        """(input, its ``Dataflow``, the graph it alone computes, BN sites there) for each candidate input computing
+        BN, and the candidate BN ops that were not BN sites."""
         found, rejected = [], []
         for candidate in candidates:
             flow = Dataflow(resolved, split(candidate)[0])
-            flat = FlatGraph(pruned(resolved.graph_def, {n for n in resolved.nodes if n not in flow.blocked}))
+            flat = FlatGraph(subgraph(resolved, {n for n in resolved.nodes if n not in flow.blocked}, {}))
             sites, not_bn = flat.find_bn(set(flat.nodes))
             rejected += not_bn
             if sites:
-                found.append((candidate, flat, sites))
+                found.append((candidate, flow, flat, sites))
         return found, rejected
 
-    def _signature(self, resolved: FlatGraph, flat: FlatGraph, sites, input_name: str) -> Signature:
-        """The model graph ``flat`` (of the whole graph ``resolved``) as a signature: its input, and the outputs
-        computed through BN."""
+    def _signature(self, flow: Dataflow, flat: FlatGraph, sites, input_name: str) -> Signature:
+        """The model graph ``flat`` as a signature: its input, and the outputs computed through BN (``flow``: the
+        dataflow from that input over the whole graph)."""
         node = split(input_name)[0]
         tensor = canonical(input_name)
-        flow = Dataflow(resolved, node)
         site_nodes = {s.node for s in sites}
         sinks = [canonical(n) for n in flow.sinks() if flat.fanin([n], stop={node}) & site_nodes]
         types = _types(flat.graph_def, [tensor] + sinks)
@@ -160,14 +159,9 @@ class TF1CheckpointRunner(SavedModelRunner):
         return Signature("graph", {input_name: tensor}, {input_name: dtype.as_datatype_enum},
                          {n: canonical(n) for n in outputs}, input_name, shape)
 
-    def save(self, output: Path, changed: list[str]) -> None:
-        """Write the checkpoint again as the prefix ``output``, only ``changed`` layers' statistics replaced."""
-        values = {}
-        for layer_id in changed:
-            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
-            values[bn.locations["mean"]] = self._vars[site.mean_var].numpy()
-            values[bn.locations["var"]] = self._vars[site.var_var].numpy()
-        files.write_patched(self.source, Path(output), values)
+    def _write(self, output: Path, values: dict) -> None:
+        """The checkpoint again as the prefix ``output``, with ``values`` replaced (``files.write_patched``)."""
+        files.write_patched(self.source, output, values)
 
 
 def _types(graph_def, tensors: list[str]) -> dict:

@@ -9,9 +9,9 @@ import difflib
 
 import numpy as np
 
-from ..savedmodel.graph import FUSED_OPS, VARIABLE_OPS, FlatGraph, Site, canonical, data_inputs, split
+from ..savedmodel.graph import FUSED_OPS, VARIABLE_OPS, FlatGraph, Site, canonical, data_inputs, split, subgraph
 from .conditionals import SWITCHES
-from .graph import PLACEHOLDERS, Dataflow, pruned
+from .graph import PLACEHOLDERS, Dataflow
 
 ASSIGNS = {"Assign", "AssignSub", "AssignAdd", "AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp"}
 
@@ -115,10 +115,13 @@ def constant(flat: FlatGraph, tensor: str) -> float | None:
     """The value of a scalar ``tensor`` computed from constants alone, by running just that (None otherwise)."""
     import tensorflow as tf
 
+    value = flat.const(tensor)
+    if value is not None:  # a constant itself: nothing to run
+        return float(value) if value.size == 1 else None
     nodes = flat.fanin([tensor])
     if any(flat.nodes[n].op in PLACEHOLDERS | VARIABLE_OPS or flat.nodes[n].op in SWITCHES for n in nodes):
         return None
-    graph_def = pruned(flat.graph_def, nodes)
+    graph_def = subgraph(flat, nodes, {})
     run = tf.compat.v1.wrap_function(
         lambda: tf.graph_util.import_graph_def(graph_def, return_elements=[canonical(tensor)], name="c"), [])
     value = np.asarray(run()[0])

@@ -49,7 +49,7 @@ class TorchRunner:
     def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None,
                  amp: str | None = None):
         torch = import_torch()
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(check_amp(amp))
+        self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]  # checked by load_file
         """``--amp``: the forward runs under ``torch.autocast`` in that dtype (BN inputs' moments are still taken
         in float32 and merged in float64); an in-memory module also runs inside the caller's own autocast"""
         self.torch = torch
