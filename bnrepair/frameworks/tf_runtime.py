@@ -30,8 +30,14 @@ def native_stderr_silenced():
 
 
 def import_tensorflow():
-    """TensorFlow, imported without its start-up chatter, or a message saying which extra to install."""
+    """TensorFlow, imported without its start-up chatter, or a message saying which extra to install.
+
+    oneDNN is asked for unless the caller chose: TensorFlow turns it on by itself only on CPUs with AVX-512
+    and the like, and without it a CPU runs no channels_first convolution at all ("Conv2D op currently only
+    supports the NHWC tensor format on the CPU"), so a channels_first model would run on one machine and not
+    on the next."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     try:
         if "tensorflow" in sys.modules:
             import tensorflow as tf
