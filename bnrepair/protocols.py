@@ -47,10 +47,10 @@ class Runner(Protocol):
         """The model's outputs as numpy arrays."""
 
     def collect(self, inputs: Any, mode: str, ids: list[str], batch_stats: frozenset[str] = frozenset(),
-                corrections: Stats | None = None) -> dict[str, Moments]:
+                corrections: dict | None = None) -> dict[str, Moments]:
         """Per-channel moments of the inputs of the BN layers ``ids``, for one batch; the layers in
-        ``batch_stats`` normalise with batch statistics in ``eval`` mode too, plus their ``corrections``
-        (added to the batch's mean and biased variance) where given."""
+        ``batch_stats`` normalise with batch statistics in ``eval`` mode too, carried by their
+        ``corrections`` where given (``drift.corrected`` of the batch's mean and biased variance)."""
 
     def set_stats(self, stats: Stats) -> None:
         """Make the model normalise with these statistics at inference (and keep ``graph`` in step)."""

@@ -42,6 +42,9 @@ class Outcome:
     noise_floor: float | None = None
     """eval mode, where passes stopped shrinking the change: how far a pass moves the statistics when they are
     perturbed by two float32 ulps (``perturbed``); the fixed point is not resolved finer than that"""
+    estimated_error: float | None = None
+    """eval mode, where it stopped after a drift-corrected pass: that pass's distance from the fixed point, as the
+    last round's contraction predicts it (no plain pass checked it)"""
 
 
 PERTURBATION = 2.0 ** -22
@@ -114,8 +117,10 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     start. Then plain passes (every layer in inference mode with the statistics of the pass before)
     alternate with drift-corrected ones (``drift``) where the runner and the stream allow, else plain
     passes only. It stops when a pass moves nothing more than ``tol`` (a corrected pass only if it also
-    normalised within ``tol`` of plain inference), or after ``max_passes`` passes in all
-    (``Outcome.converged`` says which). A plain pass whose activations overflow (layers deep in the
+    normalised within ``tol`` of plain inference), when a corrected pass is predicted within ``tol`` of
+    the fixed point by the contraction the round before it showed (``Outcome.estimated_error``; saves the
+    plain pass that would only confirm it), or after ``max_passes`` passes in all (``Outcome.converged``
+    says which). A plain pass whose activations overflow (layers deep in the
     network still normalising with statistics that no longer fit their input) is made again with every
     layer after the settled ones, in forward order, normalising with batch statistics instead: the settled
     prefix stays exact, the rest cannot overflow, and the next pass tries inference mode again.
@@ -147,7 +152,7 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
     moved, unreached = {i: np.inf for i in ids}, []
     drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
     plain_before = False  # the pass before was a plain inference pass: a corrected one may follow
-    plain_changes, floor, probe = [], None, None
+    plain_changes, floor, probe, estimate = [], None, None, None
     for index in range(limit):
         pass_mode = "train" if index == 0 else mode
         if drift is not None:
@@ -189,6 +194,14 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
         if (plain_before or corrected and drift.moved < tol) and changes[-1] < bound:
             converged = True
             break
+        if corrected and len(plain_changes) > 1:
+            # the plain pass after each corrected one measures how far its statistics still were from the
+            # fixed point: their ratio is a round's contraction, and this round's result lies about that much
+            # closer than the plain pass before it (rounds contract faster as they go: the estimate is high)
+            rate = plain_changes[-1] / plain_changes[-2]
+            if rate < 0.5 and rate * plain_changes[-1] < bound:
+                converged, estimate = True, rate * plain_changes[-1]
+                break
         if plain_before:
             plain_changes.append(changes[-1])
             if floor is None and len(plain_changes) > 2 and plain_changes[-1] > 0.5 * plain_changes[-2]:
@@ -200,4 +213,4 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
                 runner.set_stats(new)
                 plain_before = False  # the next pass is a plain one at ``new``, to compare the probe with
     return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,
-                   time.perf_counter() - start, changes, unreached, floor)
+                   time.perf_counter() - start, changes, unreached, floor, estimate)

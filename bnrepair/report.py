@@ -60,6 +60,9 @@ class Report:
     noise_floor: float | None = None
     """eval mode: how far float32 arithmetic alone moves this model's statistics, where passes stopped shrinking
     the change (a change within twice it counts as converged)"""
+    estimated_error: float | None = None
+    """eval mode, stopped after a drift-corrected pass: its distance from the fixed point, in std, as the last
+    round's contraction predicts it"""
     world_size: int = 1
     """processes that shared the data (torch.distributed); the statistics are those of all their samples"""
     version: str = __version__
@@ -78,7 +81,8 @@ class Report:
                    layers=[layer_change(bn.id, bn.channels, bn.frozen, bn.eps, outcome.before[bn.id],
                                         outcome.after[bn.id])
                            for bn in outcome.layers], change_per_pass=outcome.change_per_pass,
-                   unreached=outcome.unreached, noise_floor=outcome.noise_floor, **kw)
+                   unreached=outcome.unreached, noise_floor=outcome.noise_floor,
+                   estimated_error=outcome.estimated_error, **kw)
 
     def convergence_note(self) -> str:
         last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
@@ -110,6 +114,9 @@ class Report:
         elif self.noise_floor is not None:
             text += (f"; converged to this model's float32 noise floor: a pass moves statistics perturbed by two "
                      f"float32 ulps by {self.noise_floor:.2g} std")
+        elif self.estimated_error is not None:
+            text += (f"; converged: the last pass lies an estimated {self.estimated_error:.2g} std from the fixed "
+                     "point (the contraction of the pass before)")
         if self.unreached:
             text += (f"; left {len(self.unreached)} BN layer(s) that inference never reaches unchanged "
                      f"({', '.join(self.unreached[:3])}{', ...' if len(self.unreached) > 3 else ''})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnrepair.drift import corrected
 from bnrepair.errors import InputError
 from bnrepair.graph import BNLayer, ModelGraph
 from bnrepair.moments import Moments
@@ -22,7 +23,10 @@ class ChainRunner:
     device = "cpu"
     model = None
 
-    def __init__(self, channels: int = 3, seed: int = 0, depth: int = 2, drift_corrections: bool = True):
+    def __init__(self, channels: int = 3, seed: int = 0, depth: int = 2, drift_corrections: bool = True,
+                 relu: bool = True):
+        """``relu=False``: links are per-channel affine maps only."""
+        self.relu = relu
         rng = np.random.default_rng(seed)
         self.links = [(rng.normal(1.0, 0.3, channels), rng.normal(0.2, 0.3, channels)) for _ in range(depth - 1)]
         self.w, self.b = self.links[0]
@@ -45,12 +49,13 @@ class ChainRunner:
             train = mode == "train" or name in batch_stats
             mean, var = (a.mean(0), a.var(0)) if train else (layer.mean, layer.var)
             if train and name in (corrections or {}):
-                mean, var = mean + corrections[name][0], np.maximum(var + corrections[name][1], 0.0)
+                mean, var = corrected(mean, var, corrections[name], EPS)
             return (a - mean) / np.sqrt(var + EPS)
 
         out = bn("bn1", x)
         for k, (w, b) in enumerate(self.links):
-            out = bn(f"bn{k + 2}", np.maximum(out * w + b, 0.0))
+            out = out * w + b
+            out = bn(f"bn{k + 2}", np.maximum(out, 0.0) if self.relu else out)
         return out, seen
 
     def infer(self, inputs, mode="eval"):

@@ -156,6 +156,31 @@ def test_drift_corrected_passes_reach_the_fixed_point_of_the_whole_set_in_fewer_
     assert outcomes[True].passes < outcomes[False].passes - 2
 
 
+def test_a_corrected_pass_carries_statistics_exactly_through_affine_links():
+    """Where a change reaches a layer through per-channel affine ops only, the batch's std ratio and mean shift
+    carry the target exactly: one corrected pass after the start and its plain baseline lands on the fixed
+    point (a batch's plain shift, F(A) + (m_b - c_b), missed it by 5e-5)."""
+    chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
+    runner = ChainRunner(depth=12, seed=3, relu=False)
+    outcome = run(runner, calibration(chunks), mode="eval", tol=0.0, max_passes=3)
+    assert outcome.passes == 3
+    seen = ChainRunner(depth=12, seed=3, relu=False)._forward(X, "train")[1]
+    for name, x in seen.items():
+        np.testing.assert_allclose(runner.graph.layer(name).mean, x.mean(0), atol=1e-9)
+        np.testing.assert_allclose(runner.graph.layer(name).var, x.var(0), rtol=1e-6)
+
+
+def test_eval_stops_after_a_corrected_pass_its_contraction_places_within_tol():
+    chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
+    runner = deep_chain(True)
+    outcome = run(runner, calibration(chunks), mode="eval", tol=1e-3)
+    assert outcome.converged and outcome.passes == 5 and 0 < outcome.estimated_error < 1e-3  # no 6th, plain pass
+    seen = deep_chain(True)._forward(X, "train")[1]
+    for name, x in seen.items():  # the prediction holds: within tol of the fixed point
+        scale = np.sqrt(x.var(0) + EPS)
+        assert np.max(np.abs(runner.graph.layer(name).mean - x.mean(0)) / scale) < 1e-3
+
+
 class Reshuffled:
     """A re-iterable that is not a list: it may give other batches each pass, so eval mode makes plain passes."""
 

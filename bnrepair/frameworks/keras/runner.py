@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...drift import corrected
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
@@ -125,7 +126,7 @@ class KerasRunner:
         self._functions: dict = {}
         self._sink: dict = {}
         self._corrections: dict = {}
-        """per layer: (mean, variance) variables a drift-corrected pass adds to the batch's statistics"""
+        """per layer: the variables of the correction a drift-corrected pass carries the batch's statistics by"""
 
     def weights(self):
         statistics = {id(v) for layer in self._by_id.values() for v in (layer.moving_mean, layer.moving_variance)}
@@ -172,13 +173,13 @@ class KerasRunner:
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
                 corrections=None) -> dict[str, Moments]:
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        for layer_id, (mean, var) in (corrections or {}).items():
+        for layer_id, arrays in (corrections or {}).items():
             if layer_id not in self._corrections:
                 _, tf = import_keras()
-                self._corrections[layer_id] = (tf.Variable(mean, dtype=tf.float32, trainable=False),
-                                               tf.Variable(var, dtype=tf.float32, trainable=False))
-            self._corrections[layer_id][0].assign(np.asarray(mean, np.float32))
-            self._corrections[layer_id][1].assign(np.asarray(var, np.float32))
+                self._corrections[layer_id] = tuple(tf.Variable(a, dtype=tf.float32, trainable=False)
+                                                    for a in arrays)
+            for variable, a in zip(self._corrections[layer_id], arrays):
+                variable.assign(np.asarray(a, np.float32))
         results = self._run(inputs, train, ids, outputs=False, corrected=frozenset(corrections or ()))
         pooled = {}
         for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
@@ -259,7 +260,7 @@ class KerasRunner:
 
 def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str, correction=None):
     """A stand-in for ``layer.call`` that records the input's per-channel moments; in train mode it
-    normalises with the batch's statistics, plus ``correction`` (mean, variance variables) when given."""
+    normalises with the batch's statistics, carried by ``correction`` (``drift.corrected``) when given."""
     _, tf = import_keras()
 
     def call(inputs, training=None, mask=None, **kwargs):
@@ -295,7 +296,7 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str, co
             return original_call(inputs, training=False, mask=mask, **kwargs)
         var = m2 / tf.cast(tf.maximum(count, 1), tf.float32)
         if correction is not None:
-            mean, var = mean + correction[0], tf.maximum(var + correction[1], 0.0)
+            mean, var = corrected(mean, var, correction, layer.epsilon)
         inv = tf.math.rsqrt(var + layer.epsilon)
         if layer.scale:
             inv = inv * tf.cast(layer.gamma, tf.float32)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...drift import corrected
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
@@ -241,10 +242,10 @@ class TorchRunner:
             for probe in probes:
                 probe.detach()
 
-    def _correction(self, pair):
-        if pair is None:
+    def _correction(self, arrays):
+        if arrays is None:
             return None
-        return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in pair)
+        return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in arrays)
 
     def _script_run(self, inputs, train: frozenset, ids: list[str]):
         key = (train, tuple(ids))
@@ -350,7 +351,7 @@ class _Probe:
             self.stored = {name: buffers[name] for name in ("running_mean", "running_var")}
             mean, var = shift.reshape(-1) + offset, m2 / max(count, 1)
             if self.correction is not None:
-                mean, var = mean + self.correction[0], (var + self.correction[1]).clamp_(min=0)
+                mean, var = corrected(mean, var, self.correction, module.eps)
             buffers["running_mean"] = mean.to(self.stored["running_mean"].dtype)
             buffers["running_var"] = var.to(self.stored["running_var"].dtype)
 
