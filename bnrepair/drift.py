@@ -11,8 +11,8 @@ input moved since that pass. The move is read as a per-channel affine map (the b
 reaches the layer through linear ops alone: mean ``m_b + r_b (F(A)_mean - c_b)``, variance
 ``r_b^2 F(A)_var`` (``c_b``, ``m_b``: the batch's mean then and now; variances eps-included). The error
 left is what the batches' differing responses add (their spread times the step), so a plain pass after
-it checks convergence. On the zoo the affine reading takes 7-9 passes where the batch's plain shift
-``F(A) + (m_b - c_b)`` took 9-16 (MobileNetV2 / V3, EfficientNet).
+it checks convergence. On the zoo the affine reading takes 7-10 passes where the batch's plain
+shift ``F(A) + (m_b - c_b)`` took 9-16 (MobileNetV2 / V3, EfficientNet).
 
 Assumptions: the stream gives the same batches in the same order every pass; each corrected layer is
 called once per forward (its moments then belong to one normalisation); the runner takes corrections.

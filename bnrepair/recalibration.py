@@ -199,8 +199,9 @@ def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, la
             # fixed point: their ratio is a round's contraction, and this round's result lies about that much
             # closer than the plain pass before it (rounds contract faster as they go: the estimate is high)
             rate = plain_changes[-1] / plain_changes[-2]
-            if rate < 0.5 and rate * plain_changes[-1] < bound:
-                converged, estimate = True, rate * plain_changes[-1]
+            predicted = rate * plain_changes[-1]
+            if rate < 0.5 and predicted < bound:
+                converged, estimate = True, predicted
                 break
         if plain_before:
             plain_changes.append(changes[-1])
