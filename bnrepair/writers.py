@@ -177,7 +177,8 @@ def scratch_folder(dest: Path, suffix: str = ""):
 def removed_on_failure(path: Path | None):
     """Steps after ``path`` is in place (its digest, an export): if one fails or is interrupted, ``path`` goes
     too, so the run leaves nothing behind, as one that stopped before writing would. A path that is no file is
-    a checkpoint prefix (TF1): its files go."""
+    a checkpoint prefix (TF1): its files go, and the folder's ``checkpoint`` state file if it names that prefix
+    alone (the writer added it to a folder that had none)."""
     try:
         yield
     except BaseException:
@@ -186,6 +187,9 @@ def removed_on_failure(path: Path | None):
         elif path is not None and not path.exists():
             for part in path.parent.glob(glob.escape(path.name) + ".*"):
                 part.unlink(missing_ok=True)
+            state = path.parent / "checkpoint"
+            if state.is_file() and set(re.findall(r'"([^"]*)"', state.read_text(errors="replace"))) == {path.name}:
+                state.unlink()
         elif path is not None:
             path.unlink(missing_ok=True)
         raise

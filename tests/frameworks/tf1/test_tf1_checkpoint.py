@@ -202,6 +202,27 @@ def test_eval_mode_repairs_too(tmp_path, heldout):
     assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "fixed.ckpt-64")
 
 
+def test_a_step_failing_after_the_write_leaves_the_folder_as_it_was(tmp_path):
+    """The checkpoint written, a later step (its digest, an export) fails: its files go, and so does the
+    ``checkpoint`` state file the writer added to a folder that had none; a folder's own state file stays."""
+    from bnrepair.frameworks.tf1.files import write_patched
+    from bnrepair.writers import removed_on_failure
+
+    source = FIXTURES / "never_updated" / "model.ckpt-64"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "checkpoint").write_text('model_checkpoint_path: "other.ckpt-1"\n')
+    for folder in (tmp_path / "new", kept):
+        folder.mkdir(exist_ok=True)
+        before = tree(folder)
+        with pytest.raises(KeyboardInterrupt), removed_on_failure(folder / "fixed.ckpt-64"):
+            write_patched(source, folder / "fixed.ckpt-64", {})
+            named = tf.train.latest_checkpoint(str(folder))
+            assert named == (None if folder == kept else str(folder / "fixed.ckpt-64"))
+            raise KeyboardInterrupt
+        assert tree(folder) == before
+
+
 def tree(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
 
