@@ -429,14 +429,26 @@ def freeze(graph_def, values: dict):
     return out
 
 
+CORRECTION_PARTS = ("offset", "then", "target")
+"""the parts of a ``drift.corrections`` entry, in order"""
+
+
+def correction_inputs(site: Site) -> list[str]:
+    """The float32 placeholders a corrected site reads its correction from (``rewire_for_batch_statistics``)."""
+    return [f"{site.node}/bnrepair/correction_{part}" for part in CORRECTION_PARTS]
+
+
 def rewire_for_batch_statistics(graph_def, sites: list[Site], kept: set[str], dtypes: dict[str, int],
-                                ranks: dict[str, int]):
+                                ranks: dict[str, int], corrected: list[Site] = ()):
     """A copy of ``graph_def`` whose BN sites normalise with the batch's own statistics (``train`` mode).
 
     Fused ops switch to ``is_training=True`` (TensorFlow's own training computation: biased batch
     variance in the normalisation). Unfused sites get their moving mean / variance inputs replaced by the
     batch mean and biased variance of ``x`` (two-pass), computed in x's dtype, as Keras training does.
-    ``dtypes`` gives the dtype of each replaced input and of each x; ``ranks`` the rank of each x.
+    ``corrected`` sites instead normalise with the batch's float32 moments carried by a drift correction
+    (``drift.corrected``) that they read from the placeholders ``correction_inputs(site)``; fused ones stay
+    inference ops fed those statistics. ``dtypes`` gives the dtype of each replaced input and of each x;
+    ``ranks`` the rank of each x.
     """
     import tensorflow as tf
     from tensorflow.core.framework import attr_value_pb2, graph_pb2
@@ -455,35 +467,67 @@ def rewire_for_batch_statistics(graph_def, sites: list[Site], kept: set[str], dt
             node.attr[key].CopyFrom(value)
         return name
 
-    for site in sites:
+    def constant(name, value, dtype):
+        return add(name, "Const", [], dtype=attr(type=dtype.as_datatype_enum),
+                   value=attr(tensor=tf.make_tensor_proto(value, dtype)))
+
+    def cast(name, value, source: int, target: int):
+        return value if source == target else add(name, "Cast", [value], SrcT=attr(type=source), DstT=attr(type=target))
+
+    def moments(site, prefix, dtype: int):
+        """The batch mean and biased variance of ``site.x`` in ``dtype``, keeping the reduced dimensions."""
+        rank, x_type = ranks[canonical(site.x)], dtypes[canonical(site.x)]
+        x = cast(f"{prefix}/x_cast", site.x, x_type, dtype)
+        axes = constant(f"{prefix}/axes", [i for i in range(rank) if i != site.axis % rank], tf.int32)
+        reduce = {"T": attr(type=dtype), "Tidx": attr(type=tf.int32.as_datatype_enum), "keep_dims": attr(b=True)}
+        mean = add(f"{prefix}/mean", "Mean", [x, axes], **reduce)
+        deviation = add(f"{prefix}/squared_deviation", "SquaredDifference", [x, mean], T=attr(type=dtype))
+        return mean, add(f"{prefix}/variance", "Mean", [deviation, axes], **reduce)
+
+    def corrected_moments(site, prefix):
+        """``drift.corrected`` of the batch's float32 moments, keeping the reduced dimensions."""
+        f32, rank = tf.float32.as_datatype_enum, ranks[canonical(site.x)]
+        mean, variance = moments(site, prefix, f32)
+        shape = constant(f"{prefix}/channel_shape", [-1 if i == site.axis % rank else 1 for i in range(rank)],
+                         tf.int32)
+        offset, then, target = (add(f"{name}/reshaped", "Reshape", [add(name, "Placeholder", [], dtype=attr(type=f32)),
+                                                                   shape], T=attr(type=f32))
+                                for name in correction_inputs(site))
+        eps = constant(f"{prefix}/eps", site.eps, tf.float32)
+
+        def op(name, kind, *inputs):
+            return add(f"{prefix}/{name}", kind, list(inputs), T=attr(type=f32))
+
+        ratio = op("ratio", "RealDiv", op("variance_eps", "AddV2", variance, eps), then)
+        return (op("corrected_mean", "AddV2", mean, op("moved_offset", "Mul", op("std_ratio", "Sqrt", ratio), offset)),
+                op("corrected_variance", "Sub", op("moved_target", "Mul", ratio, target), eps))
+
+    chosen = [(site, False) for site in sites] + [(site, True) for site in corrected]
+    for site, correct in chosen:
         if site.node not in kept:
             continue
+        prefix = f"{site.node}/bnrepair"
         if site.fused:
             node = nodes[site.node]
+            stat_type = node.attr["U"].type if "U" in node.attr else node.attr["T"].type
+            if correct:
+                flat = constant(f"{prefix}/flat", [-1], tf.int32)
+                for slot, value in zip((3, 4), corrected_moments(site, prefix)):
+                    value = add(f"{value}_flat", "Reshape", [value, flat], T=attr(type=tf.float32.as_datatype_enum))
+                    node.input[slot] = cast(f"{value}_cast", value, tf.float32.as_datatype_enum, stat_type)
+                continue
             node.attr["is_training"].CopyFrom(attr(b=True))
             if "exponential_avg_factor" in node.attr:
                 node.attr["exponential_avg_factor"].CopyFrom(attr(f=1.0))
-            stat_type = node.attr["U"].type if "U" in node.attr else node.attr["T"].type
-            empty = add(f"{site.node}/bnrepair_empty", "Const", [], dtype=attr(type=stat_type),
-                        value=attr(tensor=tf.make_tensor_proto([], tf.dtypes.as_dtype(stat_type))))
-            node.input[3] = node.input[4] = empty
+            node.input[3] = node.input[4] = constant(f"{prefix}_empty", [], tf.dtypes.as_dtype(stat_type))
             continue
         if site.mean_slot[0] not in nodes or site.var_slot[0] not in nodes:
             continue
-        rank, x_type = ranks[canonical(site.x)], dtypes[canonical(site.x)]
-        axes = [i for i in range(rank) if i != site.axis % rank]
-        prefix = f"{site.node}/bnrepair"
-        axes_node = add(f"{prefix}/axes", "Const", [], dtype=attr(type=tf.int32.as_datatype_enum),
-                        value=attr(tensor=tf.make_tensor_proto(axes, tf.int32)))
-        reduce = {"T": attr(type=x_type), "Tidx": attr(type=tf.int32.as_datatype_enum), "keep_dims": attr(b=True)}
-        mean = add(f"{prefix}/mean", "Mean", [site.x, axes_node], **reduce)
-        deviation = add(f"{prefix}/squared_deviation", "SquaredDifference", [site.x, mean], T=attr(type=x_type))
-        variance = add(f"{prefix}/variance", "Mean", [deviation, axes_node], **reduce)
-        for stat, slot in (("mean", site.mean_slot), ("variance", site.var_slot)):
-            value = mean if stat == "mean" else variance
+        x_type = dtypes[canonical(site.x)]
+        dtype = tf.float32.as_datatype_enum if correct else x_type
+        values = corrected_moments(site, prefix) if correct else moments(site, prefix, x_type)
+        for stat, slot, value in zip(("mean", "variance"), (site.mean_slot, site.var_slot), values):
             node = nodes[slot[0]]
-            want = dtypes[canonical(node.input[slot[1]])]
-            if want != x_type:
-                value = add(f"{prefix}/{stat}_cast", "Cast", [value], SrcT=attr(type=x_type), DstT=attr(type=want))
-            node.input[slot[1]] = value
+            node.input[slot[1]] = cast(f"{prefix}/{stat}_cast", value, dtype,
+                                       dtypes[canonical(node.input[slot[1]])])
     return out

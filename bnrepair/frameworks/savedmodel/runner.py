@@ -5,7 +5,9 @@ No model code is needed and nothing is converted: the signature's own graph (fun
 device to per-channel (count, mean, M2). Variables are read from the SavedModel's checkpoint into
 ``tf.Variable``s that the imported graph reads through ``input_map``, so ``set_stats`` is an assign
 and eval-mode passes see the new statistics. In ``train`` mode the graph is rewired so that BN
-normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``).
+normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``); eval mode's
+drift-corrected passes rewire it to the batch statistics carried by corrections that the graph reads from
+variables, assigned before each batch (one trace serves the whole pass).
 
 Statistics follow the Keras convention (biased variance, ``unbiased_var=False``) for every SavedModel,
 TF1 included: TF's fused training op feeds its moving average a Bessel-corrected batch variance, a
@@ -42,6 +44,7 @@ from .graph import (
     Site,
     canonical,
     choose_signature,
+    correction_inputs,
     flatten,
     freeze,
     no_bn_message,
@@ -59,7 +62,7 @@ class SavedModelRunner:
     framework = "savedmodel"
     other_inputs_hint = ""
     """what to do about an input the calibration data does not feed, as the end of the message"""
-    drift_corrections = False  # the signature's graph is rewritten once per set of batch-statistics layers
+    drift_corrections = True
 
     def __init__(self, source: Path, signature: str, input_name: str | None, device: str, trust_code: bool = False):
         tf = import_tensorflow()
@@ -101,6 +104,8 @@ class SavedModelRunner:
                                                    for bn, s in zip(layers, sites)),
                                 unbiased_var=False)
         self._functions: dict = {}
+        self._corrections: dict = {}
+        """per layer: the variables of the correction a drift-corrected pass carries the batch's statistics by"""
 
     def _where(self) -> str:
         """The graph measured, as messages name it."""
@@ -181,9 +186,9 @@ class SavedModelRunner:
             kind="FusedBatchNorm" if site.fused else "batch_normalization")
 
     # --- graphs to run ---------------------------------------------------------------------------------
-    def _program(self, fetches: list[str], train: frozenset, feeds: list[str]):
+    def _program(self, fetches: list[str], train: frozenset, feeds: list[str], corrected: frozenset = frozenset()):
         """The GraphDef computing ``fetches`` from the signature inputs ``feeds``, and its variable nodes; the
-        BN layers ``train`` normalise with batch statistics."""
+        BN layers ``train`` normalise with batch statistics, carried by their corrections where ``corrected``."""
         tf = import_tensorflow()
         stops = {split(self.signature.inputs[n])[0]: n for n in feeds}
         keep = self.flat.fanin(fetches, stop=set(stops))
@@ -194,13 +199,17 @@ class SavedModelRunner:
             placeholders[name] = tf.resource.as_datatype_enum if node.op == "VarHandleOp" else node.attr["dtype"].type
         graph_def = subgraph(self.flat, keep, placeholders)
         if train:
-            graph_def = rewire_for_batch_statistics(graph_def, [self._sites[i] for i in sorted(train)], keep,
-                                                    self._dtypes, self._ranks)
+            graph_def = rewire_for_batch_statistics(graph_def, [self._sites[i] for i in sorted(train - corrected)],
+                                                    keep, self._dtypes, self._ranks,
+                                                    [self._sites[i] for i in sorted(corrected)])
         return graph_def, variables
 
-    def _input_map(self, feeds: dict, variables: list[str]) -> dict:
+    def _input_map(self, feeds: dict, variables: list[str], corrected: frozenset = frozenset()) -> dict:
         tf = import_tensorflow()
         mapping = {canonical(self.signature.inputs[name]): value for name, value in feeds.items()}
+        for layer_id in corrected:
+            for name, variable in zip(correction_inputs(self._sites[layer_id]), self._corrections[layer_id]):
+                mapping[f"{name}:0"] = variable.read_value()
         for name in variables:
             var = self._vars[name]
             # identity captures the eager handle into the function being traced
@@ -222,14 +231,20 @@ class SavedModelRunner:
 
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
                 corrections=None) -> dict[str, Moments]:
-        if corrections:
-            raise BnrepairError("SavedModel signatures take no drift corrections")
         shared = [i for i in ids if self.call_counts()[i] > 1]
         if shared:
             raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "
                                 "op in one forward pass; they cannot be recalibrated as one layer")
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        results = self._run(inputs, train, ids, outputs=False)
+        tf = import_tensorflow()
+        for layer_id, arrays in (corrections or {}).items():
+            if layer_id not in self._corrections:
+                with tf.device(self.device):
+                    self._corrections[layer_id] = tuple(tf.Variable(np.asarray(a, np.float32), trainable=False)
+                                                        for a in arrays)
+            for variable, a in zip(self._corrections[layer_id], arrays):
+                variable.assign(np.asarray(a, np.float32))
+        results = self._run(inputs, train, ids, outputs=False, corrected=frozenset(corrections or ()))
         return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
 
     def call_counts(self) -> dict[str, int]:
@@ -305,22 +320,22 @@ class SavedModelRunner:
         return x.astype(dtype, copy=False)
 
     # --- capture -------------------------------------------------------------------------------------------
-    def _function(self, train: frozenset, ids: list[str], outputs: bool):
-        key = (train, tuple(ids), outputs)
+    def _function(self, train: frozenset, ids: list[str], outputs: bool, corrected: frozenset):
+        key = (train, tuple(ids), outputs, corrected)
         if key not in self._functions:
-            self._functions[key] = self._trace(import_tensorflow(), train, ids, outputs)
+            self._functions[key] = self._trace(import_tensorflow(), train, ids, outputs, corrected)
         return self._functions[key]
 
-    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool):
+    def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool, corrected: frozenset = frozenset()):
         tf = import_tensorflow()
-        function = self._function(train, ids, outputs)
+        function = self._function(train, ids, outputs, corrected)
         try:
             with tf.device(self.device):
                 return function(inputs)
         except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
             raise data_misfit(exc, inputs) from exc
 
-    def _trace(self, tf, train: frozenset, ids: list[str], outputs: bool):
+    def _trace(self, tf, train: frozenset, ids: list[str], outputs: bool, corrected: frozenset):
         """One ``tf.function`` importing the graph: the signature outputs, or the moments of BN inputs."""
         if outputs:
             names = self._computable_outputs()
@@ -329,12 +344,14 @@ class SavedModelRunner:
             sites = [self._sites[i] for i in ids]
             tensors = [canonical(s.x) for s in sites]
             axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
-        graph_def, variables = self._program(tensors, train, [self.signature.input_name])
+        graph_def, variables = self._program(tensors, train, [self.signature.input_name], corrected)
+        present = {node.name for node in graph_def.node}  # a layer after every fetch is left out of the graph
+        corrected = frozenset(i for i in corrected if correction_inputs(self._sites[i])[0] in present)
 
         @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
         def run(x):
             results = tf.graph_util.import_graph_def(
-                graph_def, input_map=self._input_map({self.signature.input_name: x}, variables),
+                graph_def, input_map=self._input_map({self.signature.input_name: x}, variables, corrected),
                 return_elements=tensors, name="model")
             if outputs:
                 return dict(zip(names, results))

@@ -128,15 +128,39 @@ def test_savedmodel_path_equals_keras_path(name, repaired, heldout, tmp_path):
         np.testing.assert_allclose(bn.var, layer.moving_variance.numpy(), rtol=1e-4)
 
 
-def test_eval_mode_equals_keras_eval_mode(tmp_path):
-    report = bnrepair.recalibrate(FIXTURES / "keras3_export", CALIB, output=tmp_path / "sm", mode="eval")
-    keras_report = bnrepair.recalibrate(FIXTURES / "keras3_export.keras", CALIB, output=tmp_path / "k.keras",
+@pytest.mark.parametrize("name", KERAS_CASES)
+def test_eval_mode_equals_keras_eval_mode(name, tmp_path):
+    twin = CASES[name][0]
+    report = bnrepair.recalibrate(FIXTURES / name, CALIB, output=tmp_path / "sm", mode="eval")
+    keras_report = bnrepair.recalibrate(FIXTURES / twin, CALIB, output=tmp_path / f"k{Path(twin).suffix}",
                                         mode="eval")
     assert report.converged and report.passes == keras_report.passes
-    model = keras.models.load_model(tmp_path / "k.keras", compile=False)
+    model = keras.models.load_model(tmp_path / f"k{Path(twin).suffix}", compile=False)
     for bn in bnrepair.load(tmp_path / "sm").graph.bn_layers:
         np.testing.assert_allclose(bn.mean, model.get_layer(bn.id).moving_mean.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(bn.var, model.get_layer(bn.id).moving_variance.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", KERAS_CASES)
+def test_a_drift_corrected_batch_is_measured_as_keras_measures_it(name, heldout):
+    """Eval mode's corrected passes (``drift.corrected``) rewire fused BN ops (tf_keras's convolutions) and
+    unfused ones (Keras 3, tf_keras's Dense) alike: each layer normalises with the batch's moments carried by
+    its correction, so the moments downstream agree with the Keras twin's, and differ from a plain pass's."""
+    x = heldout[0][:32]
+    runners = bnrepair.load(FIXTURES / name), bnrepair.load(FIXTURES / CASES[name][0])
+    ids = [bn.id for bn in runners[0].graph.bn_layers]
+    plain = runners[1].collect(x, "eval", ids)
+    rng = np.random.default_rng(0)
+    corrections = {i: (rng.normal(0, 0.5, m.mean.shape) * np.sqrt(m.variance(False)),
+                       m.variance(False) + 1e-3, m.variance(False) * rng.uniform(0.5, 2, m.mean.shape) + 1e-3)
+                   for i, m in plain.items()}
+    measured = [r.collect(x, "eval", ids, frozenset(ids), corrections) for r in runners]
+    for i in ids:
+        np.testing.assert_allclose(measured[0][i].mean, measured[1][i].mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(measured[0][i].variance(False), measured[1][i].variance(False), rtol=1e-4)
+    moved = [np.abs(measured[0][i].mean - plain[i].mean).max() / np.sqrt(plain[i].variance(False).max())
+             for i in ids[1:]]
+    assert min(moved) > 1e-2, moved
 
 
 @pytest.mark.parametrize("name", CASES)
