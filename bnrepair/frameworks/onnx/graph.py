@@ -5,7 +5,8 @@ variance are recalibrated where both are initializers; computed ones (or graph i
 alone. The measuring copy makes each recalibrated mean / variance a graph input (fed the statistics of the
 moment, so passes need no new session), outputs each BN input's per-channel batch moments (a few numbers per
 layer come back, not the activations), and, for the layers that normalise with batch statistics, replaces the
-node by a BatchNormalization fed those moments.
+node by a BatchNormalization fed those moments, or, in eval mode's drift-corrected passes, those moments carried
+by the layer's correction (``drift.corrected``), itself fed as three graph inputs per layer (``CORRECTION``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ...errors import InputError
 
 MOMENTS = ("mean", "var", "size")
 """what the measuring copy outputs per BN input, as ``<tag>/<moment>``"""
+CORRECTION = ("offset", "then", "target")
+"""the graph inputs ``<tag>/correction_<part>`` a corrected site reads its ``drift.corrections`` entry from"""
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,12 @@ def tag(site: Site) -> str:
     return f"bnrepair/{site.id}"
 
 
-def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict[str, TensorType]):
+def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict[str, TensorType],
+                   corrected: frozenset = frozenset()):
     """A copy of ``model`` that takes each site's statistics as graph inputs, outputs each BN input's batch
     mean, biased variance (over every axis but 1, two-pass within the batch) and element count after the
-    model's own outputs, and normalises the ``batch_stats`` sites with those batch statistics."""
+    model's own outputs, and normalises the ``batch_stats`` sites with those batch statistics (carried by their
+    corrections where ``corrected``)."""
     from onnx import helper
 
     copy = copied(model)
@@ -112,7 +117,12 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
     for site in sorted(sites, key=lambda s: -s.index):  # from the back, so earlier indices stay valid
         node = graph.node[site.index]
         added = _moments(site, types[site.x], opset)
-        if site.id in batch_stats:
+        if site.id in corrected:
+            nodes, inputs = _corrected(site, types[site.x])
+            added += nodes + _batch_normalised(node, site, types[site.x], "corrected_")
+            graph.input.extend(inputs)
+            del graph.node[site.index]
+        elif site.id in batch_stats:
             added += _batch_normalised(node, site, types[site.x])
             del graph.node[site.index]
         for offset, new in enumerate(added):
@@ -180,6 +190,13 @@ WIDE = {1, 11}
 """float32 and float64: moments of anything narrower (float16, bfloat16) are taken in float32"""
 
 
+def moment_type(x: TensorType) -> int:
+    """The onnx type the batch moments of an input of type ``x`` are taken in (and its correction fed in)."""
+    from onnx import TensorProto
+
+    return x.elem_type if x.elem_type in WIDE else TensorProto.FLOAT
+
+
 def _moments(site: Site, x: TensorType, opset: int) -> list:
     """The batch's mean and biased variance of ``site.x`` over every axis but 1 (kept as singletons; in float32
     at least), and its element count."""
@@ -204,9 +221,30 @@ def _moments(site: Site, x: TensorType, opset: int) -> list:
             helper.make_node("Size", [site.x], [f"{t}/size"])]
 
 
-def _batch_normalised(node, site: Site, x: TensorType) -> list:
-    """``node`` itself, fed the batch statistics ``_moments`` computes (flattened to one value per channel, in
-    the input's type) in place of the stored ones: onnxruntime's own BatchNormalization kernel normalises."""
+def _corrected(site: Site, x: TensorType) -> tuple[list, list]:
+    """Nodes computing ``<tag>/corrected_mean`` and ``<tag>/corrected_var`` (``drift.corrected`` of the batch's
+    moments, shaped as ``_moments`` keeps them), and the graph inputs of the correction they read."""
+    from onnx import helper
+
+    t, dtype = tag(site), moment_type(x)
+    inputs = [helper.make_tensor_value_info(f"{t}/correction_{part}", dtype, [None]) for part in CORRECTION]
+    nodes = [_constant(f"{t}/channels", [1, -1] + [1] * (x.rank - 2)),
+             helper.make_node("Constant", [], [f"{t}/eps"], value=helper.make_tensor(f"{t}/eps_value", dtype, [],
+                                                                                    [site.eps]))]
+    for part in CORRECTION:
+        nodes.append(helper.make_node("Reshape", [f"{t}/correction_{part}", f"{t}/channels"], [f"{t}/{part}"]))
+    steps = (("Add", ["var", "eps"], "var_eps"), ("Div", ["var_eps", "then"], "ratio"),
+             ("Sqrt", ["ratio"], "std_ratio"), ("Mul", ["std_ratio", "offset"], "moved_offset"),
+             ("Add", ["mean", "moved_offset"], "corrected_mean"), ("Mul", ["ratio", "target"], "moved_target"),
+             ("Sub", ["moved_target", "eps"], "corrected_var"))
+    nodes += [helper.make_node(op, [f"{t}/{i}" for i in ins], [f"{t}/{out}"]) for op, ins, out in steps]
+    return nodes, inputs
+
+
+def _batch_normalised(node, site: Site, x: TensorType, prefix: str = "") -> list:
+    """``node`` itself, fed the batch statistics ``_moments`` computes (``prefix="corrected_"``: ``_corrected``'s)
+    flattened to one value per channel, in the input's type, in place of the stored ones: onnxruntime's own
+    BatchNormalization kernel normalises."""
     from onnx import helper
 
     t = tag(site)
@@ -215,7 +253,7 @@ def _batch_normalised(node, site: Site, x: TensorType) -> list:
     nodes = [_constant(f"{t}/flat", [-1])]
     for stat in ("mean", "var"):
         flat = f"{t}/{stat}_flat" if x.elem_type not in WIDE else f"{t}/{stat}_c"
-        nodes.append(helper.make_node("Reshape", [f"{t}/{stat}", f"{t}/flat"], [flat]))
+        nodes.append(helper.make_node("Reshape", [f"{t}/{prefix}{stat}", f"{t}/flat"], [flat]))
         if x.elem_type not in WIDE:
             nodes.append(helper.make_node("Cast", [flat], [f"{t}/{stat}_c"], to=x.elem_type))
     return [*nodes, fed]

@@ -18,12 +18,14 @@ from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
 from .graph import (
+    CORRECTION,
     MOMENTS,
     array,
     copied,
     fanin,
     find_bn,
     measuring_copy,
+    moment_type,
     pruned,
     set_initializers,
     tag,
@@ -48,7 +50,7 @@ class OnnxRunner:
     """``protocols.Runner`` for an ONNX ModelProto."""
 
     framework = "onnx"
-    drift_corrections = False  # corrections would need one more graph rewrite per layer; plain passes only
+    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", source: Path | None = None, external: bool = False,
                  input_name: str | None = None):
@@ -114,9 +116,10 @@ class OnnxRunner:
         dtype = helper.tensor_dtype_to_np_dtype(self._input.type.tensor_type.elem_type)
         return np.asarray(x).astype(dtype, copy=False)
 
-    def _session(self, batch_stats: frozenset):
-        if batch_stats not in self._sessions:
-            copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._types)
+    def _session(self, batch_stats: frozenset, corrected: frozenset):
+        key = batch_stats, corrected
+        if key not in self._sessions:
+            copy = measuring_copy(self.proto, list(self._sites.values()), batch_stats, self._types, corrected)
             if self._others:  # only what the data input determines, so the other inputs need no feed
                 copy = pruned(copy, self._outputs + [f"{tag(s)}/{m}" for s in self._sites.values() for m in MOMENTS])
             providers = ["CPUExecutionProvider"]
@@ -125,18 +128,24 @@ class OnnxRunner:
             options = self.ort.SessionOptions()
             options.log_severity_level = 3  # errors only: its notes on the rewritten copy are not the user's
             try:
-                self._sessions[batch_stats] = self.ort.InferenceSession(copy.SerializeToString(), options,
+                self._sessions[key] = self.ort.InferenceSession(copy.SerializeToString(), options,
                                                                         providers=providers)
             except Exception as exc:
                 raise InputError(f"{self.source or 'model'}: onnxruntime cannot run the model: "
                                  f"{first_line(exc)}") from None
-        return self._sessions[batch_stats]
+        return self._sessions[key]
 
-    def _run(self, inputs, batch_stats: frozenset, names: list[str]) -> list[np.ndarray]:
+    def _run(self, inputs, batch_stats: frozenset, names: list[str], corrections=None) -> list[np.ndarray]:
+        from onnx import helper
+
         feeds = {self._input.name: self.cast_input(inputs)}
         for site in self._sites.values():
             feeds[site.mean], feeds[site.var] = self._stats[site.id]
-        session = self._session(batch_stats)
+        for layer_id, parts in (corrections or {}).items():
+            dtype = helper.tensor_dtype_to_np_dtype(moment_type(self._types[self._sites[layer_id].x]))
+            for part, value in zip(CORRECTION, parts):
+                feeds[f"{tag(self._sites[layer_id])}/correction_{part}"] = np.asarray(value, dtype).ravel()
+        session = self._session(batch_stats, frozenset(corrections or ()))
         if self._others:  # a pruned copy reads fewer statistics: onnxruntime refuses a feed it does not take
             taken = {i.name for i in session.get_inputs()}
             feeds = {name: value for name, value in feeds.items() if name in taken}
@@ -155,11 +164,9 @@ class OnnxRunner:
         return outputs[0] if len(outputs) == 1 else dict(zip(self._outputs, outputs))
 
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(), corrections=None):
-        if corrections:
-            raise BnrepairError("ONNX models take no drift corrections")
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
         names = [f"{tag(self._sites[i])}/{moment}" for i in ids for moment in MOMENTS]
-        values = iter(self._run(inputs, train, names))
+        values = iter(self._run(inputs, train, names, corrections))
         found = {}
         for i in ids:
             mean, var, size = next(values), next(values), next(values)

@@ -89,6 +89,29 @@ def test_eval_mode_reaches_the_inference_fixed_point(tmp_path):
         np.testing.assert_allclose(got[f"{name}.running_var"], var, rtol=2e-4)
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_a_drift_corrected_batch_is_measured_as_torch_measures_it(tmp_path, opset):
+    """Eval mode's corrected passes: each BN normalises with the batch's moments carried by its correction
+    (``drift.corrected``, fed as graph inputs); every layer's moments equal the torch module's under the same
+    corrections, and downstream ones differ from a plain pass's."""
+    onnx_runner = bnrepair.load(exported(broken_model(), tmp_path / "m.onnx", opset=opset))
+    torch_runner = bnrepair.load(broken_model())
+    ids = [bn.id for bn in onnx_runner.graph.bn_layers]
+    names = [bn.id for bn in torch_runner.graph.bn_layers]  # features.1 for /features/features.1/BatchNormalization
+    x = np.random.default_rng(0).normal(0.3, 1.2, (16, 3, 32, 32)).astype(np.float32)
+    plain = onnx_runner.collect(x, "eval", ids)
+    rng = np.random.default_rng(1)
+    corrections = [(rng.normal(0, 0.5, m.mean.shape) * np.sqrt(m.variance(False)), m.variance(False) + 1e-3,
+                    m.variance(False) * rng.uniform(0.5, 2, m.mean.shape) + 1e-3) for m in plain.values()]
+    got = onnx_runner.collect(x, "eval", ids, frozenset(ids), dict(zip(ids, corrections)))
+    want = torch_runner.collect(torch.as_tensor(x), "eval", names, frozenset(names), dict(zip(names, corrections)))
+    for i, name in zip(ids, names):
+        std = np.sqrt(want[name].variance(False))
+        assert np.max(np.abs(got[i].mean - want[name].mean) / std) < 1e-5
+        np.testing.assert_allclose(got[i].variance(False), want[name].variance(False), rtol=1e-5)
+    assert min(np.max(np.abs(got[i].mean - plain[i].mean)) for i in ids[1:]) > 0.1
+
+
 def test_only_the_statistics_change_and_the_cli_reports(tmp_path):
     path = exported(broken_model(), tmp_path / "m.onnx")
     done = CliRunner().invoke(app, ["recalibrate", str(path), "-d", str(CALIB), "--json", str(tmp_path / "r.json"),
