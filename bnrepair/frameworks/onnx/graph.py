@@ -11,6 +11,7 @@ by the layer's correction (``drift.corrected``), itself fed as three graph input
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,7 @@ def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
     graph = model.graph
     stored = {init.name for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    readers = Counter(name for node in graph.node for name in node.input if name in stored)
     sites, left, seen = [], [], set()
     for index, node in enumerate(graph.node):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
@@ -82,7 +84,12 @@ def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
             continue
         x, _, _, mean, var = node.input[:5]
         if mean not in stored or var not in stored:
-            left.append((layer_id, "its mean / variance are computed in the graph, not stored"))
+            copies = [producers[t].input[0] for t in (mean, var) if t not in stored and t in producers
+                      and producers[t].op_type == "Identity" and readers[producers[t].input[0]] > 1]
+            left.append((layer_id, f"its mean / variance are copies of initializer(s) {', '.join(copies)}, which other "
+                                   "nodes read too (torch's exporter merges equal tensors, such as a freshly "
+                                   "initialised BN's statistics and its bias / weight)" if copies else
+                         "its mean / variance are computed in the graph, not stored"))
             continue
         producer = producers.get(x)
         sites.append(Site(layer_id, index, x, mean, var, float(attribute(node, "epsilon", 1e-5)),

@@ -112,6 +112,16 @@ def test_a_drift_corrected_batch_is_measured_as_torch_measures_it(tmp_path, opse
     assert min(np.max(np.abs(got[i].mean - plain[i].mean)) for i in ids[1:]) > 0.1
 
 
+def test_statistics_merged_with_the_affine_parameters_are_named(tmp_path):
+    """A freshly initialised BN (mean 0 = bias, variance 1 = weight) exported by torch: the exporter stores each
+    value once and feeds the statistics through Identity nodes; writing them would change bias and weight."""
+    torch.manual_seed(0)
+    path = exported(build().eval(), tmp_path / "fresh.onnx")
+    with pytest.raises(bnrepair.errors.NoBatchNorm) as raised:
+        bnrepair.load(path)
+    assert "its mean / variance are copies of initializer(s) features.1.bias, features.1.weight" in str(raised.value)
+
+
 def test_only_the_statistics_change_and_the_cli_reports(tmp_path):
     path = exported(broken_model(), tmp_path / "m.onnx")
     done = CliRunner().invoke(app, ["recalibrate", str(path), "-d", str(CALIB), "--json", str(tmp_path / "r.json"),
