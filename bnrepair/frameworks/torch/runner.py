@@ -21,6 +21,7 @@ from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from ...options import check_amp, check_device
 from . import files as torch_files
+from .script import call_counts as script_call_counts
 from .script import capture_function
 
 
@@ -57,7 +58,7 @@ class TorchRunner:
         self.module = _unwrap(torch, model)
         self.checkpoint = checkpoint
         self.scripted = isinstance(self.module, torch.jit.ScriptModule)
-        self.drift_corrections = not self.scripted  # a scripted graph's capture takes no corrections
+        self.drift_corrections = True
         origin = str(checkpoint.path) if checkpoint else "module"
         self.device = _resolve_device(torch, device, self.module, owned=checkpoint is not None)
         self.dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
@@ -140,10 +141,10 @@ class TorchRunner:
                                              and bool(np.all(np.abs(m.mean) <= 100 * np.sqrt(var))))
 
     def call_counts(self) -> dict[str, int] | None:
-        """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs);
-        None when fx cannot trace the module (data-dependent control flow, TorchScript)."""
+        """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs) or the
+        TorchScript graph; None when fx cannot trace the module (data-dependent control flow)."""
         if self.scripted:
-            return None
+            return script_call_counts(self.module, self._by_id)
         from .fold import trace
 
         try:
@@ -212,9 +213,7 @@ class TorchRunner:
                 if not ids:
                     return _call(self.module, inputs), []
                 if self.scripted:
-                    if corrections:
-                        raise BnrepairError("TorchScript modules take no drift corrections")
-                    return self._script_run(inputs, train, ids)
+                    return self._script_run(inputs, train, ids, corrections or {})
                 return self._eager_run(inputs, train, ids, corrections or {})
         except BnrepairError:
             raise
@@ -247,14 +246,15 @@ class TorchRunner:
             return None
         return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in arrays)
 
-    def _script_run(self, inputs, train: frozenset, ids: list[str]):
-        key = (train, tuple(ids))
+    def _script_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
+        key = (train, tuple(ids), frozenset(corrections))
         if key not in self._script_functions:
-            self._script_functions[key] = capture_function(self.module, train, ids)
+            self._script_functions[key] = capture_function(self.module, train, ids, frozenset(corrections))
         fn, order = self._script_functions[key]
         if isinstance(inputs, dict):
             raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
-        out = fn(self.module._c, *(inputs if isinstance(inputs, tuple) else (inputs,)))
+        carried = [t for i in order if i in corrections for t in self._correction(corrections[i])]
+        out = fn(self.module._c, *(inputs if isinstance(inputs, tuple) else (inputs,)), *carried)
         return out[0], [(layer_id, out[1 + 3 * i] // self._by_id[layer_id].running_mean.numel(),
                          self.torch.zeros_like(out[2 + 3 * i]), out[2 + 3 * i], out[3 + 3 * i])
                         for i, layer_id in enumerate(order)]

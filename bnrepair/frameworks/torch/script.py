@@ -4,29 +4,38 @@ The module's forward graph is copied and inlined; before each chosen ``aten::bat
 per-channel reduction of its input is inserted (element count, mean, sum of squared deviations) and
 returned as extra outputs of a new function that takes the module as its ``self``. A node that is to
 normalise with batch statistics gets no running statistics and ``training=True``, so it normalises with the batch's own
-statistics and updates nothing. The module itself is never modified, so it is saved back as it was.
+statistics and updates nothing; one in a drift-corrected pass stays an inference node fed ``drift.corrected`` of
+the batch's moments, the correction taken as three more inputs of the function. The module itself is never
+modified, so it is saved back as it was.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from ...errors import InputError
 
 
-def capture_function(module, train: frozenset, ids: list[str]):
-    """``(fn, order)``: ``fn(module._c, *inputs)`` returns ``(output, count, mean, m2, count, ...)``,
+def capture_function(module, train: frozenset, ids: list[str], corrected: frozenset = frozenset()):
+    """``(fn, order)``: ``fn(module._c, *inputs, *corrections)`` returns ``(output, count, mean, m2, count, ...)``,
     one (count, mean, m2) per BN call, whose layer ids ``order`` lists; the ``train`` layers normalise with
-    batch statistics."""
+    batch statistics, the ``corrected`` ones carried by their corrections (offset, then, target per layer, in
+    ``order``)."""
     import torch
 
-    graph = module.forward.graph.copy()
-    torch._C._jit_pass_inline(graph)
+    graph = _inlined(module)
     wanted, order = set(ids), []
     for node in list(graph.nodes()):  # top-level block only: values inside if/loop bodies cannot be returned
         if node.kind() != "aten::batch_norm":
             continue
         layer_id = _attribute_path(node.inputsAt(3))
         if layer_id in wanted:
-            for value in _instrument(graph, node, layer_id in train):
+            correction = None
+            if layer_id in corrected:
+                correction = [graph.addInput() for _ in range(3)]
+                for value in correction:
+                    value.setType(torch._C.TensorType.get())
+            for value in _instrument(graph, node, layer_id in train, correction):
                 graph.registerOutput(value)
             order.append(layer_id)
     missing = [i for i in ids if i not in order]
@@ -38,7 +47,23 @@ def capture_function(module, train: frozenset, ids: list[str]):
     return torch._C._create_function_from_graph("bnrepair_capture", graph), order
 
 
-def _instrument(graph, node, train: bool):
+def call_counts(module, ids) -> dict[str, int]:
+    """How many ``aten::batch_norm`` nodes of the inlined forward graph (nested blocks too) read each layer's
+    statistics."""
+    graph = _inlined(module)  # held: its nodes die with it
+    calls = Counter(_attribute_path(node.inputsAt(3)) for node in graph.findAllNodes("aten::batch_norm"))
+    return {layer_id: calls.get(layer_id, 0) for layer_id in ids}
+
+
+def _inlined(module):
+    import torch
+
+    graph = module.forward.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    return graph
+
+
+def _instrument(graph, node, train: bool, correction=None):
     """Insert the reduction of ``node``'s input before it; returns the (count, mean, m2) values."""
     x = node.inputsAt(0)
     with graph.insert_point_guard(node):
@@ -49,7 +74,18 @@ def _instrument(graph, node, train: bool):
         centred = graph.insert("aten::sub", [flat, mean])
         m2 = graph.insert("aten::sum", [graph.insert("aten::mul", [centred, centred]), const([0, 2])])
         count = graph.insert("aten::numel", [x])
-        if train:
+        if correction is not None:  # drift.corrected, cast to the statistics' dtype
+            offset, then, target = correction
+            eps, stored = node.inputsAt(7), node.inputsAt(3)
+            var = graph.insert("aten::div", [m2, graph.insert("aten::floordiv", [count, graph.insert(
+                "aten::size", [x, const(1)])])])
+            ratio = graph.insert("aten::div", [graph.insert("aten::add", [var, eps]), then])
+            moved = graph.insert("aten::mul", [graph.insert("aten::sqrt", [ratio]), offset])
+            mean_c = graph.insert("aten::add", [graph.insert("aten::reshape", [mean, const([-1])]), moved])
+            var_c = graph.insert("aten::sub", [graph.insert("aten::mul", [ratio, target]), eps])
+            node.replaceInput(3, graph.insert("aten::type_as", [mean_c, stored]))
+            node.replaceInput(4, graph.insert("aten::type_as", [var_c, stored]))
+        elif train:
             none = const(None)
             node.replaceInput(3, none)
             node.replaceInput(4, none)

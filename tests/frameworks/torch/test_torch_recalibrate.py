@@ -236,6 +236,27 @@ def test_torchscript_capture_matches_eager(compile_with, data):
     assert compiled.training and int(getattr(compiled, "1").num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+def test_torchscript_eval_makes_the_eager_twins_corrected_passes(compile_with):
+    """Eval mode's drift-corrected passes reach TorchScript too (the graph's BN nodes fed ``drift.corrected``):
+    pass for pass the same changes as the eager module, where plain passes alone would take one per BN layer."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    for _ in range(6):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    eager = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 64, 7), nn.BatchNorm1d(7)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    with pytest.warns(DeprecationWarning):
+        compiled = (torch.jit.script(copy.deepcopy(eager)) if compile_with == "script"
+                    else torch.jit.trace(copy.deepcopy(eager), x[:4]))
+    reports = [bnrepair.recalibrate(m, batches(x, [16] * 4), mode="eval") for m in (eager, compiled)]
+    assert reports[0].converged and reports[1].converged and reports[0].passes == reports[1].passes < 8
+    np.testing.assert_allclose(reports[1].change_per_pass[:-1], reports[0].change_per_pass[:-1], rtol=1e-3, atol=1e-5)
+    for a, b in zip(eager.modules(), compiled.modules()):
+        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+            np.testing.assert_allclose(stats(b), stats(a), rtol=1e-5, atol=1e-6)
+
+
 def test_dict_batches_are_keyword_arguments_and_tuples_positional(data):
     class TwoInputs(nn.Module):
         def __init__(self):
