@@ -129,7 +129,7 @@ class OnnxRunner:
             options.log_severity_level = 3  # errors only: its notes on the rewritten copy are not the user's
             try:
                 self._sessions[key] = self.ort.InferenceSession(copy.SerializeToString(), options,
-                                                                        providers=providers)
+                                                                providers=providers)
             except Exception as exc:
                 raise InputError(f"{self.source or 'model'}: onnxruntime cannot run the model: "
                                  f"{first_line(exc)}") from None

@@ -47,6 +47,7 @@ class TorchRunner:
     """``protocols.Runner`` for a ``torch.nn.Module`` or ScriptModule."""
 
     framework = "torch"
+    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None,
                  amp: str | None = None):
@@ -58,7 +59,6 @@ class TorchRunner:
         self.module = _unwrap(torch, model)
         self.checkpoint = checkpoint
         self.scripted = isinstance(self.module, torch.jit.ScriptModule)
-        self.drift_corrections = True
         origin = str(checkpoint.path) if checkpoint else "module"
         self.device = _resolve_device(torch, device, self.module, owned=checkpoint is not None)
         self.dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)

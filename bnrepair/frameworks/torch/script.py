@@ -56,6 +56,7 @@ def call_counts(module, ids) -> dict[str, int]:
 
 
 def _inlined(module):
+    """A copy of the forward graph with submodule calls inlined: every BN node at the level it runs."""
     import torch
 
     graph = module.forward.graph.copy()
