@@ -56,11 +56,26 @@ def call_counts(module, ids) -> dict[str, int]:
 
 
 def _inlined(module):
-    """A copy of the forward graph with submodule calls inlined: every BN node at the level it runs."""
+    """A copy of the forward graph with submodule calls inlined and the modules' bool flags (``training``,
+    torchvision's ``use_res_connect``) as their values now: the ``if`` blocks they steer fold away, so BN
+    nodes that ran inside one (``if self.use_res_connect: return x + self.conv(x)``) reach the top level.
+    A flag the forward itself assigns stays read at run time."""
     import torch
 
     graph = module.forward.graph.copy()
     torch._C._jit_pass_inline(graph)
+    assigned = {node.s("name") for node in graph.findAllNodes("prim::SetAttr")}
+    for node in graph.findAllNodes("prim::GetAttr"):
+        names = _names(node.output())
+        if names is None or names[-1] in assigned or not isinstance(node.output().type(), torch._C.BoolType):
+            continue
+        value = module
+        for name in names:
+            value = getattr(value, name)
+        with graph.insert_point_guard(node):
+            node.output().replaceAllUsesWith(graph.insertConstant(bool(value)))
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
     return graph
 
 
@@ -96,11 +111,15 @@ def _instrument(graph, node, train: bool, correction=None):
 
 def _attribute_path(value) -> str | None:
     """``layer1.0.bn1`` for a value read as ``self.layer1.0.bn1.running_mean``; None for anything else."""
+    names = _names(value)
+    return ".".join(names[:-1]) if names is not None and len(names) > 1 else None
+
+
+def _names(value) -> list[str] | None:
+    """``["layer1", "0", "bn1", "running_mean"]`` for a value read as ``self.layer1.0.bn1.running_mean``."""
     names = []
     node = value.node()
     while node.kind() == "prim::GetAttr":
         names.append(node.s("name"))
         node = node.input().node()
-    if node.kind() != "prim::Param" or len(names) < 2:
-        return None
-    return ".".join(reversed(names[1:]))
+    return list(reversed(names)) if node.kind() == "prim::Param" and names else None

@@ -257,6 +257,37 @@ def test_torchscript_eval_makes_the_eager_twins_corrected_passes(compile_with):
             np.testing.assert_allclose(stats(b), stats(a), rtol=1e-5, atol=1e-6)
 
 
+class Residual(nn.Module):
+    """torchvision's InvertedResidual in small: its BN runs inside ``if self.use_res_connect``."""
+
+    def __init__(self, use_res_connect: bool):
+        super().__init__()
+        self.use_res_connect = use_res_connect
+        self.conv = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU6())
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torchscript_bn_inside_a_flag_steered_branch_is_measured(mode):
+    """A scripted module's bool flags are read as their values, so the ``if`` they steer folds away and the BN
+    inside it is measured like its eager twin's (it was refused: not at the graph's top level)."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Residual(True), Residual(False), Residual(True)).eval()
+    with pytest.warns(DeprecationWarning):
+        scripted = torch.jit.script(copy.deepcopy(eager))
+    x = torch.randn(48, 3, 8, 8)
+    reports = [bnrepair.recalibrate(m, batches(x, [16] * 3), mode=mode) for m in (eager, scripted)]
+    assert reports[0].passes == reports[1].passes and len(reports[1].layers) == 3
+    for a, b in zip(eager.modules(), scripted.modules()):
+        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+            np.testing.assert_allclose(stats(b), stats(a), rtol=1e-5, atol=1e-6)
+    assert not scripted.training  # the flags read as values were not changed on the module
+
+
 def test_dict_batches_are_keyword_arguments_and_tuples_positional(data):
     class TwoInputs(nn.Module):
         def __init__(self):
