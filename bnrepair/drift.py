@@ -30,6 +30,10 @@ MEMORY = 1 << 30
 """bytes of per-batch moments a run may keep; beyond that eval mode makes plain passes only"""
 
 
+PARTS = ("offset", "then", "target")
+"""the parts of a correction, in the order ``Drift.corrections`` gives them and ``corrected`` takes them"""
+
+
 def corrected(mean, var, correction, eps: float):
     """What a corrected pass normalises a batch with, from the batch's own mean and biased variance and its
     ``correction`` (``Drift.corrections``: the target's mean less the batch's mean then, the batch's and the

@@ -67,6 +67,22 @@ def import_keras():
     return keras, tf
 
 
+def held_corrections(held: dict, corrections: dict | None, device: str) -> frozenset:
+    """Each layer's drift correction (``drift.Drift.corrections``) put into float32 ``tf.Variable``s kept in
+    ``held``: made once per layer, assigned every batch, so the one traced function of a corrected pass reads
+    them all pass long. The corrected layers."""
+    import numpy as np
+
+    tf = import_tensorflow()
+    for layer_id, arrays in (corrections or {}).items():
+        if layer_id not in held:
+            with tf.device(device):
+                held[layer_id] = tuple(tf.Variable(np.asarray(a, np.float32), trainable=False) for a in arrays)
+        for variable, a in zip(held[layer_id], arrays):
+            variable.assign(np.asarray(a, np.float32))
+    return frozenset(corrections or ())
+
+
 def resolve_device(tf, device: str) -> str:
     check_device(device)
     gpus = tf.config.list_physical_devices("GPU")

@@ -19,7 +19,7 @@ from ...drift import corrected
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ..tf_runtime import data_misfit, import_keras, resolve_device
+from ..tf_runtime import data_misfit, held_corrections, import_keras, resolve_device
 from . import files as keras_files
 
 
@@ -173,14 +173,8 @@ class KerasRunner:
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
                 corrections=None) -> dict[str, Moments]:
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        for layer_id, arrays in (corrections or {}).items():
-            if layer_id not in self._corrections:
-                _, tf = import_keras()
-                self._corrections[layer_id] = tuple(tf.Variable(a, dtype=tf.float32, trainable=False)
-                                                    for a in arrays)
-            for variable, a in zip(self._corrections[layer_id], arrays):
-                variable.assign(np.asarray(a, np.float32))
-        results = self._run(inputs, train, ids, outputs=False, corrected=frozenset(corrections or ()))
+        corrected = held_corrections(self._corrections, corrections, self.device)
+        results = self._run(inputs, train, ids, outputs=False, corrected=corrected)
         pooled = {}
         for layer_id in ids:  # a layer called more than once per forward pools its calls, as training would
             calls = [Moments.of(count.numpy(), shift.numpy().astype(np.float64) + offset.numpy(), m2.numpy())

@@ -6,7 +6,8 @@ alone. The measuring copy makes each recalibrated mean / variance a graph input 
 moment, so passes need no new session), outputs each BN input's per-channel batch moments (a few numbers per
 layer come back, not the activations), and, for the layers that normalise with batch statistics, replaces the
 node by a BatchNormalization fed those moments, or, in eval mode's drift-corrected passes, those moments carried
-by the layer's correction (``drift.corrected``), itself fed as three graph inputs per layer (``CORRECTION``).
+by the layer's correction (``drift.corrected``), itself fed as graph inputs ``<tag>/correction_<part>``
+(``drift.PARTS``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...drift import PARTS
 from ...errors import InputError
 
 MOMENTS = ("mean", "var", "size")
 """what the measuring copy outputs per BN input, as ``<tag>/<moment>``"""
-CORRECTION = ("offset", "then", "target")
-"""the graph inputs ``<tag>/correction_<part>`` a corrected site reads its ``drift.corrections`` entry from"""
 
 
 @dataclass(frozen=True)
@@ -234,11 +234,11 @@ def _corrected(site: Site, x: TensorType) -> tuple[list, list]:
     from onnx import helper
 
     t, dtype = tag(site), moment_type(x)
-    inputs = [helper.make_tensor_value_info(f"{t}/correction_{part}", dtype, [None]) for part in CORRECTION]
+    inputs = [helper.make_tensor_value_info(f"{t}/correction_{part}", dtype, [None]) for part in PARTS]
     nodes = [_constant(f"{t}/channels", [1, -1] + [1] * (x.rank - 2)),
              helper.make_node("Constant", [], [f"{t}/eps"], value=helper.make_tensor(f"{t}/eps_value", dtype, [],
                                                                                     [site.eps]))]
-    for part in CORRECTION:
+    for part in PARTS:
         nodes.append(helper.make_node("Reshape", [f"{t}/correction_{part}", f"{t}/channels"], [f"{t}/{part}"]))
     steps = (("Add", ["var", "eps"], "var_eps"), ("Div", ["var_eps", "then"], "ratio"),
              ("Sqrt", ["ratio"], "std_ratio"), ("Mul", ["std_ratio", "offset"], "moved_offset"),

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ...drift import PARTS
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from . import files
 from .graph import (
-    CORRECTION,
     MOMENTS,
     array,
     copied,
@@ -143,7 +143,7 @@ class OnnxRunner:
             feeds[site.mean], feeds[site.var] = self._stats[site.id]
         for layer_id, parts in (corrections or {}).items():
             dtype = helper.tensor_dtype_to_np_dtype(moment_type(self._types[self._sites[layer_id].x]))
-            for part, value in zip(CORRECTION, parts):
+            for part, value in zip(PARTS, parts):
                 feeds[f"{tag(self._sites[layer_id])}/correction_{part}"] = np.asarray(value, dtype).ravel()
         session = self._session(batch_stats, frozenset(corrections or ()))
         if self._others:  # a pruned copy reads fewer statistics: onnxruntime refuses a feed it does not take

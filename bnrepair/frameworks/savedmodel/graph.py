@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...drift import PARTS
 from ...errors import InputError
 
 VARIABLE_OPS = {"VarHandleOp", "VariableV2", "Variable"}
@@ -429,13 +430,9 @@ def freeze(graph_def, values: dict):
     return out
 
 
-CORRECTION_PARTS = ("offset", "then", "target")
-"""the parts of a ``drift.corrections`` entry, in order"""
-
-
 def correction_inputs(site: Site) -> list[str]:
     """The float32 placeholders a corrected site reads its correction from (``rewire_for_batch_statistics``)."""
-    return [f"{site.node}/bnrepair/correction_{part}" for part in CORRECTION_PARTS]
+    return [f"{site.node}/bnrepair/correction_{part}" for part in PARTS]
 
 
 def rewire_for_batch_statistics(graph_def, sites: list[Site], kept: set[str], dtypes: dict[str, int],

@@ -27,7 +27,7 @@ import numpy as np
 from ...errors import BnrepairError, InputError
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ..tf_runtime import data_misfit, import_tensorflow, resolve_device
+from ..tf_runtime import data_misfit, held_corrections, import_tensorflow, resolve_device
 from .checkpoint import (
     CheckpointReader,
     captured_keys,
@@ -236,15 +236,8 @@ class SavedModelRunner:
             raise BnrepairError(f"BN layer(s) {', '.join(shared)} share their statistics variables with another BN "
                                 "op in one forward pass; they cannot be recalibrated as one layer")
         train = frozenset(ids) if mode == "train" else frozenset(batch_stats)
-        tf = import_tensorflow()
-        for layer_id, arrays in (corrections or {}).items():
-            if layer_id not in self._corrections:
-                with tf.device(self.device):
-                    self._corrections[layer_id] = tuple(tf.Variable(np.asarray(a, np.float32), trainable=False)
-                                                        for a in arrays)
-            for variable, a in zip(self._corrections[layer_id], arrays):
-                variable.assign(np.asarray(a, np.float32))
-        results = self._run(inputs, train, ids, outputs=False, corrected=frozenset(corrections or ()))
+        corrected = held_corrections(self._corrections, corrections, self.device)
+        results = self._run(inputs, train, ids, outputs=False, corrected=corrected)
         return {layer_id: Moments.of(*(t.numpy() for t in results[layer_id])) for layer_id in ids}
 
     def call_counts(self) -> dict[str, int]:

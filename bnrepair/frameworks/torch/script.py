@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ...drift import PARTS
 from ...errors import InputError
 
 
@@ -32,7 +33,7 @@ def capture_function(module, train: frozenset, ids: list[str], corrected: frozen
         if layer_id in wanted:
             correction = None
             if layer_id in corrected:
-                correction = [graph.addInput() for _ in range(3)]
+                correction = [graph.addInput() for _ in PARTS]
                 for value in correction:
                     value.setType(torch._C.TensorType.get())
             for value in _instrument(graph, node, layer_id in train, correction):
