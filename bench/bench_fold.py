@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import bnrepair
-from bnrepair.deploy import onnx_session
+from bnrepair.frameworks.onnx_runtime import onnx_session
 
 
 def median_seconds(unfolded, folded, repeats: int) -> tuple[float, float]:

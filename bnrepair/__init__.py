@@ -6,7 +6,8 @@ Module names never equal a public function's name (``recalibration``, ``diagnosi
 """
 
 from .api import diagnose, export, fold, inspect, load, recalibrate
-from .options import LoadOptions
+from .options import DataOptions, LoadOptions, RecalibrationOptions, VerifyOptions
 from .version import __version__
 
-__all__ = ["LoadOptions", "__version__", "diagnose", "export", "fold", "inspect", "load", "recalibrate"]
+__all__ = ["DataOptions", "LoadOptions", "RecalibrationOptions", "VerifyOptions", "__version__", "diagnose", "export",
+           "fold", "inspect", "load", "recalibrate"]

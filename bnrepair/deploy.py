@@ -8,30 +8,22 @@ onnxruntime. Every output, and the output of every folded layer, must agree with
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .data import calibration, check_fits, image_spec
-from .errors import BnrepairError, InputError, first_line, require
-from .protocols import FoldBackend, Runner
+from .errors import BnrepairError, InputError, VerificationError, first_line
+from .frameworks.onnx_runtime import OPSET_MIN, onnx_session, ort_max_opset
+from .options import DataOptions, VerifyOptions
+from .protocols import Exporter, Runner
 from .report import Check, DeployReport, FoldRow, Refusal
 from .version import __version__
 from .writers import atomic_path, sha256
-
-DEFAULT_OPSET = 17
-OPSET_MIN = 13
-"""the Softmax, Clip and Pad semantics the Keras emitter writes"""
-VERIFY_SAMPLES = 64
-
-
-class VerificationError(BnrepairError):
-    """The folded or exported model does not compute what the source computes."""
 
 
 @dataclass
@@ -76,23 +68,19 @@ class Error:
         return self.abs / self.scale if self.scale else (np.inf if self.abs else 0.0)
 
 
-def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None, samples: int = VERIFY_SAMPLES,
-            batch_size: int = 32, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-4,
-            opset: int = DEFAULT_OPSET, image_size=None, preprocess: str = "unit", input_index: int = 0,
+def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, data=None,
+            data_options: DataOptions = DataOptions(), verify: VerifyOptions = VerifyOptions(),
             source_path: Path | None = None) -> Prepared:
     """Fold and/or convert ``runner``'s model, verify it against the source, and return it unwritten."""
     started = time.perf_counter()
-    frame = runner.fold_backend()
-    if not (atol >= 0 and rtol >= 0):
-        raise InputError(f"--atol and --rtol must be >= 0, got {atol:g} and {rtol:g}")
+    exporter = runner.exporter()
     if to_onnx:
-        check_opset(opset, frame)
-    batches, described = verification_batches(runner, data, samples, batch_size, seed, image_size, preprocess,
-                                              input_index)
-    with frame.precise():
+        check_opset(verify.opset, exporter)
+    batches, described = verification_batches(runner, data, replace(data_options, samples=verify.samples))
+    with exporter.precise():
         try:
-            report, model, proto = _verified(frame, runner, output, batches, described, fold, to_onnx, atol, rtol,
-                                             opset, source_path)
+            report, model, proto = _verified(runner, output, batches, described, fold=fold, to_onnx=to_onnx,
+                                             verify=verify, source_path=source_path)
         except BnrepairError as exc:  # the model's own problems: name its file, as every bad-input message does
             if source_path is None:
                 raise
@@ -108,18 +96,19 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
             with atomic_path(Path(output)) as tmp:
                 tmp.write_bytes(proto.SerializeToString())
         else:
-            frame.save(model, Path(output), batches[0])
+            runner.folder().save(model, Path(output), batches[0])
         report.output_sha256 = sha256(output)
 
     return Prepared(report, write)
 
 
-def _verified(frame: FoldBackend, runner: Runner, output, batches, described, fold, to_onnx, atol, rtol, opset,
-              source_path):
+def _verified(runner: Runner, output: Path | None, batches: list[np.ndarray], described: str, *, fold: bool,
+              to_onnx: bool, verify: VerifyOptions, source_path: Path | None):
     """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
-    source = frame.source(runner.model)
+    exporter = runner.exporter()
+    source = exporter.source(runner.model)
     try:
-        reference = [frame.run(source, x) for x in batches]
+        reference = [exporter.run(source, x) for x in batches]
     except (RuntimeError, TypeError, ValueError) as exc:  # several inputs, or data of another shape
         text = first_line(exc)
         raise InputError(f"the model does not run on one input batch of shape {batches[0].shape}: {text}") from None
@@ -128,40 +117,41 @@ def _verified(frame: FoldBackend, runner: Runner, output, batches, described, fo
                          "nothing can be verified; `bnrepair inspect` flags BN statistics that cause this")
     model, rows, refused, checks = source, [], [], []
     if fold:
-        folded = frame.fold(runner.model, {bn.id for bn in runner.graph.bn_layers}, batches[0])
+        folder = runner.folder()
+        folded = folder.fold(runner.model, {bn.id for bn in runner.graph.bn_layers}, batches[0])
         model = folded.model
-        rows, refused = _fold_rows(frame, source, folded, batches, atol, rtol)
-        checks += _compare("fold", reference, [frame.run(model, x) for x in batches],
-                           frame.output_names(model, batches[0]), atol, rtol)
-    report = DeployReport(runner.framework, runner.graph.source, str(output) if output else None, rows, refused,
-                          checks, sum(len(x) for x in batches), described, atol, rtol)
+        rows, refused = _fold_rows(folder, source, folded, batches, verify)
+        checks += _compare("fold", reference, [exporter.run(model, x) for x in batches],
+                           exporter.output_names(model, batches[0]), verify)
+    report = DeployReport(framework=runner.framework, source=runner.graph.source,
+                          output=str(output) if output else None, folded=rows, refused=refused, checks=checks,
+                          samples=sum(len(x) for x in batches), inputs=described, atol=verify.atol, rtol=verify.rtol)
     report.model = model
     if source_path is not None and Path(source_path).is_file():
         report.input_sha256 = sha256(source_path)
     proto = None
     if to_onnx:
-        proto = frame.to_onnx(model, batches[0], opset)
+        proto = exporter.to_onnx(model, batches[0], verify.opset)
         _label(proto, report)
         session = onnx_session(proto.SerializeToString())
         names = [o.name for o in session.get_outputs()]
         got = [session.run(None, {session.get_inputs()[0].name: x}) for x in batches]
-        report.checks += _compare("onnx", reference, got, names, atol, rtol)
-        report.opset, report.provider = opset, session.get_providers()[0]
+        report.checks += _compare("onnx", reference, got, names, verify)
+        report.opset, report.provider = verify.opset, session.get_providers()[0]
     return report, model, proto
 
 
-def verification_batches(runner, data, samples: int, batch_size: int, seed: int, image_size, preprocess: str,
-                         input_index: int) -> tuple[list[np.ndarray], str]:
-    """Up to ``samples`` inputs: from ``data`` when given, else uniform [0, 1) of the declared shape."""
+def verification_batches(runner, data, options: DataOptions) -> tuple[list[np.ndarray], str]:
+    """Up to ``options.samples`` inputs: from ``data`` when given, else uniform [0, 1) of the declared shape."""
+    samples, batch_size = options.samples, options.batch_size
     if data is None:
         shape = runner.graph.input_shape
         if not shape or any(d is None for d in shape):
             raise InputError(f"the model does not declare its full input shape ({shape}); give --data to "
                              "verify on real samples")
-        x = np.random.default_rng(seed).random((samples, *shape), dtype=np.float32)
+        x = np.random.default_rng(options.seed).random((samples, *shape), dtype=np.float32)
         return [x[i:i + batch_size] for i in range(0, samples, batch_size)], "generated uniform [0, 1) inputs"
-    stream = calibration(data, image_spec(runner.graph, image_size, preprocess), batch_size, seed, samples,
-                         False, input_index)
+    stream = calibration(data, image_spec(runner.graph, options), replace(options, skip_bad=False))
     check_fits(runner.graph, stream)
     batches, taken = [], 0
     for batch in stream:
@@ -178,13 +168,13 @@ def verification_batches(runner, data, samples: int, batch_size: int, seed: int,
     return batches, "calibration data"
 
 
-def _fold_rows(frame, source, folded, batches, atol, rtol) -> tuple[list[FoldRow], list[Refusal]]:
+def _fold_rows(folder, source, folded, batches, verify: VerifyOptions) -> tuple[list[FoldRow], list[Refusal]]:
     """Per folded BN: the largest difference between its output in the source and the folded layer's."""
     pairs = folded.probes
-    errors = {bn: Error(atol, rtol) for bn in pairs}
+    errors = {bn: Error(verify.atol, verify.rtol) for bn in pairs}
     for x in batches:
-        before = frame.capture(source, {s for p in pairs.values() for s, _, _ in p}, x)
-        after = frame.capture(folded.model, {f for p in pairs.values() for _, _, f in p}, x)
+        before = folder.capture(source, {s for p in pairs.values() for s, _, _ in p}, x)
+        after = folder.capture(folded.model, {f for p in pairs.values() for _, _, f in p}, x)
         for bn, probe in pairs.items():
             for src, part, dst in probe:
                 ref = before[src] if part is None else np.take(before[src], range(part[1], part[2]), axis=part[0])
@@ -201,12 +191,12 @@ def _fold_rows(frame, source, folded, batches, atol, rtol) -> tuple[list[FoldRow
     return rows, refused
 
 
-def _compare(stage: str, reference, results, names: list[str], atol, rtol) -> list[Check]:
+def _compare(stage: str, reference, results, names: list[str], verify: VerifyOptions) -> list[Check]:
     count = len(reference[0])
     if any(len(r) != count for r in results) or len(names) != count:
         raise VerificationError(f"verification failed: the {stage} result has {len(results[0])} output(s), "
                                 f"the source {count}")
-    errors = [Error(atol, rtol) for _ in range(count)]
+    errors = [Error(verify.atol, verify.rtol) for _ in range(count)]
     for ref, got in zip(reference, results):
         for i in range(count):
             errors[i].add(ref[i], got[i], f"output {names[i]} ({stage})")
@@ -223,12 +213,12 @@ def _off(what: str, error: Error, stage: str) -> VerificationError:
                              f"rtol {error.rtol:g} * its largest |value| {error.scale:.3g}; nothing written")
 
 
-def check_opset(opset: int, frame=None) -> None:
+def check_opset(opset: int, exporter: Exporter | None = None) -> None:
     """Up to the newest opset that the installed onnx, onnxruntime and the framework's exporter all take;
-    without ``frame``, onnx and onnxruntime only (checked before a framework loads)."""
+    without ``exporter``, onnx and onnxruntime only (checked before a framework loads)."""
     import onnx
 
-    newest = min(onnx.defs.onnx_opset_version(), ort_max_opset(), *([frame.max_opset()] if frame else []))
+    newest = min(onnx.defs.onnx_opset_version(), ort_max_opset(), *([exporter.max_opset()] if exporter else []))
     if not OPSET_MIN <= opset <= newest:
         raise InputError(f"--opset must be between {OPSET_MIN} and {newest} (the newest the installed onnx, "
                          f"onnxruntime and exporter all support), got {opset}")
@@ -253,74 +243,3 @@ def _label(proto, report: DeployReport) -> None:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise VerificationError(f"the exported model fails onnx.checker: {first_line(exc)}") from None
-
-
-def require_onnx() -> None:
-    require(("onnx", "onnxruntime"), "ONNX export", "onnx")
-
-
-def import_ort():
-    require_onnx()
-    import onnxruntime as ort
-
-    return ort
-
-
-@functools.cache
-def cuda_usable() -> bool:
-    """Whether onnxruntime's CUDA provider really starts here; probed once with ORT's logging silenced,
-    since a GPU build on a machine without a GPU (or without CUDA libraries) logs its fallback."""
-    ort = import_ort()
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    probe = _probe(DEFAULT_OPSET)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    ort.set_default_logger_severity(4)
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options,
-                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-        return session.get_providers()[0] == "CUDAExecutionProvider"
-    except Exception:
-        return False
-    finally:
-        ort.set_default_logger_severity(2)
-
-
-def _probe(opset: int):
-    """The smallest model of ``opset`` (an Identity), at the lowest IR version that opset needs."""
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    probe.ir_version = helper.find_min_ir_version_for(probe.opset_import)
-    return probe
-
-
-@functools.cache
-def ort_max_opset() -> int:
-    """The newest opset onnxruntime loads, probed (it publishes no such number); onnx may know newer ones."""
-    import onnx
-
-    ort = import_ort()
-    for opset in range(onnx.defs.onnx_opset_version(), OPSET_MIN, -1):
-        try:
-            ort.InferenceSession(_probe(opset).SerializeToString(), providers=["CPUExecutionProvider"])
-            return opset
-        except Exception:
-            continue
-    return OPSET_MIN
-
-
-def onnx_session(model: bytes):
-    """An onnxruntime session on CUDA when it is usable, else on the CPU."""
-    ort = import_ort()
-    providers = ["CPUExecutionProvider"]
-    if cuda_usable():  # full float32, as the source is run: no TF32 in convs and matmuls
-        providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
-    try:
-        return ort.InferenceSession(model, providers=providers)
-    except Exception as exc:
-        raise VerificationError(f"onnxruntime cannot load the exported model: {first_line(exc)}") from None

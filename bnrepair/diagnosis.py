@@ -30,7 +30,6 @@ THRESHOLD = 0.5
 """a channel is off when its mean shift (in data std) or |ln variance ratio| exceeds this (diagnose --threshold)"""
 SHARE_OFF = 0.1
 """a layer is off when more than this share of its channels are"""
-DEFAULT_EPS = {"keras": 1e-3, "savedmodel": 1e-3, "torch": 1e-5}
 
 
 @dataclass
@@ -41,14 +40,6 @@ class Flag:
     layer: str | None = None
 
 
-def decay(graph: ModelGraph, bn: BNLayer) -> float | None:
-    """The EMA's decay whatever the framework's convention (Keras: momentum; torch: 1 - momentum); None where
-    the checkpoint does not store it (a torch state_dict)."""
-    if bn.momentum is None or not graph.momentum_stored:
-        return None
-    return 1.0 - bn.momentum if graph.framework == "torch" else bn.momentum
-
-
 def never_updated(bn: BNLayer) -> bool:
     return bool(np.all(bn.mean == 0.0) and np.all(bn.var == 1.0))
 
@@ -56,7 +47,7 @@ def never_updated(bn: BNLayer) -> bool:
 def inspect_layers(graph: ModelGraph, calls: dict[str, int] | None = None) -> list[Flag]:
     """What the stored statistics and settings alone say; ``calls``: forward calls per layer when known."""
     flags = [Flag("info", "left_alone", f"not recalibrated: {why}", layer) for layer, why in graph.left_alone]
-    default_eps = DEFAULT_EPS.get(graph.framework)
+    default_eps = graph.default_eps
     for bn in graph.bn_layers:
         if not bn.tracks_stats:
             flags.append(Flag("info", "no_running_stats", "keeps no running statistics (nothing to fix)", bn.id))
@@ -76,7 +67,7 @@ def inspect_layers(graph: ModelGraph, calls: dict[str, int] | None = None) -> li
         elif never_updated(bn):
             flags.append(Flag("error", "never_updated", "statistics still at their initial values "
                               "(mean exactly 0, variance exactly 1): updates never ran", bn.id))
-        d = decay(graph, bn)
+        d = graph.decay(bn)
         if d is not None and d >= 0.999:
             flags.append(Flag("warning", "slow_momentum", f"moving-average decay {d:g}: needs thousands of "
                               "steps to forget its initial values", bn.id))
@@ -127,9 +118,10 @@ def compare(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray, threshold:
     sd2 = np.asarray(data_var, np.float64) + bn.eps
     share = share_off(shift, log_ratio, threshold)
     fraction, misfit = _ema_fit(bn, np.asarray(data_mean, np.float64), sd2 - bn.eps)
-    return LayerEvidence(bn.id, bn.channels, bn.frozen, float(shift.max()), float(np.median(shift)),
-                         float(np.abs(log_ratio).max()), float(np.median(log_ratio)), share,
-                         fraction, misfit, never_updated(bn), share > SHARE_OFF)
+    return LayerEvidence(id=bn.id, channels=bn.channels, frozen=bn.frozen, mean_shift_max=float(shift.max()),
+                         mean_shift_median=float(np.median(shift)), log_var_ratio_max=float(np.abs(log_ratio).max()),
+                         log_var_ratio_median=float(np.median(log_ratio)), share_off=share, ema_fraction=fraction,
+                         ema_misfit=misfit, never_updated=never_updated(bn), problem=share > SHARE_OFF)
 
 
 def _ema_fit(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray) -> tuple[float | None, float | None]:
@@ -193,7 +185,7 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
     stale = [e for e in rest if e.ema_fraction is not None and e.ema_fraction < STALE_FRACTION
              and e.ema_misfit < STALE_MISFIT]
     if rest and len(stale) * 2 > len(rest):
-        decays = sorted({round(d, 6) for bn in graph.bn_layers if (d := decay(graph, bn)) is not None})
+        decays = sorted({round(d, 6) for bn in graph.bn_layers if (d := graph.decay(bn)) is not None})
         evidence = [f"{len(stale)} of {len(rest)} off layer(s) hold {np.median([e.ema_fraction for e in stale]):.0%} "
                     "of the data's statistics and the rest of the initial 0/1 (a moving average that "
                     f"stopped early; fit residual at most {max(e.ema_misfit for e in stale):.2f})"]

@@ -264,14 +264,3 @@ def share_of(group: Group | None) -> tuple[int, int]:
     """(rank, ranks): which batches of one data set named alike on every rank this rank takes
     (``data.calibration`` applies it; an iterable of the rank's own batches is all its own)."""
     return (0, 1) if group is None else (group.rank, group.size)
-
-
-class SameOnEveryRank:
-    """An iterable of batches that gives every rank the same batches (``--data-fn`` under torchrun): the ranks
-    share them out, each taking every ``N``-th batch, as with ``--data``."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)

@@ -30,3 +30,7 @@ def require(modules: tuple[str, ...], purpose: str, extra: str) -> None:
     if missing:
         raise BnrepairError(f"{purpose} needs {' and '.join(missing)}, not installed: from the bnrepair checkout, "
                             f"pip install '.[{extra}]'")
+
+
+class VerificationError(BnrepairError):
+    """The folded or exported model does not compute what the source computes."""

@@ -53,11 +53,23 @@ class ModelGraph:
     input_shape: tuple[int | None, ...] | None = None
     channels_first: bool = False
     unbiased_var: bool = False
+    """the framework's variance convention: torch's ``running_var`` is unbiased, Keras's ``moving_variance`` biased"""
     momentum_stored: bool = True
     """False where the checkpoint does not hold the layers' momentum (a torch state_dict: the module ``--arch``
     builds brings its own default, which says nothing about training)"""
+    momentum_is_decay: bool = True
+    """Keras's momentum is the moving average's decay; torch's is the weight of each new batch (1 - decay)"""
+    default_eps: float | None = None
+    """the framework's default eps, where it has one (an eps a hundred times off it is worth a word)"""
     left_alone: list[tuple[str, str]] = field(default_factory=list)
     """BN ops found but not recalibrated, with the reason (an ONNX BN whose statistics are computed)"""
+
+    def decay(self, bn: BNLayer) -> float | None:
+        """The moving average's decay whatever the framework's convention; None where the checkpoint does not
+        store it."""
+        if bn.momentum is None or not self.momentum_stored:
+            return None
+        return bn.momentum if self.momentum_is_decay else 1.0 - bn.momentum
 
     def layer(self, layer_id: str) -> BNLayer:
         for bn in self.bn_layers:

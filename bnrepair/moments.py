@@ -50,6 +50,17 @@ class Moments:
         return bool(np.isfinite(self.mean).all() and np.isfinite(self.m2).all())
 
 
+def moved(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, float]:
+    """How far new statistics moved from old ones: the largest |mean change| in units of the new std, and the
+    smallest and largest new / old variance ratio (inf or nan where an old variance was 0)."""
+    old_mean, old_var = (np.asarray(a, np.float64) for a in old)
+    new_mean, new_var = (np.asarray(a, np.float64) for a in new)
+    std = np.sqrt(np.maximum(new_var, np.finfo(np.float64).tiny))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = new_var / old_var
+    return float(np.max(np.abs(new_mean - old_mean) / std)), float(np.min(ratio)), float(np.max(ratio))
+
+
 def relative_change(old: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray], eps: float) -> float:
     """Largest change of mean or variance, in units of the new std / variance as the layer normalises with
     them (eps included): a dead channel (variance 0) cannot make a tiny change look huge."""

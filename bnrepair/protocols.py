@@ -1,8 +1,8 @@
 """The written contracts between the framework-free core and the framework wings.
 
-A wing (``frameworks/<name>/``) supplies a ``Runner`` for a model and, where the format can be folded
-or exported, a ``FoldBackend``; the core (recalibration loop, diagnosis, deploy) only ever talks to
-these. Data comes in as a ``Stream`` of ``Batch``es, and long loops report to a ``Progress``.
+A wing (``frameworks/<name>/``) supplies a ``Runner`` for a model, an ``Exporter`` that writes it as ONNX
+and, where the format can be folded, a ``Folder``; the core (recalibration loop, diagnosis, deploy) only ever
+talks to these. Data comes in as a ``Stream`` of ``Batch``es, and long loops report to a ``Progress``.
 ``docs/architecture.md`` shows where each piece lives and how to add a format.
 """
 
@@ -37,8 +37,6 @@ class Runner(Protocol):
     device: Any
     model: Any
     """the model in its framework (``keras.Model``, ``torch.nn.Module``, ...), for folding and export"""
-    drift_corrections: bool
-    """whether ``collect`` takes ``corrections`` (eval mode's drift-corrected passes, see ``drift``)"""
 
     def cast_input(self, x: Any) -> Any:
         """A batch as numpy / framework tensors (or a tuple / dict of them), ready for ``infer``."""
@@ -65,15 +63,16 @@ class Runner(Protocol):
         """Every weight the model computes with, by name, except the BN moving statistics (what is repaired):
         one that is not finite makes a damaged checkpoint, which no recalibration can mend."""
 
-    def fold_backend(self) -> FoldBackend:
-        """The fold / ONNX backend of this format; an ``InputError`` naming the file where there is none."""
+    def exporter(self) -> Exporter:
+        """The format's ONNX export (and the runs that verify it)."""
+
+    def folder(self) -> Folder:
+        """The format's folding; an ``InputError`` naming the file where the format folds nothing."""
 
 
-class FoldBackend(Protocol):
-    """Folding and ONNX export for one framework; each wing's ``fold`` module implements it."""
-
-    SUFFIXES: tuple[str, ...]
-    """what a folded model is written as besides ONNX; the first is the default"""
+class Exporter(Protocol):
+    """ONNX export for one format, and what verifying a result against the source needs; a wing's module
+    (``fold`` where it folds too, ``export`` where it does not) implements it."""
 
     def precise(self) -> AbstractContextManager:
         """Full float32 arithmetic while verifying (no TF32)."""
@@ -81,27 +80,31 @@ class FoldBackend(Protocol):
     def source(self, model: Any) -> Any:
         """The model as it runs at inference, to compare every result with."""
 
+    def run(self, model: Any, x: np.ndarray) -> list[np.ndarray]:
+        """The model's outputs on ``x`` at inference."""
+
+    def output_names(self, model: Any, example: np.ndarray) -> list[str]: ...
+
+    def to_onnx(self, model: Any, example: np.ndarray, opset: int) -> Any:
+        """An ``onnx.ModelProto`` of ``model`` with a dynamic batch axis."""
+
+    def max_opset(self) -> int: ...
+
+
+class Folder(Protocol):
+    """Folding BN into its conv / dense neighbour for one framework; each folding wing's ``fold`` module."""
+
     def unfoldable(self, model: Any) -> str | None:
         """Why ``model`` cannot be folded at all (checked before any work), or None."""
 
     def fold(self, model: Any, bn_ids: set[str], example: np.ndarray) -> Any:
         """A ``folding.Folded``: a new model with every exactly foldable BN merged, the input untouched."""
 
-    def run(self, model: Any, x: np.ndarray) -> list[np.ndarray]:
-        """The model's outputs on ``x`` at inference."""
-
     def capture(self, model: Any, names: set[str], x: np.ndarray) -> dict[str, np.ndarray]:
         """The outputs of the named layers on ``x``, copied so later in-place ops cannot change them."""
 
-    def output_names(self, model: Any, example: np.ndarray) -> list[str]: ...
-
     def save(self, model: Any, dest: Path, example: np.ndarray) -> None:
         """Write the folded model in the framework's own format, atomically."""
-
-    def to_onnx(self, model: Any, example: np.ndarray, opset: int) -> Any:
-        """An ``onnx.ModelProto`` of ``model`` with a dynamic batch axis."""
-
-    def max_opset(self) -> int: ...
 
 
 class Batch(Protocol):

@@ -19,7 +19,8 @@ from .drift import Drift
 from .errors import BnrepairError, InputError
 from .graph import BNLayer
 from .moments import Moments, relative_change
-from .protocols import NoProgress, Progress, Runner, Stream
+from .options import RecalibrationOptions
+from .protocols import NoProgress, Progress, Runner, Stats, Stream
 
 MODES = ("train", "eval")
 MAX_PASSES = 50
@@ -57,24 +58,21 @@ def perturbed(stats: dict, seed: int = 0) -> dict:
             for i, pair in stats.items()}
 
 
-def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress,
+def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress, *,
                    index: int = 0, batch_stats: frozenset = frozenset(), drift: Drift | None = None,
                    group: Group | None = None) -> tuple[dict[str, Moments], int]:
     """One pass over ``data``: every chosen layer's input moments, pooled exactly over all samples (of every
-    rank of ``group``)."""
+    rank of ``group``); ``drift`` takes its own side of the pass (each batch's corrections and moments)."""
     totals = {i: Moments(0, np.zeros(()), np.zeros(())) for i in ids}
     seen = 0
     progress.start_pass(index, len(data) or None)
     with together(group):
         for number, batch in enumerate(data):
             inputs = runner.cast_input(batch.inputs)
-            if drift is not None and drift.correcting:
-                corrections = drift.corrections(number)
-                moments = runner.collect(inputs, "eval", ids, frozenset(corrections), corrections)
-            else:
+            if drift is None:
                 moments = runner.collect(inputs, mode, ids, batch_stats)
-            if drift is not None:
-                drift.record(number, moments)
+            else:
+                moments = drift.collect(runner, inputs, number, mode, ids)
             for layer_id, m in moments.items():
                 totals[layer_id] = totals[layer_id].merge(m)
             seen += batch.size
@@ -82,6 +80,8 @@ def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], prog
     progress.end_pass()
     if group is not None:
         totals, seen = group.merged(totals, ids, seen)
+        if drift is not None:
+            drift.merge_moved(group)
     if seen < 2:
         raise InputError(f"{data.origin}: need at least 2 calibration samples, got {seen}")
     return totals, seen
@@ -107,111 +107,157 @@ def check_weights(runner: Runner) -> None:
                              "cannot mend")
 
 
-def run(runner: Runner, data: Stream, mode: str = "train", tol: float = 1e-4, layers: str | None = None,
-        skip: str | None = None, progress: Progress | None = None, max_passes: int | None = None,
-        group: Group | None = None) -> Outcome:
-    """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``.
+@dataclass
+class Convergence:
+    """When eval mode stops, from what each pass moved (in std units of the new statistics, eps included).
+
+    A plain pass (every layer in inference mode at the statistics before it) ends the run when it moves nothing
+    more than ``tol``; a drift-corrected one when it also normalised within ``tol`` of plain inference. The
+    plain passes around a corrected one show a round's contraction, and a corrected pass it predicts within
+    ``tol`` of the fixed point ends the run without the plain pass that would only confirm it (``estimate``;
+    rounds contract faster as they go, so the estimate is high). When plain passes stop shrinking the change,
+    one pass at statistics perturbed by two float32 ulps (``probe``) measures the model's float32 noise floor,
+    and a change within twice it counts as converged.
+    """
+
+    tol: float
+    eps: dict[str, float]
+    changes: list[float] = field(default_factory=list)
+    """the largest change of each pass"""
+    plain: list[float] = field(default_factory=list)
+    """the largest change of each plain pass that did not end the run"""
+    moved: dict[str, float] = field(default_factory=dict)
+    """each layer's change in the last pass"""
+    last: str = "start"
+    """the kind of the last pass: start, plain, corrected, guarded (made again on batch statistics) or probe"""
+    probe: dict | None = None
+    floor: float | None = None
+    estimate: float | None = None
+
+    @property
+    def bound(self) -> float:
+        return max(self.tol, 2 * self.floor) if self.floor is not None else self.tol
+
+    def unsettled(self, ids: list[str]) -> frozenset[str]:
+        """The layers from the first one (in forward order) that the last pass still moved by ``tol`` or more."""
+        settled = next((k for k, i in enumerate(ids) if self.moved.get(i, np.inf) >= self.tol), len(ids))
+        return frozenset(ids[settled:])
+
+    def judge(self, kind: str, before: Stats, after: Stats, drift_moved: float = 0.0) -> bool:
+        """A pass of ``kind`` moved the statistics ``before`` to ``after``; True when it ends the run."""
+        self.moved = {i: relative_change(before[i], after[i], self.eps[i]) for i in after}
+        self.changes.append(max(self.moved.values()))
+        self.last = kind
+        if kind == "plain" and self.probe is not None:  # this pass ran at the statistics the probe perturbed
+            self.floor = max(relative_change(self.probe[i], after[i], self.eps[i]) for i in after)
+            self.probe = None
+        if (kind == "plain" or kind == "corrected" and drift_moved < self.tol) and self.changes[-1] < self.bound:
+            return True
+        if kind == "corrected" and len(self.plain) > 1:
+            rate = self.plain[-1] / self.plain[-2]
+            if rate < 0.5 and rate * self.plain[-1] < self.bound:
+                self.estimate = rate * self.plain[-1]
+                return True
+        if kind == "plain":
+            self.plain.append(self.changes[-1])
+        return False
+
+    def stalled(self) -> bool:
+        """Plain passes no longer shrink the change, and the noise floor is not measured yet."""
+        return (self.last == "plain" and self.floor is None and len(self.plain) > 2
+                and self.plain[-1] > 0.5 * self.plain[-2])
+
+    def probed(self, stats: Stats) -> None:
+        """What a pass at perturbed statistics gave; the next pass is a plain one to compare it with."""
+        self.probe, self.last = stats, "probe"
+
+
+@dataclass
+class Passes:
+    """Passes over one stream for one runner, counted."""
+
+    runner: Runner
+    data: Stream
+    progress: Progress
+    group: Group | None
+    made: int = 0
+    """passes made over the data (a pass made again with batch statistics after an overflow counts twice)"""
+    samples: int = 0
+
+    def measure(self, mode: str, ids: list[str], index: int, **how) -> dict[str, Moments]:
+        totals, self.samples = pooled_moments(self.runner, self.data, mode, ids, self.progress, index=index,
+                                              group=self.group, **how)
+        self.made += 1
+        return totals
+
+
+def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = None, *,
+        progress: Progress | None = None, group: Group | None = None, **given) -> Outcome:
+    """Recompute the chosen layers' statistics from ``data`` and set them on ``runner``; ``options`` (or their
+    fields by keyword) say how.
 
     ``eval`` starts its fixed point from the train-mode (PreciseBN) statistics of a first pass: stored
     statistics may be broken badly enough to overflow deep activations, and PreciseBN's are a consistent
     start. Then plain passes (every layer in inference mode with the statistics of the pass before)
     alternate with drift-corrected ones (``drift``) where the runner and the stream allow, else plain
-    passes only. It stops when a pass moves nothing more than ``tol`` (a corrected pass only if it also
-    normalised within ``tol`` of plain inference), when a corrected pass is predicted within ``tol`` of
-    the fixed point by the contraction the round before it showed (``Outcome.estimated_error``; saves the
-    plain pass that would only confirm it), or after ``max_passes`` passes in all (``Outcome.converged``
-    says which). A plain pass whose activations overflow (layers deep in the
-    network still normalising with statistics that no longer fit their input) is made again with every
-    layer after the settled ones, in forward order, normalising with batch statistics instead: the settled
-    prefix stays exact, the rest cannot overflow, and the next pass tries inference mode again.
-
-    Deep float32 nets cannot resolve the fixed point below some level (Keras's InceptionV3: 1.1e-4 std):
-    when plain passes stop shrinking the change, one pass at statistics perturbed by two float32 ulps
-    measures that level, and a change within twice it counts as converged (``Outcome.noise_floor``).
+    passes only, until ``Convergence`` says they are done or after ``max_passes`` passes in all
+    (``Outcome.converged`` says which). A plain pass whose activations overflow (layers deep in the network
+    still normalising with statistics that no longer fit their input) is made again with every layer after
+    the settled ones, in forward order, normalising with batch statistics instead: the settled prefix stays
+    exact, the rest cannot overflow, and the next pass tries inference mode again.
 
     With ``group`` (``distributed``), each rank streams its own share of the data and every pass is merged
     across the ranks, so every rank takes the same decisions and ends with the same statistics.
     """
+    options = RecalibrationOptions.of(options, **given)
+    mode, tol = options.mode, options.tol
     if mode not in MODES:
         raise BnrepairError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if not tol >= 0:  # NaN too: no pass would ever count as converged
         raise BnrepairError(f"--tol must be a number >= 0, got {tol}")
     check_weights(runner)
-    max_passes = MAX_PASSES if max_passes is None else max_passes
+    max_passes = MAX_PASSES if options.max_passes is None else options.max_passes
     if mode == "eval" and max_passes < 2:
         raise BnrepairError(f"--max-passes must be at least 2 in eval mode (a start and a check), got {max_passes}")
-    chosen = runner.graph.select(layers, skip)
+    chosen = runner.graph.select(options.layers, options.skip)
     ids = [bn.id for bn in chosen]
     eps = {bn.id: bn.eps for bn in chosen}
     unbiased = runner.graph.unbiased_var
-    before = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in chosen}
-    progress = progress or NoProgress()
-    start = time.perf_counter()
-    limit = 1 if mode == "train" else max_passes
-    current, changes, converged, samples, passes = dict(before), [], mode == "train", 0, 0
-    moved, unreached = {i: np.inf for i in ids}, []
+    before = current = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in chosen}
+    passes = Passes(runner, data, progress or NoProgress(), group)
+    judge, unreached, done = Convergence(tol, eps), [], False
     drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
-    plain_before = False  # the pass before was a plain inference pass: a corrected one may follow
-    plain_changes, floor, probe, estimate = [], None, None, None
-    for index in range(limit):
-        pass_mode = "train" if index == 0 else mode
-        if drift is not None:
-            drift.plan(plain_before, current)
-        corrected = drift is not None and drift.correcting
-        totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, drift=drift,
-                                         group=group)
-        passes += 1
+    start = time.perf_counter()
+    for index in range(1 if mode == "train" else max_passes):
+        corrected = drift is not None and drift.plan(judge.last == "plain", current)
+        totals = passes.measure("train" if index == 0 else mode, ids, index, drift=drift)
         guarded = frozenset()
         if index > 0 and not corrected and first_non_finite(totals, ids) is not None:
-            settled = next((k for k, i in enumerate(ids) if moved[i] >= tol), len(ids))
-            guarded = frozenset(ids[settled:])
-            totals, samples = pooled_moments(runner, data, pass_mode, ids, progress, index, guarded,
-                                             group=group)
-            passes += 1
+            guarded = judge.unsettled(ids)
+            totals = passes.measure(mode, ids, index, batch_stats=guarded)
         if index == 0:
             unreached = [i for i in ids if totals[i].count == 0]
             if len(unreached) == len(ids):
                 raise InputError(f"{data.origin}: the forward pass reaches none of the BN layers to recalibrate")
             ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
-            fits = drift is not None and drift.fits(ids)
-            if drift is not None and not (fits if group is None else group.every(fits)):  # plain passes only
+            if drift is not None and not drift.fits(ids, group):  # plain passes only
                 drift = None
-        if corrected and group is not None:
-            drift.moved = group.largest(drift.moved)
         overflow = first_non_finite(totals, ids)
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
                              "(check the data's scaling with --preprocess)")
         new = statistics(totals, ids, unbiased)
         runner.set_stats(new)
-        moved = {i: relative_change(current[i], new[i], eps[i]) for i in ids}
-        changes.append(max(moved.values()))
+        kind = "start" if index == 0 else "corrected" if corrected else "guarded" if guarded else "plain"
+        done = judge.judge(kind, current, new, drift.moved if corrected else 0.0)
         current = {**current, **new}
-        plain_before = index > 0 and not corrected and not guarded
-        if plain_before and probe is not None:  # this pass ran at the statistics the probe perturbed
-            floor, probe = max(relative_change(probe[i], new[i], eps[i]) for i in ids), None
-        bound = max(tol, 2 * floor) if floor is not None else tol
-        if (plain_before or corrected and drift.moved < tol) and changes[-1] < bound:
-            converged = True
+        if done:
             break
-        if corrected and len(plain_changes) > 1:
-            # the plain pass after each corrected one measures how far its statistics still were from the
-            # fixed point: their ratio is a round's contraction, and this round's result lies about that much
-            # closer than the plain pass before it (rounds contract faster as they go: the estimate is high)
-            rate = plain_changes[-1] / plain_changes[-2]
-            predicted = rate * plain_changes[-1]
-            if rate < 0.5 and predicted < bound:
-                converged, estimate = True, predicted
-                break
-        if plain_before:
-            plain_changes.append(changes[-1])
-            if floor is None and len(plain_changes) > 2 and plain_changes[-1] > 0.5 * plain_changes[-2]:
-                # passes no longer shrink the change: measure what float32 alone moves, with one more pass
-                runner.set_stats(perturbed(new))
-                totals, _ = pooled_moments(runner, data, mode, ids, progress, index, group=group)
-                passes += 1
-                probe = statistics(totals, ids, unbiased)
-                runner.set_stats(new)
-                plain_before = False  # the next pass is a plain one at ``new``, to compare the probe with
-    return Outcome(before, current, [bn for bn in chosen if bn.id not in unreached], samples, passes, converged,
-                   time.perf_counter() - start, changes, unreached, floor, estimate)
+        if judge.stalled():  # measure what float32 alone moves, with one more pass
+            runner.set_stats(perturbed(new))
+            judge.probed(statistics(passes.measure(mode, ids, index), ids, unbiased))
+            runner.set_stats(new)
+    return Outcome(before=before, after=current, layers=[bn for bn in chosen if bn.id not in unreached],
+                   samples=passes.samples, passes=passes.made, converged=mode == "train" or done,
+                   seconds=time.perf_counter() - start, change_per_pass=judge.changes, unreached=unreached,
+                   noise_floor=judge.floor, estimated_error=judge.estimate)

@@ -12,9 +12,28 @@ from pathlib import Path
 import numpy as np
 
 from .diagnosis import SHARE_OFF, THRESHOLD, deviation, share_off
+from .moments import moved
 from .recalibration import Outcome
 from .terminal import shown
 from .version import __version__
+
+
+class Written:
+    """A report that ``--json`` writes: ``to_dict`` as JSON, atomically, or to standard output for ``-``."""
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def write_json(self, path: Path) -> None:
+        from .writers import atomic_path
+
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if str(path) == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        with atomic_path(Path(path)) as tmp:
+            Path(tmp).write_text(text)
 
 
 @dataclass
@@ -36,7 +55,7 @@ class LayerChange:
 
 
 @dataclass
-class Report:
+class Report(Written):
     framework: str
     mode: str
     device: str
@@ -67,7 +86,7 @@ class Report:
     """processes that shared the data (torch.distributed); the statistics are those of all their samples"""
     version: str = __version__
     export: object | None = None
-    """``deploy.DeployReport`` of the ONNX file written with ``--export``"""
+    """the ``DeployReport`` of the ONNX file written with ``--export``"""
 
     @classmethod
     def nothing_to_do(cls, framework: str, mode: str, device: str) -> "Report":
@@ -131,9 +150,6 @@ class Report:
     def to_dict(self) -> dict:
         return _finite(asdict(self))
 
-    def write_json(self, path: Path) -> None:
-        _write_json(path, self.to_dict())
-
     def render(self, console) -> None:
         from rich.table import Table
 
@@ -154,15 +170,12 @@ class Report:
 
 
 def layer_change(layer_id: str, channels: int, frozen: bool, eps: float, old, new) -> LayerChange:
-    old_mean, old_var = (np.asarray(a, np.float64) for a in old)
-    new_mean, new_var = (np.asarray(a, np.float64) for a in new)
-    std = np.sqrt(np.maximum(new_var, np.finfo(np.float64).tiny))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = new_var / old_var
+    old, new = (tuple(np.asarray(a, np.float64) for a in pair) for pair in (old, new))
+    shift, ratio_min, ratio_max = moved(old, new)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        moved = share_off(*deviation(old_mean, old_var, eps, new_mean, new_var))
-    return LayerChange(layer_id, channels, frozen, float(np.max(np.abs(new_mean - old_mean) / std)),
-                       float(np.min(ratio)), float(np.max(ratio)), moved)
+        share = share_off(*deviation(*old, eps, *new))
+    return LayerChange(id=layer_id, channels=channels, frozen=frozen, max_mean_shift=shift,
+                       var_ratio_min=ratio_min, var_ratio_max=ratio_max, share_moved=share)
 
 
 ROWS = 20
@@ -199,7 +212,7 @@ LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
 @dataclass
-class InspectReport:
+class InspectReport(Written):
     """``bnrepair inspect``: settings and stored statistics per BN layer, and what looks wrong."""
 
     framework: str
@@ -227,9 +240,6 @@ class InspectReport:
                        for bn, d in zip(self.layers, self.decays)],
             "flags": [asdict(flag) for flag in self.flags]})
 
-    def write_json(self, path: Path) -> None:
-        _write_json(path, self.to_dict())
-
     def render(self, console) -> None:
         from rich.table import Table
 
@@ -238,8 +248,9 @@ class InspectReport:
         for name in ("channels", "eps", "decay", "frozen", "mean min/med/max", "var min/med/max"):
             table.add_column(name)
         for bn, d in zip(self.layers, self.decays):
-            table.add_row(shown(bn.id), str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
-                          "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var))
+            cells = [shown(bn.id), str(bn.channels), f"{bn.eps:g}", "–" if d is None else f"{d:g}",
+                     "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var)]
+            table.add_row(*cells)
         console.print(table)
         for flag in self.flags:
             console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {shown(flag.layer or '')}: "
@@ -249,7 +260,7 @@ class InspectReport:
 
 
 @dataclass
-class DiagnoseReport:
+class DiagnoseReport(Written):
     """``bnrepair diagnose``: per-layer evidence ranked worst first, output-level evidence, verdicts."""
 
     framework: str
@@ -280,9 +291,6 @@ class DiagnoseReport:
         data["healthy"] = self.healthy
         return _finite(data)
 
-    def write_json(self, path: Path) -> None:
-        _write_json(path, self.to_dict())
-
     def render(self, console) -> None:
         from rich.table import Table
 
@@ -293,10 +301,11 @@ class DiagnoseReport:
             table.add_column(name)
         for e in self.ranked[:ROWS]:
             style = "red" if e.problem else None
-            table.add_row(shown(e.id), str(e.channels), "yes" if e.frozen else "",
-                          f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
-                          f"{e.share_off:.0%}",
-                          "–" if e.ema_fraction is None else f"{e.ema_fraction:.2f} ({e.ema_misfit:.2f})", style=style)
+            cells = [shown(e.id), str(e.channels), "yes" if e.frozen else "",
+                     f"{e.mean_shift_max:.3g} / {e.mean_shift_median:.3g}", f"{e.log_var_ratio_max:.3g}",
+                     f"{e.share_off:.0%}",
+                     "–" if e.ema_fraction is None else f"{e.ema_fraction:.2f} ({e.ema_misfit:.2f})"]
+            table.add_row(*cells, style=style)
         console.print(table)
         more_rows(console, len(self.layers))
         out = self.outputs
@@ -346,7 +355,7 @@ class Check:
 
 
 @dataclass
-class DeployReport:
+class DeployReport(Written):
     """What ``fold`` / ``export`` did and how closely the result matches the source."""
 
     framework: str
@@ -370,9 +379,6 @@ class DeployReport:
 
     def to_dict(self) -> dict:
         return _finite(asdict(self))
-
-    def write_json(self, path: Path) -> None:
-        _write_json(path, self.to_dict())
 
     def summary(self) -> str:
         worst = {stage: max((c.max_abs for c in self.checks if c.stage == stage), default=None)
@@ -411,16 +417,3 @@ class DeployReport:
             table.add_row(shown(check.output), check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
         console.print(table)
         console.print(shown(self.summary()), highlight=False)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """``path`` written atomically, or standard output for ``-``."""
-    from .writers import atomic_path
-
-    text = json.dumps(data, indent=2) + "\n"
-    if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    with atomic_path(Path(path)) as tmp:
-        Path(tmp).write_text(text)

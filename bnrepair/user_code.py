@@ -44,10 +44,18 @@ def call_spec(spec: str, option: str):
     return fn
 
 
-def data_from(spec: str):
-    """The batches that ``--data-fn MODULE:CALLABLE`` returns; its failure is the user's, reported in one line."""
-    make = call_spec(spec, "--data-fn")
-    try:
-        return make()
-    except Exception as exc:
-        raise InputError(f"--data-fn {spec}: calling it failed: {type(exc).__name__}: {exc}") from None
+class DataFunction:
+    """``--data-fn MODULE:CALLABLE``: calibration data that a named callable returns. Its module is imported
+    when named (a missing one is refused before any work); it is called when the batches are needed. The same
+    callable runs on every rank, so under torchrun the ranks share its batches out as they do a path's."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.make = call_spec(spec, "--data-fn")
+
+    def batches(self):
+        """What the callable returns; its failure is the user's, reported in one line."""
+        try:
+            return self.make()
+        except Exception as exc:
+            raise InputError(f"--data-fn {self.spec}: calling it failed: {type(exc).__name__}: {exc}") from None

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from ..errors import InputError
 from ..graph import ModelGraph
+from ..options import DataOptions
 from .sources import ArraySource, ImageFolder, ImageSpec
 
 MAX_SIDE = 16384
 """the largest --image-size side: a 16384 x 16384 RGB float32 image alone takes 3 GiB"""
 
 
-def image_spec(graph: ModelGraph, image_size=None, preprocess: str = "unit", fast_jpeg: bool = False) -> ImageSpec:
-    """How images must be decoded for this model: its declared input size, channels and layout."""
+def image_spec(graph: ModelGraph, options: DataOptions = DataOptions()) -> ImageSpec:
+    """How images must be decoded for this model: its declared input size, channels and layout, unless the
+    options say otherwise."""
+    image_size = options.image_size
     shape = graph.input_shape
     channels, size = 3, None
     if shape is not None and len(shape) == 3:
@@ -27,8 +30,8 @@ def image_spec(graph: ModelGraph, image_size=None, preprocess: str = "unit", fas
         size = tuple(int(v) for v in image_size)
         if not all(1 <= v <= MAX_SIDE for v in size):
             raise InputError(f"--image-size {size[0]} {size[1]}: height and width must be between 1 and {MAX_SIDE}")
-    return ImageSpec(size=size, channels=channels, preprocess=preprocess, channels_first=graph.channels_first,
-                     fast_jpeg=fast_jpeg)
+    return ImageSpec(size=size, channels=channels, preprocess=options.preprocess,
+                     channels_first=graph.channels_first, fast_jpeg=options.fast_jpeg)
 
 
 def check_fits(graph: ModelGraph, data) -> None:

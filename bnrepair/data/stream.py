@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
-from ..distributed import SameOnEveryRank
 from ..errors import InputError
+from ..options import DataOptions
 from ..protocols import NoProgress
+from ..user_code import DataFunction
 from .sources import ImageSpec, open_source
 
 if TYPE_CHECKING:
@@ -286,22 +287,22 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def calibration(data, spec: ImageSpec, batch_size: int = 32, seed: int = 0,
-                samples: int | None = None, skip_bad: bool = False, input_index: int = 0,
-                workers: int | None = None, share: tuple[int, int] = (0, 1)):
+def calibration(data, spec: ImageSpec, options: DataOptions = DataOptions(), share: tuple[int, int] = (0, 1)):
     """The right stream for ``data``: a path or array gets the seeded stream, anything else is iterated.
     ``share`` (rank, ranks): this rank's batches of one data set named alike on every rank (a path, an array,
-    ``distributed.SameOnEveryRank``; see ``Calibration.take_share``); any other iterable holds the rank's own
+    a ``user_code.DataFunction``; see ``Calibration.take_share``); any other iterable holds the rank's own
     batches (a DDP script's loader with its DistributedSampler) and is all its own."""
     if isinstance(data, (Calibration, IterableCalibration)):
         return data
     if isinstance(data, (str, np.ndarray)) or hasattr(data, "__fspath__"):
-        stream = Calibration(open_source(data, spec), batch_size, seed, samples, skip_bad, workers=workers)
+        stream = Calibration(open_source(data, spec), options.batch_size, options.seed, options.samples,
+                             options.skip_bad, workers=options.workers)
         stream.take_share(*share)
         return stream
+    if isinstance(data, DataFunction):
+        return IterableCalibration(data.batches(), options.input_index, options.samples, share)
     if hasattr(data, "__iter__"):
-        return IterableCalibration(data, input_index, samples,
-                                   share if isinstance(data, SameOnEveryRank) else (0, 1))
+        return IterableCalibration(data, options.input_index, options.samples)
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 
 

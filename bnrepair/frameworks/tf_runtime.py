@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 
 from ..errors import BnrepairError, InputError
-from ..options import check_device
+from ..options import on_gpu
 
 
 @contextmanager
@@ -84,15 +84,8 @@ def held_corrections(held: dict, corrections: dict | None, device: str) -> froze
 
 
 def resolve_device(tf, device: str) -> str:
-    check_device(device)
-    gpus = tf.config.list_physical_devices("GPU")
-    if device in ("gpu", "cuda"):
-        if not gpus:
-            raise BnrepairError("--device gpu: TensorFlow sees no GPU on this machine")
-        return "/GPU:0"
-    if device == "cpu" or not gpus:
-        return "/CPU:0"
-    return "/GPU:0"
+    return "/GPU:0" if on_gpu(device, bool(tf.config.list_physical_devices("GPU")), "TensorFlow sees no GPU") \
+        else "/CPU:0"
 
 
 def data_misfit(exc: Exception, inputs) -> InputError:

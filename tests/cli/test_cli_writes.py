@@ -86,8 +86,8 @@ def test_a_later_run_removes_what_a_killed_run_left(tmp_path):
 def test_a_signal_after_the_outputs_are_complete_keeps_the_run_a_success(tmp_path, sig):
     """The signal arrives once every output is in place (sent by the process to itself, right then): the run
     ends as it would have, exit 0 and its summary, not killed by the signal with no word."""
-    code = ("import os, bnrepair.cli as cli; done = cli.committed; "
-            f"cli.committed = lambda: (done(), os.kill(os.getpid(), {int(sig)})); cli.main()")
+    code = ("import os, bnrepair.cli as cli, bnrepair.session as session; done = session.committed; "
+            f"session.committed = lambda: (done(), os.kill(os.getpid(), {int(sig)})); cli.main()")
     output, report = tmp_path / "fixed.h5", tmp_path / "r.json"
     done = bnrepair("recalibrate", KERAS_STALE, "-d", CALIB, "-o", output, "--json", report, code=code)
     assert done.returncode == 0, done.stderr

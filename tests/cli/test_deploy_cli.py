@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import bnrepair
 from bnrepair.cli import app
-from bnrepair.deploy import ort_max_opset
 from bnrepair.errors import InputError
+from bnrepair.frameworks.onnx_runtime import ort_max_opset
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.frameworks.torch import fold as torch_fold
 from fixtures import ARCH_FLAGS, CALIB, KERAS_STALE, REPO, TORCH_STALE

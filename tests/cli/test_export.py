@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import bnrepair
 from bnrepair.cli import app
-from bnrepair.deploy import cuda_usable
+from bnrepair.frameworks.onnx_runtime import cuda_usable
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.writers import sha256
 from fixtures import ARCH_FLAGS, CALIB, KERAS_STALE, REPO, TORCH_STALE, synthetic

@@ -23,14 +23,15 @@ class ChainRunner:
     device = "cpu"
     model = None
 
-    def __init__(self, channels: int = 3, seed: int = 0, depth: int = 2, drift_corrections: bool = True,
+    def __init__(self, channels: int = 3, seed: int = 0, depth: int = 2, counted: bool = True,
                  relu: bool = True):
-        """``relu=False``: links are per-channel affine maps only."""
+        """``relu=False``: links are per-channel affine maps only; ``counted=False``: the calls per layer are
+        unknown (``call_counts`` None), which leaves eval mode plain passes only."""
         self.relu = relu
         rng = np.random.default_rng(seed)
         self.links = [(rng.normal(1.0, 0.3, channels), rng.normal(0.2, 0.3, channels)) for _ in range(depth - 1)]
         self.w, self.b = self.links[0]
-        self.drift_corrections = drift_corrections
+        self.counted = counted
         self.graph = ModelGraph("fake", "chain", [self._layer(f"bn{k + 1}", channels) for k in range(depth)])
 
     @staticmethod
@@ -74,12 +75,15 @@ class ChainRunner:
         raise InputError("an in-memory model has no file to write")
 
     def call_counts(self):
-        return {bn.id: 1 for bn in self.graph.bn_layers}
+        return {bn.id: 1 for bn in self.graph.bn_layers} if self.counted else None
 
     def weights(self):
         for k, (w, b) in enumerate(self.links):
             yield f"link{k}/w", w
             yield f"link{k}/b", b
 
-    def fold_backend(self):
+    def exporter(self):
+        raise InputError("the chain cannot be exported")
+
+    def folder(self):
         raise InputError("the chain cannot be folded")

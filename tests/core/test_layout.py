@@ -171,3 +171,23 @@ def test_the_onnx_extra_installs_on_every_platform():
         chosen = {r.name for r in requirements
                   if r.marker is None or r.marker.evaluate({"platform_system": system, "platform_machine": machine})}
         assert chosen == {"onnx", "tf2onnx", runtime}, (system, machine, chosen)
+
+
+def test_options_travel_by_name():
+    """A call with more than six positional arguments is a list of options whose order every caller must keep."""
+    crowded = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and sum(not isinstance(a, ast.Starred) for a in node.args) > 6:
+                crowded.append(f"{name}:{node.lineno} {ast.unparse(node.func)}")
+    assert not crowded, crowded
+
+
+def test_modules_stay_small_and_wings_alike():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert max(sizes.values()) <= 550, sorted(sizes.items(), key=lambda item: -item[1])[:3]
+    for name in frameworks.WINGS:
+        wing = PACKAGE / "frameworks" / name
+        assert (wing / "runner.py").is_file() and (wing / "files.py").is_file(), name
+        facts = frameworks.wing(name)
+        assert all(hasattr(facts, attr) for attr in ("TITLE", "FORMATS", "READS", "FOLDS_TO", "sniff", "load")), name

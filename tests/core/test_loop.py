@@ -131,8 +131,8 @@ def test_a_dead_channel_cannot_dominate_the_change():
     assert relative_change(old, new, 1e-3) < 1e-4
 
 
-def deep_chain(drift_corrections: bool) -> ChainRunner:
-    runner = ChainRunner(depth=12, seed=3, drift_corrections=drift_corrections)
+def deep_chain(corrected: bool) -> ChainRunner:
+    runner = ChainRunner(depth=12, seed=3, counted=corrected)
     runner.links = [(w, b + 2.0) for w, b in runner.links]  # few dead units: every link carries its input on
     return runner
 
@@ -228,3 +228,38 @@ def test_passes_that_stop_shrinking_the_change_end_at_the_measured_noise_floor()
     assert outcome.change_per_pass[-1] <= 2 * outcome.noise_floor
     steady = run(ChainRunner(), calibration(chunks), mode="eval", tol=1e-6)
     assert steady.converged and steady.noise_floor is None
+
+
+def test_a_graph_built_from_symbols_computes_the_correction_numpy_computes():
+    """The graph wings build ``drift.corrected`` by handing it ``Symbol``s: here a graph of recorded nodes, then
+    evaluated, must give what the formula gives on arrays (and use only the ops a wing maps)."""
+    from bnrepair.drift import Symbol, corrected
+
+    rng = np.random.default_rng(0)
+    mean, var, offset = rng.normal(size=4), rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    then, target = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
+    nodes = []
+
+    def emit(op, inputs):
+        nodes.append((op, inputs))
+        return f"n{len(nodes) - 1}"
+
+    def evaluate(value, feeds):
+        if not isinstance(value, str):
+            return value
+        if value in feeds:
+            return feeds[value]
+        op, inputs = nodes[int(value[1:])]
+        args = [evaluate(x, feeds) for x in inputs]
+        return {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+                "sqrt": np.sqrt}[op](*args)
+
+    feeds = {"mean": mean, "var": var, "offset": offset, "then": then, "target": target, "eps": 1e-3}
+    built = corrected(Symbol("mean", emit), Symbol("var", emit),
+                      [Symbol(name, emit) for name in ("offset", "then", "target")], Symbol("eps", emit))
+    want = corrected(mean, var, (offset, then, target), 1e-3)
+    for got, expected in zip(built, want):
+        np.testing.assert_allclose(evaluate(got.value, feeds), expected, rtol=1e-12)
+    assert {op for op, _ in nodes} <= {"add", "sub", "mul", "div", "sqrt"}
+    with pytest.raises(ValueError, match="square roots only"):
+        Symbol("x", emit) ** 2

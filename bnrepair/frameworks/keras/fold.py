@@ -20,12 +20,10 @@ import numpy as np
 
 from ...errors import InputError
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
-from .. import FOLD_SUFFIXES
 from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
 from .onnx import IDENTITY_LAYERS, keras_to_onnx
 
-SUFFIXES = FOLD_SUFFIXES["keras"]
 KINDS = {
     **dict.fromkeys(("Conv1D", "Conv2D", "Conv3D"), "conv"),
     **dict.fromkeys(("SeparableConv1D", "SeparableConv2D"), "separable"),

@@ -288,7 +288,7 @@ class Emitter:
         return self.node(op, [x], name, axes=axes, keepdims=int(keepdims))
 
     # --- layers ----------------------------------------------------------------------------------------------
-    def conv(self, name, layer, x, weight, bias, group: int, strides, dilations, padding: str) -> Value:
+    def conv(self, name, layer, x, weight, bias, *, group: int, strides, dilations, padding: str) -> Value:
         """An ONNX Conv on ``x`` in channels-first layout; ``weight`` is (out, in/group, k...)."""
         kernel_shape = self.shape_of(weight)[2:]
         n = len(kernel_shape)
@@ -315,8 +315,8 @@ class Emitter:
         """Keras kernel (k..., in/groups, out)."""
         x = self.spatial(x, layer)
         weight = self.const(f"{name}/kernel", _onnx_kernel(layer.kernel.numpy()))
-        out = self.conv(name, layer, x, weight, self.bias(name, layer), layer.groups, layer.strides,
-                        layer.dilation_rate, layer.padding)
+        out = self.conv(name, layer, x, weight, self.bias(name, layer), group=layer.groups, strides=layer.strides,
+                        dilations=layer.dilation_rate, padding=layer.padding)
         return self.activation(name, layer.activation, out)
 
     def emit_depthwise(self, name, layer, x, args):
@@ -324,18 +324,19 @@ class Emitter:
         x = self.spatial(x, layer)
         k = layer.kernel.numpy()
         weight = self.const(f"{name}/kernel", _onnx_kernel(k.reshape(*k.shape[:-2], 1, -1)))
-        out = self.conv(name, layer, x, weight, self.bias(name, layer), k.shape[-2], layer.strides,
-                        layer.dilation_rate, layer.padding)
+        out = self.conv(name, layer, x, weight, self.bias(name, layer), group=k.shape[-2], strides=layer.strides,
+                        dilations=layer.dilation_rate, padding=layer.padding)
         return self.activation(name, layer.activation, out)
 
     def emit_separable(self, name, layer, x, args):
         x = self.spatial(x, layer)
         k = layer.depthwise_kernel.numpy()
         depthwise = self.const(f"{name}/depthwise_kernel", _onnx_kernel(k.reshape(*k.shape[:-2], 1, -1)))
-        x = self.conv(name, layer, x, depthwise, None, k.shape[-2], layer.strides, layer.dilation_rate,
-                      layer.padding)
+        x = self.conv(name, layer, x, depthwise, None, group=k.shape[-2], strides=layer.strides,
+                      dilations=layer.dilation_rate, padding=layer.padding)
         pointwise = self.const(f"{name}/pointwise_kernel", _onnx_kernel(layer.pointwise_kernel.numpy()))
-        out = self.conv(name, layer, x, pointwise, self.bias(name, layer), 1, 1, 1, "valid")
+        out = self.conv(name, layer, x, pointwise, self.bias(name, layer), group=1, strides=1, dilations=1,
+                        padding="valid")
         return self.activation(name, layer.activation, out)
 
     def emit_conv_transpose(self, name, layer, x, args):

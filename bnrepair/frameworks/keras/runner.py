@@ -19,6 +19,7 @@ from ...drift import corrected
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
+from ...options import LoadOptions
 from ..tf_runtime import data_misfit, held_corrections, import_keras, resolve_device
 from . import files as keras_files
 
@@ -41,12 +42,11 @@ def load_custom_objects(path: Path | None) -> dict:
             if isinstance(obj, type) and issubclass(obj, (keras.layers.Layer, keras.Model))}
 
 
-def load_file(path: Path, custom_objects: Path | None = None, unsafe: bool = False,
-              device: str = "auto") -> "KerasRunner":
+def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "KerasRunner":
     keras, _ = import_keras()
-    path = Path(path)
+    path, unsafe = Path(path), options.unsafe
     kind = keras_files.file_kind(path)
-    objects = load_custom_objects(custom_objects)
+    objects = load_custom_objects(options.custom_objects)
     try:
         with keras_files.keras_name(path, kind) as readable:
             model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
@@ -104,7 +104,6 @@ class KerasRunner:
     """``protocols.Runner`` for a Keras model."""
 
     framework = "keras"
-    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", source: Path | None = None, file_kind: str | None = None):
         keras, tf = import_keras()
@@ -122,7 +121,7 @@ class KerasRunner:
         layers = [self._describe(layer_id, layer) for layer_id, layer in self._by_id.items()]
         self.graph = ModelGraph("keras", str(source or "memory"), layers,
                                 input_shape=_input_shape(model), channels_first=_channels_first(model),
-                                unbiased_var=False)
+                                unbiased_var=False, default_eps=1e-3)
         self._functions: dict = {}
         self._sink: dict = {}
         self._corrections: dict = {}
@@ -134,7 +133,12 @@ class KerasRunner:
             if id(variable) not in statistics:
                 yield variable.path, variable.numpy()
 
-    def fold_backend(self):
+    def exporter(self):
+        from . import fold
+
+        return fold
+
+    def folder(self):
         from . import fold
 
         return fold
@@ -216,7 +220,7 @@ class KerasRunner:
     def save(self, output: Path, changed: list[str]) -> None:
         """Write the input file again with only ``changed`` layers' statistics replaced."""
         if self.source is None:
-            raise BnrepairError("an in-memory model has no file to write; call model.save() yourself")
+            raise InputError("an in-memory model has no file to write; call model.save() yourself")
         values = {}
         for layer_id in changed:
             layer, bn = self._by_id[layer_id], self.graph.layer(layer_id)

@@ -2,7 +2,8 @@
 
 ``files`` reads (external data checked) and writes back only BN statistics, ``graph`` finds the
 BatchNormalization nodes and builds the measuring copy, ``runner`` measures through onnxruntime, ``fold``
-folds BN into its producer and is the wing's export (the model is ONNX already).
+folds BN into its producer and is the wing's export (the model is ONNX already). onnxruntime itself is started
+by ``frameworks/onnx_runtime.py``, as ``tf_runtime.py`` imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -12,13 +13,23 @@ from pathlib import Path
 
 from ...options import LoadOptions
 
+TITLE = "an ONNX model"
+FORMATS = "ONNX models"
+READS = (".onnx",)
+FOLDS_TO = (".onnx",)
+
+
+def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
+    """A file named ``.onnx`` (a protobuf has no magic number; ``files`` refuses one that does not parse)."""
+    return members is None and bool(head) and path.suffix == ".onnx"
+
 
 def load(path: Path, options: LoadOptions, device: str = "auto"):
-    from ...deploy import require_onnx
+    from ..onnx_runtime import require_onnx
     from .runner import load_file
 
     require_onnx()
-    return load_file(path, device, options.input_name)
+    return load_file(path, options, device)
 
 
 def claims(model) -> bool:

@@ -1,4 +1,4 @@
-"""``protocols.FoldBackend`` for ONNX: BN folded backward into the Conv, ConvTranspose (any group), Gemm or
+"""``protocols.Folder`` and ``Exporter`` for ONNX: BN folded backward into the Conv, ConvTranspose (any group), Gemm or
 MatMul (+ Add of its bias) that feeds it, in float64; the BN node goes and the folded layer writes its output
 tensor (a bias-less MatMul's BN becomes the Add of its shift), so every reader and graph output is unchanged.
 Verified in onnxruntime like every fold.
@@ -19,7 +19,6 @@ from ...folding import Decision, Folded, Params, axis_index, bn_affine, fold_bac
 from ...writers import atomic_path
 from .graph import attribute, copied, find_bn, tensor_types
 
-SUFFIXES = (".onnx",)
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm"}
 """Nodes that carry their weights (and bias) as inputs; a MatMul (+ Add of a bias) folds too."""
 
@@ -83,7 +82,8 @@ def fold(model, bn_ids: set[str], example) -> Folded:
         if site.id not in bn_ids:
             continue
         bn = graph.node[site.index]
-        target = _target(site, bn, producers, readers, outputs, inits, types[site.x].rank)
+        target = _target(site, bn, producers=producers, readers=readers, outputs=outputs, inits=inits,
+                         rank=types[site.x].rank)
         if isinstance(target, str):
             decisions.append(Decision(site.id, reason=target, axis=1))
             continue
@@ -127,7 +127,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     return Folded(folded, decisions, probes, tensors)
 
 
-def _target(site, bn, producers, readers, outputs, inits, rank: int) -> Target | str:
+def _target(site, bn, *, producers, readers, outputs, inits, rank: int) -> Target | str:
     """Where ``site`` folds, or why it cannot."""
     from onnx import numpy_helper
 
@@ -179,7 +179,7 @@ _SESSIONS: dict = {}
 
 
 def _session(model):
-    from ...deploy import onnx_session
+    from ..onnx_runtime import onnx_session
 
     key = id(model)
     if key not in _SESSIONS:

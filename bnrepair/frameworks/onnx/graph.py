@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...drift import PARTS
+from ...drift import PARTS, Symbol, corrected
 from ...errors import InputError
 
 MOMENTS = ("mean", "var", "size")
+ONNX_OPS = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "sqrt": "Sqrt"}
+"""the ops that ``drift.Symbol``'s arithmetic adds"""
 """what the measuring copy outputs per BN input, as ``<tag>/<moment>``"""
 
 
@@ -92,9 +94,10 @@ def find_bn(model) -> tuple[list[Site], list[tuple[str, str]]]:
                          "its mean / variance are computed in the graph, not stored"))
             continue
         producer = producers.get(x)
-        sites.append(Site(layer_id, index, x, mean, var, float(attribute(node, "epsilon", 1e-5)),
-                          float(attribute(node, "momentum", 0.9)), producer.name if producer is not None else None,
-                          producer.op_type if producer is not None else None))
+        sites.append(Site(id=layer_id, index=index, x=x, mean=mean, var=var,
+                          eps=float(attribute(node, "epsilon", 1e-5)), momentum=float(attribute(node, "momentum", 0.9)),
+                          producer=producer.name if producer is not None else None,
+                          producer_kind=producer.op_type if producer is not None else None))
     return sites, left
 
 
@@ -125,8 +128,8 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
         node = graph.node[site.index]
         added = _moments(site, types[site.x], opset)
         if site.id in corrected:
-            nodes, inputs = _corrected(site, types[site.x])
-            added += nodes + _batch_normalised(node, site, types[site.x], "corrected_")
+            nodes, inputs, moments = _corrected(site, types[site.x])
+            added += nodes + _batch_normalised(node, site, types[site.x], moments)
             graph.input.extend(inputs)
             del graph.node[site.index]
         elif site.id in batch_stats:
@@ -228,9 +231,9 @@ def _moments(site: Site, x: TensorType, opset: int) -> list:
             helper.make_node("Size", [site.x], [f"{t}/size"])]
 
 
-def _corrected(site: Site, x: TensorType) -> tuple[list, list]:
-    """Nodes computing ``<tag>/corrected_mean`` and ``<tag>/corrected_var`` (``drift.corrected`` of the batch's
-    moments, shaped as ``_moments`` keeps them), and the graph inputs of the correction they read."""
+def _corrected(site: Site, x: TensorType) -> tuple[list, list, tuple[str, str]]:
+    """Nodes computing ``drift.corrected`` of the batch's moments (shaped as ``_moments`` keeps them), the graph
+    inputs of the correction they read, and the names of the corrected mean and variance."""
     from onnx import helper
 
     t, dtype = tag(site), moment_type(x)
@@ -240,16 +243,18 @@ def _corrected(site: Site, x: TensorType) -> tuple[list, list]:
                                                                                     [site.eps]))]
     for part in PARTS:
         nodes.append(helper.make_node("Reshape", [f"{t}/correction_{part}", f"{t}/channels"], [f"{t}/{part}"]))
-    steps = (("Add", ["var", "eps"], "var_eps"), ("Div", ["var_eps", "then"], "ratio"),
-             ("Sqrt", ["ratio"], "std_ratio"), ("Mul", ["std_ratio", "offset"], "moved_offset"),
-             ("Add", ["mean", "moved_offset"], "corrected_mean"), ("Mul", ["ratio", "target"], "moved_target"),
-             ("Sub", ["moved_target", "eps"], "corrected_var"))
-    nodes += [helper.make_node(op, [f"{t}/{i}" for i in ins], [f"{t}/{out}"]) for op, ins, out in steps]
-    return nodes, inputs
+
+    def emit(op, inputs):
+        nodes.append(helper.make_node(ONNX_OPS[op], inputs, [f"{t}/corrected_{len(nodes)}"]))
+        return nodes[-1].output[0]
+
+    mean, var = corrected(Symbol(f"{t}/mean", emit), Symbol(f"{t}/var", emit),
+                          [Symbol(f"{t}/{part}", emit) for part in PARTS], Symbol(f"{t}/eps", emit))
+    return nodes, inputs, (mean.value, var.value)
 
 
-def _batch_normalised(node, site: Site, x: TensorType, prefix: str = "") -> list:
-    """``node`` itself, fed the batch statistics ``_moments`` computes (``prefix="corrected_"``: ``_corrected``'s)
+def _batch_normalised(node, site: Site, x: TensorType, moments: tuple[str, str] | None = None) -> list:
+    """``node`` itself, fed the batch statistics ``_moments`` computes (or the ``moments`` named, ``_corrected``'s)
     flattened to one value per channel, in the input's type, in place of the stored ones: onnxruntime's own
     BatchNormalization kernel normalises."""
     from onnx import helper
@@ -258,9 +263,9 @@ def _batch_normalised(node, site: Site, x: TensorType, prefix: str = "") -> list
     fed = helper.make_node("BatchNormalization", [site.x, node.input[1], node.input[2], f"{t}/mean_c", f"{t}/var_c"],
                            [node.output[0]], name=node.name, epsilon=site.eps)
     nodes = [_constant(f"{t}/flat", [-1])]
-    for stat in ("mean", "var"):
+    for stat, value in zip(("mean", "var"), moments or (f"{t}/mean", f"{t}/var")):
         flat = f"{t}/{stat}_flat" if x.elem_type not in WIDE else f"{t}/{stat}_c"
-        nodes.append(helper.make_node("Reshape", [f"{t}/{prefix}{stat}", f"{t}/flat"], [flat]))
+        nodes.append(helper.make_node("Reshape", [value, f"{t}/flat"], [flat]))
         if x.elem_type not in WIDE:
             nodes.append(helper.make_node("Cast", [flat], [f"{t}/{stat}_c"], to=x.elem_type))
     return [*nodes, fed]

@@ -17,6 +17,7 @@ from ...drift import PARTS
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
+from ...options import LoadOptions, on_gpu
 from . import files
 from .graph import (
     MOMENTS,
@@ -33,9 +34,9 @@ from .graph import (
 )
 
 
-def load_file(path: Path, device: str = "auto", input_name: str | None = None) -> "OnnxRunner":
+def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "OnnxRunner":
     model, external = files.read(Path(path))
-    return OnnxRunner(model, device, source=Path(path), external=external, input_name=input_name)
+    return OnnxRunner(model, device, source=Path(path), external=external, input_name=options.input_name)
 
 
 def channels_first(shape: tuple) -> bool:
@@ -50,19 +51,17 @@ class OnnxRunner:
     """``protocols.Runner`` for an ONNX ModelProto."""
 
     framework = "onnx"
-    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", source: Path | None = None, external: bool = False,
                  input_name: str | None = None):
-        from ...deploy import cuda_usable, import_ort
+        from ..onnx_runtime import cuda_usable, import_ort
 
         self.ort = import_ort()
         self.proto, self.source, self.external = model, source, external
         """the ModelProto as read (or as passed, which then takes the new statistics)"""
         origin = str(source) if source else "model"
-        self.device = "cuda" if device in ("auto", "gpu", "cuda") and cuda_usable() else "cpu"
-        if device in ("gpu", "cuda") and self.device == "cpu":
-            raise InputError("--device gpu: onnxruntime sees no usable CUDA device")
+        gpu = on_gpu(device, device != "cpu" and cuda_usable(), "onnxruntime sees no usable CUDA device")
+        self.device = "cuda" if gpu else "cpu"
         sites, left = find_bn(model)
         if not sites:
             raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
@@ -220,7 +219,12 @@ class OnnxRunner:
             set_initializers(self._current, self._stat_values(self._sites))
         return self._current
 
-    def fold_backend(self):
+    def exporter(self):
+        from . import fold
+
+        return fold
+
+    def folder(self):
         from . import fold
 
         return fold

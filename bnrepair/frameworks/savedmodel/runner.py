@@ -1,11 +1,11 @@
 """TensorFlow SavedModels (TF2 and TF1): find BN in the saved graph, measure BN inputs, patch the checkpoint.
 
-No model code is needed and nothing is converted: the signature's own graph (functions inlined, see
-``savedmodel_graph``) is imported into a ``tf.function`` that returns every BN input reduced on the
+No model code is needed and nothing is converted: the signature's own graph (functions inlined by
+``tf_graph.flatten``) is imported into a ``tf.function`` that returns every BN input reduced on the
 device to per-channel (count, mean, M2). Variables are read from the SavedModel's checkpoint into
 ``tf.Variable``s that the imported graph reads through ``input_map``, so ``set_stats`` is an assign
 and eval-mode passes see the new statistics. In ``train`` mode the graph is rewired so that BN
-normalises with batch statistics (``savedmodel_graph.rewire_for_batch_statistics``); eval mode's
+normalises with batch statistics (``graph.rewire_for_batch_statistics``); eval mode's
 drift-corrected passes rewire it to the batch statistics carried by corrections that the graph reads from
 variables, assigned before each batch (one trace serves the whole pass).
 
@@ -27,89 +27,48 @@ import numpy as np
 from ...errors import BnrepairError, InputError
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ..tf_runtime import data_misfit, held_corrections, import_tensorflow, resolve_device
-from .checkpoint import (
-    CheckpointReader,
-    captured_keys,
-    check_links,
-    checkpoint_prefix,
-    checkpointed_objects,
-    same_bytes,
-    trainable_v1,
-    write_patched,
-)
-from .graph import (
-    VARIABLE_OPS,
-    FlatGraph,
-    Site,
-    canonical,
-    choose_signature,
-    correction_inputs,
-    flatten,
-    freeze,
-    no_bn_message,
-    read_meta_graph,
-    rewire_for_batch_statistics,
-    split,
-    subgraph,
-)
+from ..tf_graph import VARIABLE_OPS, canonical, freeze, split, subgraph
+from ..tf_runtime import data_misfit, held_corrections, import_tensorflow
+from .files import SavedGraph, same_bytes, trainable_v1
+from .graph import Site, correction_inputs, find_bn, no_bn_message, rewire_for_batch_statistics
 from .policy import check_graph
+from .signature import choose_signature
 
 
 class SavedModelRunner:
-    """``protocols.Runner`` for a SavedModel signature."""
+    """``protocols.Runner`` for a saved graph (``files.SavedGraph``: a SavedModel signature, or a TF1 training
+    graph standing for one), on the TensorFlow device ``device`` (``tf_runtime.resolve_device``)."""
 
-    framework = "savedmodel"
-    other_inputs_hint = ""
-    """what to do about an input the calibration data does not feed, as the end of the message"""
-    drift_corrections = True
-
-    def __init__(self, source: Path, signature: str, input_name: str | None, device: str, trust_code: bool = False):
-        tf = import_tensorflow()
-        self.source = source
-        self.device = resolve_device(tf, device)
-        check_links(source)
-        meta = read_meta_graph(source)
-        self.signature = choose_signature(meta, signature, input_name, str(source))
-        saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
-        flat = FlatGraph(flatten(meta, [split(t)[0] for t in self.signature.outputs.values()] + saver))
-        reader = CheckpointReader(source, checkpoint_prefix(source))
-        objects = checkpointed_objects(meta, reader)
-        self._setup(meta, flat, reader, {**flat.checkpoint_keys(), **captured_keys(meta, objects)}, objects,
-                    trust_code)
-
-    def _setup(self, meta, flat: FlatGraph, reader: CheckpointReader, keys: dict[str, str], objects: dict,
-               trust_code: bool) -> None:
-        """The BN layers of the signature's graph ``flat``, their variables on the device and ``self.graph``;
-        ``keys``: variable node -> checkpoint key, ``objects``: ``checkpointed_objects`` (TF2 only)."""
-        self.flat, self.reader, self.keys = flat, reader, keys
+    def __init__(self, saved: SavedGraph, device: str, trust_code: bool = False):
+        self.saved, self.device = saved, device
+        self.framework, self.source, self.signature = saved.framework, saved.source, saved.signature
+        self.flat, self.reader, self.keys = saved.flat, saved.reader, saved.keys
         model_nodes = self.flat.fanin(self.signature.outputs.values(),
                                       stop={split(t)[0] for t in self.signature.inputs.values()})
         check_graph([self.flat.nodes[n] for n in sorted(model_nodes)], str(self.source), trust_code)
-        sites, rejected = self.flat.find_bn(model_nodes)
+        sites, rejected = find_bn(self.flat, model_nodes)
         if not sites:
-            raise InputError(f"{self.source}: " + no_bn_message(self.flat, model_nodes, rejected, self._where()))
+            raise InputError(f"{self.source}: " + no_bn_message(self.flat, model_nodes, rejected, saved.where))
         if self.signature.input_name is None:
-            self.signature = choose_signature(meta, self.signature.name, self._feeding_input(sites), str(self.source))
+            self.signature = choose_signature(saved.meta, self.signature.name, self._feeding_input(sites),
+                                              str(self.source))
         self._check_feeds(sites)
+        objects = saved.objects
         self._names = {key: name for key, name, _ in objects.values()}
-        trainable = {key for key, _, flag in objects.values() if flag} if objects else trainable_v1(meta, self.keys)
-        self._sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
+        trainable = ({key for key, _, flag in objects.values() if flag} if objects
+                     else trainable_v1(saved.meta, self.keys))
+        self.sites = dict(zip(_unique_ids(sites, self.keys, self._names), sites))
         self._vars = self._variables(model_nodes)
         self._ranks, self._dtypes = self._probe()
-        layers = [self._describe(i, s, trainable) for i, s in self._sites.items()]
+        layers = [self._describe(i, s, trainable) for i, s in self.sites.items()]
         self.graph = ModelGraph(self.framework, str(self.source), layers,
                                 input_shape=self.signature.shape[1:] if self.signature.shape else None,
                                 channels_first=any(bn.axis == 1 and self._ranks[canonical(s.x)] > 2
                                                    for bn, s in zip(layers, sites)),
-                                unbiased_var=False)
+                                unbiased_var=False, default_eps=saved.default_eps)
         self._functions: dict = {}
         self._corrections: dict = {}
         """per layer: the variables of the correction a drift-corrected pass carries the batch's statistics by"""
-
-    def _where(self) -> str:
-        """The graph measured, as messages name it."""
-        return f"signature {self.signature.name!r}"
 
     # --- reading the file ------------------------------------------------------------------------------
     def _check_feeds(self, sites: list[Site]) -> None:
@@ -118,9 +77,10 @@ class SavedModelRunner:
         others = {split(t)[0]: n for n, t in self.signature.inputs.items() if n != self.signature.input_name}
         used = sorted(name for node, name in others.items() if node in needed)
         if used:
-            raise InputError(f"{self.source}: BN layers depend on input(s) {', '.join(used)} of {self._where()}, but "
-                             f"the calibration data feeds only {self.signature.input_name!r} (--input)"
-                             + self.other_inputs_hint)
+            raise InputError(f"{self.source}: BN layers depend on input(s) {', '.join(used)} of "
+                             f"{self.saved.where}, but the calibration data feeds only "
+                             f"{self.signature.input_name!r} (--input)"
+                             + self.saved.hint)
 
     def _feeding_input(self, sites: list[Site]) -> str:
         """The one signature input the BN layers depend on: the calibration data's, without --input."""
@@ -128,7 +88,7 @@ class SavedModelRunner:
         needed = self.flat.fanin([s.x for s in sites], stop={split(t)[0] for t in inputs.values()})
         used = sorted(name for name, tensor in inputs.items() if split(tensor)[0] in needed)
         if len(used) != 1:
-            raise InputError(f"{self.source}: {self._where()} takes {len(inputs)} inputs "
+            raise InputError(f"{self.source}: {self.saved.where} takes {len(inputs)} inputs "
                              f"({', '.join(sorted(inputs))}) and its BN layers depend on "
                              f"{', '.join(used) if used else 'none of them'}; name the one the calibration data "
                              "feeds with --input")
@@ -156,7 +116,7 @@ class SavedModelRunner:
     def _probe(self) -> tuple[dict[str, int], dict[str, int]]:
         """Rank and dtype of every BN input and statistic slot, by importing the graph once (no run)."""
         tf = import_tensorflow()
-        sites = list(self._sites.values())
+        sites = list(self.sites.values())
         tensors = [s.x for s in sites] + [self.flat.nodes[slot[0]].input[slot[1]]
                                           for s in sites if not s.fused for slot in (s.mean_slot, s.var_slot)]
         graph_def, _ = self._program(tensors, frozenset(), [self.signature.input_name])
@@ -199,16 +159,16 @@ class SavedModelRunner:
             placeholders[name] = tf.resource.as_datatype_enum if node.op == "VarHandleOp" else node.attr["dtype"].type
         graph_def = subgraph(self.flat, keep, placeholders)
         if train:
-            graph_def = rewire_for_batch_statistics(graph_def, [self._sites[i] for i in sorted(train - corrected)],
+            graph_def = rewire_for_batch_statistics(graph_def, [self.sites[i] for i in sorted(train - corrected)],
                                                     keep, self._dtypes, self._ranks,
-                                                    [self._sites[i] for i in sorted(corrected)])
+                                                    [self.sites[i] for i in sorted(corrected)])
         return graph_def, variables
 
     def _input_map(self, feeds: dict, variables: list[str], corrected: frozenset = frozenset()) -> dict:
         tf = import_tensorflow()
         mapping = {canonical(self.signature.inputs[name]): value for name, value in feeds.items()}
         for layer_id in corrected:
-            for name, variable in zip(correction_inputs(self._sites[layer_id]), self._corrections[layer_id]):
+            for name, variable in zip(correction_inputs(self.sites[layer_id]), self._corrections[layer_id]):
                 mapping[f"{name}:0"] = variable.read_value()
         for name in variables:
             var = self._vars[name]
@@ -226,7 +186,7 @@ class SavedModelRunner:
     def infer(self, inputs, mode: str = "eval") -> dict[str, np.ndarray]:
         """The signature outputs that the calibration input alone determines, as numpy, sorted by name;
         ``mode="train"``: BN ops normalise with batch statistics."""
-        train = frozenset(self._sites) if mode == "train" else frozenset()
+        train = frozenset(self.sites) if mode == "train" else frozenset()
         return {name: t.numpy() for name, t in self._run(inputs, train, [], outputs=True).items()}
 
     def collect(self, inputs, mode: str, ids: list[str], batch_stats=frozenset(),
@@ -242,12 +202,12 @@ class SavedModelRunner:
 
     def call_counts(self) -> dict[str, int]:
         """How many BN ops of the signature use each layer's moving statistics (from the graph alone)."""
-        uses = Counter(site.mean_var for site in self._sites.values())
-        return {layer_id: uses[site.mean_var] for layer_id, site in self._sites.items()}
+        uses = Counter(site.mean_var for site in self.sites.values())
+        return {layer_id: uses[site.mean_var] for layer_id, site in self.sites.items()}
 
     def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for layer_id, (mean, var) in stats.items():
-            site = self._sites[layer_id]
+            site = self.sites[layer_id]
             for node, value in ((site.mean_var, mean), (site.var_var, var)):
                 variable = self._vars[node]
                 variable.assign(np.asarray(value).astype(variable.dtype.as_numpy_dtype).reshape(variable.shape))
@@ -255,21 +215,27 @@ class SavedModelRunner:
             bn.mean, bn.var = np.array(mean, np.float64), np.array(var, np.float64)
 
     def weights(self):
-        statistics = {node for site in self._sites.values() for node in (site.mean_var, site.var_var)}
+        statistics = {node for site in self.sites.values() for node in (site.mean_var, site.var_var)}
         for name, variable in self._vars.items():
             if name not in statistics and variable.dtype.is_floating:
                 yield name, variable.numpy()
 
     @property
     def model(self):
-        """No in-memory model: the runner, which runs the saved graph, stands for it (``fold.source``)."""
+        """No in-memory model: the runner, which runs the saved graph, stands for it (``export.source``)."""
         return self
 
-    def fold_backend(self):
-        """ONNX export through tf2onnx; nothing folds (``fold.UNFOLDABLE`` says why)."""
-        from . import fold
+    def exporter(self):
+        """ONNX export through tf2onnx."""
+        from . import export
 
-        return fold
+        return export
+
+    def folder(self):
+        """Nothing folds (``export.UNFOLDABLE`` says why)."""
+        from .export import UNFOLDABLE
+
+        raise InputError(f"{self.source}: {UNFOLDABLE}")
 
     def inference_function(self):
         """A ``tf.function`` of the signature outputs ``infer`` gives, with every variable (the statistics held
@@ -293,15 +259,11 @@ class SavedModelRunner:
         """Copy the SavedModel to ``output`` with only ``changed`` layers' statistics replaced."""
         values = {}
         for layer_id in changed:
-            site, bn = self._sites[layer_id], self.graph.layer(layer_id)
+            site, bn = self.sites[layer_id], self.graph.layer(layer_id)
             for node, stat in ((site.mean_var, "mean"), (site.var_var, "var")):
                 for key in self._aliases(bn.locations[stat]):
                     values[key] = self._vars[node].numpy()
-        self._write(Path(output), values)
-
-    def _write(self, output: Path, values: dict) -> None:
-        """The SavedModel copied to ``output`` with the checkpoint entries ``values`` replaced."""
-        write_patched(self.source, output, values)
+        self.saved.write(Path(output), values)
 
     def cast_input(self, x):
         tf = import_tensorflow()
@@ -334,12 +296,12 @@ class SavedModelRunner:
             names = self._computable_outputs()
             tensors = [canonical(self.signature.outputs[n]) for n in names]
         else:
-            sites = [self._sites[i] for i in ids]
+            sites = [self.sites[i] for i in ids]
             tensors = [canonical(s.x) for s in sites]
             axes = [s.axis % self._ranks[t] for s, t in zip(sites, tensors)]
         graph_def, variables = self._program(tensors, train, [self.signature.input_name], corrected)
         present = {node.name for node in graph_def.node}  # a layer after every fetch is left out of the graph
-        corrected = frozenset(i for i in corrected if correction_inputs(self._sites[i])[0] in present)
+        corrected = frozenset(i for i in corrected if correction_inputs(self.sites[i])[0] in present)
 
         @tf.function(input_signature=[self._input_spec(tf)], autograph=False)
         def run(x):
@@ -357,7 +319,7 @@ class SavedModelRunner:
         names = [name for name, tensor in sorted(self.signature.outputs.items())
                  if not others & self.flat.fanin([tensor], stop={self._input_node})]
         if not names:
-            raise BnrepairError(f"every output of {self._where()} needs inputs besides "
+            raise BnrepairError(f"every output of {self.saved.where} needs inputs besides "
                                 f"{self.signature.input_name!r}")
         return names
 

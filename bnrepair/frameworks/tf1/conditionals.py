@@ -11,7 +11,7 @@ statistics' variables, and the result runs anywhere a GraphDef runs, ``tf.functi
 
 from __future__ import annotations
 
-from ..savedmodel.graph import FlatGraph, data_inputs, split
+from ..tf_graph import FlatGraph, data_inputs, split
 
 SWITCHES = {"Switch", "RefSwitch"}
 MERGES = {"Merge", "RefMerge"}

@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import BnrepairError, InputError
 from ...writers import scratch_folder
-from ..savedmodel.checkpoint import rewrite_checkpoint
+from ..savedmodel.files import rewrite_checkpoint
 from ..tf_runtime import import_tensorflow
 
 SUFFIXES = (".index", ".meta")

@@ -16,8 +16,8 @@ import re
 import numpy as np
 
 from ...errors import InputError
-from ..savedmodel.graph import FlatGraph, data_inputs, split
 from ..savedmodel.policy import SAFE_STATEFUL
+from ..tf_graph import FlatGraph, data_inputs, split
 from .conditionals import SWITCHES
 
 PLACEHOLDERS = {"Placeholder", "PlaceholderV2", "PlaceholderWithDefault"}

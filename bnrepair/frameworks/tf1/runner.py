@@ -1,4 +1,4 @@
-"""TF1 training checkpoints: the SavedModel runner, measuring through the training graph of the ``.meta``.
+"""TF1 training checkpoints: the SavedModel wing's runner, measuring through the training graph of the ``.meta``.
 
 The graph is fixed for inference first (``--feed`` values and the training flag as constants, ``tf.cond``
 resolved), then stands in for a signature: its input is the placeholder the BN layers depend on (or
@@ -9,14 +9,18 @@ SavedModel wing's: BN sites by op pattern, variables from the checkpoint, moment
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import InputError
-from ..savedmodel.checkpoint import CheckpointReader
-from ..savedmodel.graph import FlatGraph, Signature, canonical, flatten, no_bn_message, split, subgraph
+from ...options import LoadOptions
+from ..savedmodel.files import CheckpointReader, SavedGraph
+from ..savedmodel.graph import find_bn, no_bn_message
 from ..savedmodel.runner import SavedModelRunner
+from ..savedmodel.signature import Signature
+from ..tf_graph import FlatGraph, canonical, flatten, split, subgraph
 from ..tf_runtime import import_tensorflow, resolve_device
 from . import conditionals, files
 from .graph import Dataflow, feed_value, parse_feeds, placeholders, steering, training_flag, with_constants
@@ -27,24 +31,32 @@ FUNCTIONAL = {"If", "StatelessIf", "While", "StatelessWhile", "PartitionedCall",
 them for tf.cond and tf.while_loop; grappler's function optimizer lowers them to TF1's Switch / Merge"""
 
 
-class TF1CheckpointRunner(SavedModelRunner):
-    """``protocols.Runner`` for a TF1 checkpoint prefix and the meta graph saved with it."""
+def load(prefix: Path, options: LoadOptions, device: str) -> SavedModelRunner:
+    """The SavedModel wing's runner on the training graph of the checkpoint ``prefix``, read for inference, with
+    what the training side says about each layer."""
+    device = resolve_device(import_tensorflow(), device)
+    training = TrainingGraph(prefix, options)
+    runner = SavedModelRunner(training.saved, device, options.trust_code)
+    training.describe(runner)
+    return runner
 
-    framework = "tf1"
-    other_inputs_hint = "; feed the others with --feed NAME=VALUE"
 
-    def __init__(self, prefix: Path, input_name: str | None, feeds: tuple[str, ...], device: str,
-                 trust_code: bool = False):
-        tf = import_tensorflow()
+class TrainingGraph:
+    """A TF1 checkpoint's training graph made a ``SavedGraph`` (``saved``): fixed for inference, its input and
+    outputs found, its variables in the checkpoint."""
+
+    hint = "; feed the others with --feed NAME=VALUE"
+
+    def __init__(self, prefix: Path, options: LoadOptions):
+        input_name = options.input_name
         self.source = prefix
-        self.device = resolve_device(tf, device)
         meta = files.read_meta(prefix)
-        trained = FlatGraph(meta.graph_def)
+        self.trained = FlatGraph(meta.graph_def)
         if any(node.op in FUNCTIONAL for node in meta.graph_def.node):  # compat.v1 code run by TensorFlow 2
-            trained = FlatGraph(flatten(meta, list(trained.nodes)))
+            self.trained = FlatGraph(flatten(meta, list(self.trained.nodes)))
         self._saver_file = meta.saver_def.filename_tensor_name
-        fixed = self._fixed(trained, parse_feeds(feeds), input_name)
-        resolved = FlatGraph(conditionals.resolve(fixed))
+        self.fixed = self._fixed(self.trained, parse_feeds(options.feeds), input_name)
+        resolved = FlatGraph(conditionals.resolve(self.fixed))
         reader = CheckpointReader(prefix, prefix)
         keys = resolved.checkpoint_keys()
         lacking = sorted(set(keys.values()) - reader.keys())
@@ -58,23 +70,25 @@ class TF1CheckpointRunner(SavedModelRunner):
         if unresolved:
             raise InputError(f"{prefix}: the BN layers' tf.cond depends on {', '.join(sorted(unresolved))}, which "
                              "bnrepair cannot tell the value of at inference; give it with --feed NAME=VALUE")
-        self.signature = self._signature(flow, flat, sites, input_name)
-        self._setup(meta, flat, reader, keys, {}, trust_code)
-        self._training_facts(trained, fixed, reader.shapes())
+        self.input_node = split(input_name)[0]
+        self.saved = SavedGraph(prefix, "tf1", meta, self._signature(flow, flat, sites, input_name), flat, reader,
+                                keys=keys, objects={}, write=functools.partial(files.write_patched, prefix),
+                                where=self._where(), hint=self.hint)
 
-    def _training_facts(self, trained: FlatGraph, fixed, shapes: dict[str, list[int]]) -> None:
-        """What the training side of the graph says about each layer: the decay of its moving averages (read off
-        the update ops with the flag True) and, where inference reads statistics no op updates while training
-        updates others, the ones it updates (``BNLayer.separate_from``)."""
-        by_node = {node: tuple(shapes.get(key, ())) for node, key in self.keys.items()}
-        separate = separate_statistics(self._sites, updated_by_training(trained, self._input_node), self.keys,
-                                       by_node)
-        training = FlatGraph(conditionals.resolve(with_constants(fixed, {self._flag: np.array(True)})
-                                                  if self._flag else fixed))
-        decay = decays(training, {s.mean_var for s in self._sites.values()})
-        for bn in self.graph.bn_layers:
+    def describe(self, runner: SavedModelRunner) -> None:
+        """What the training side of the graph says about each of ``runner``'s layers: the decay of its moving
+        averages (read off the update ops with the flag True) and, where inference reads statistics no op updates
+        while training updates others, the ones it updates (``BNLayer.separate_from``)."""
+        shapes = runner.reader.shapes()
+        by_node = {node: tuple(shapes.get(key, ())) for node, key in runner.keys.items()}
+        separate = separate_statistics(runner.sites, updated_by_training(self.trained, self.input_node),
+                                       runner.keys, by_node)
+        training = FlatGraph(conditionals.resolve(with_constants(self.fixed, {self._flag: np.array(True)})
+                                                  if self._flag else self.fixed))
+        decay = decays(training, {s.mean_var for s in runner.sites.values()})
+        for bn in runner.graph.bn_layers:
             bn.separate_from = separate.get(bn.id)
-            bn.momentum = decay.get(self._sites[bn.id].mean_var)
+            bn.momentum = decay.get(runner.sites[bn.id].mean_var)
 
     def _where(self) -> str:
         return f"the graph of {files.meta_path(self.source).name}"
@@ -113,7 +127,7 @@ class TF1CheckpointRunner(SavedModelRunner):
         if found:
             raise InputError(f"{self.source}: BN layers are computed from each of {', '.join(f[0] for f in found)}; "
                              "name the tensor the calibration data feeds with --input")
-        anywhere, _ = resolved.find_bn(set(resolved.nodes))
+        anywhere, _ = find_bn(resolved, set(resolved.nodes))
         needed = sorted(set(placeholders(resolved)) & resolved.fanin([s.x for s in anywhere]) - {input_name})
         if not needed:
             raise InputError(f"{self.source}: " + no_bn_message(resolved, set(resolved.nodes), rejected,
@@ -122,7 +136,7 @@ class TF1CheckpointRunner(SavedModelRunner):
             raise InputError(f"{self.source}: the BN layers depend on placeholder(s) {', '.join(needed)} besides "
                              f"{input_name}; give their values with --feed NAME=VALUE")
         raise InputError(f"{self.source}: the BN layers depend on placeholders {', '.join(needed)}; name the one "
-                         "the calibration data feeds with --input" + self.other_inputs_hint)
+                         "the calibration data feeds with --input" + self.hint)
 
     @staticmethod
     def _computed_from(resolved: FlatGraph, candidates: list[str]):
@@ -132,7 +146,7 @@ class TF1CheckpointRunner(SavedModelRunner):
         for candidate in candidates:
             flow = Dataflow(resolved, split(candidate)[0])
             flat = FlatGraph(subgraph(resolved, {n for n in resolved.nodes if n not in flow.blocked}, {}))
-            sites, not_bn = flat.find_bn(set(flat.nodes))
+            sites, not_bn = find_bn(flat, set(flat.nodes))
             rejected += not_bn
             if sites:
                 found.append((candidate, flow, flat, sites))
@@ -159,9 +173,6 @@ class TF1CheckpointRunner(SavedModelRunner):
         return Signature("graph", {input_name: tensor}, {input_name: dtype.as_datatype_enum},
                          {n: canonical(n) for n in outputs}, input_name, shape)
 
-    def _write(self, output: Path, values: dict) -> None:
-        """The checkpoint again as the prefix ``output``, with ``values`` replaced (``files.write_patched``)."""
-        files.write_patched(self.source, output, values)
 
 
 def _types(graph_def, tensors: list[str]) -> dict:

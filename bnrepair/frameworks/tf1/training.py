@@ -9,7 +9,8 @@ import difflib
 
 import numpy as np
 
-from ..savedmodel.graph import FUSED_OPS, VARIABLE_OPS, FlatGraph, Site, canonical, data_inputs, split, subgraph
+from ..savedmodel.graph import FUSED_OPS, Site
+from ..tf_graph import VARIABLE_OPS, FlatGraph, canonical, data_inputs, split, subgraph
 from .conditionals import SWITCHES
 from .graph import PLACEHOLDERS, Dataflow
 

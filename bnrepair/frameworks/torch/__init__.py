@@ -11,12 +11,24 @@ from pathlib import Path
 
 from ...options import LoadOptions
 
+TITLE = "a PyTorch checkpoint"
+FORMATS = "PyTorch checkpoints"
+READS = (".pt",)
+FOLDS_TO = (".pt2",)
+ARCHIVE = "a torch checkpoint"
+
+
+def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
+    """A torch zip archive (pickled data or TorchScript code inside), or a legacy ``torch.save`` pickle."""
+    if members is not None:
+        return any(n.endswith("data.pkl") or n.endswith("constants.pkl") or "/code/" in n for n in members)
+    return head[:1] == b"\x80"
+
 
 def load(path: Path, options: LoadOptions, device: str = "auto"):
     from .runner import load_file
 
-    return load_file(path, options.arch, options.arch_kwargs, options.key, options.trust_pickle,
-                     options.trust_code, options.safe_globals, device, options.amp)
+    return load_file(path, options, device)
 
 
 def claims(model) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InputError, first_line
+from ...options import LoadOptions
 from ...user_code import call_spec
 from ...writers import atomic_path
 
@@ -66,17 +67,16 @@ def is_torchscript(path: Path) -> bool:
         return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
 
 
-def read(path: Path, arch: str | None = None, arch_kwargs: str | None = None, key: str | None = None,
-         trust_pickle: bool = False, trust_code: bool = False, safe_globals=()) -> Checkpoint:
+def read(path: Path, options: LoadOptions) -> Checkpoint:
     import torch
 
-    path = Path(path)
+    path, arch, arch_kwargs, key = Path(path), options.arch, options.arch_kwargs, options.key
     if is_torchscript(path):
-        if not trust_code:
+        if not options.trust_code:
             raise InputError(f"{path}: TorchScript archive: loading it runs the code it holds; "
                              "pass --trust-code if you trust the file")
         return _read_torchscript(path)
-    content = _unpickle(path, trust_pickle, safe_globals)
+    content = _unpickle(path, options.trust_pickle, options.safe_globals)
     zipped = zipfile.is_zipfile(path)
     if isinstance(content, torch.nn.Module):
         return Checkpoint(path, "module", content, content, zipped=zipped)

@@ -22,7 +22,6 @@ import numpy as np
 from ...errors import InputError, first_line
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ...writers import atomic_path
-from .. import FOLD_SUFFIXES
 
 ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
                         "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "softplus", "softmax",
@@ -32,7 +31,6 @@ IDENTITY_MODULES = {"Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d"
                     "DropPath", "StochasticDepth"}
 """Modules that pass their input through at inference (torch's dropouts, timm's DropPath, torchvision's
 StochasticDepth): BN folds through them."""
-SUFFIXES = FOLD_SUFFIXES["torch"]
 
 
 def source(model):

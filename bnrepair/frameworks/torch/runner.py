@@ -19,7 +19,7 @@ from ...drift import corrected
 from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
-from ...options import check_amp, check_device
+from ...options import LoadOptions, check_amp, on_gpu
 from . import files as torch_files
 from .script import call_counts as script_call_counts
 from .script import capture_function
@@ -34,20 +34,17 @@ def import_torch():
     return torch
 
 
-def load_file(path: Path, arch: str | None = None, arch_kwargs: str | None = None, key: str | None = None,
-              trust_pickle: bool = False, trust_code: bool = False, safe_globals=(),
-              device: str = "auto", amp: str | None = None) -> "TorchRunner":
+def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "TorchRunner":
     import_torch()
-    check_amp(amp)
-    checkpoint = torch_files.read(Path(path), arch, arch_kwargs, key, trust_pickle, trust_code, safe_globals)
-    return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint, amp=amp)
+    check_amp(options.amp)
+    checkpoint = torch_files.read(Path(path), options)
+    return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint, amp=options.amp)
 
 
 class TorchRunner:
     """``protocols.Runner`` for a ``torch.nn.Module`` or ScriptModule."""
 
     framework = "torch"
-    drift_corrections = True
 
     def __init__(self, model, device: str = "auto", checkpoint: torch_files.Checkpoint | None = None,
                  amp: str | None = None):
@@ -70,6 +67,7 @@ class TorchRunner:
         self._by_id = {layer_id: m for layer_id, m, _, _ in found}
         self.graph = ModelGraph("torch", origin, [self._describe(*f) for f in found],
                                 input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True,
+                                momentum_is_decay=False, default_eps=1e-5,
                                 momentum_stored=checkpoint is None or checkpoint.state is None)
         self._modules = [m for _, m in self.module.named_modules()]
         self._script_functions: dict = {}
@@ -87,9 +85,14 @@ class TorchRunner:
             if id(tensor) not in statistics and tensor.is_floating_point():
                 yield name, tensor.detach().cpu().numpy()
 
-    def fold_backend(self):
+    def exporter(self):
         """The same backend for TorchScript: exported by torch's TorchScript-based ONNX exporter as it is; its
         ``fold`` refuses a ScriptModule (fx cannot trace one)."""
+        from . import fold
+
+        return fold
+
+    def folder(self):
         from . import fold
 
         return fold
@@ -173,7 +176,7 @@ class TorchRunner:
     def save(self, output: Path, changed: list[str]) -> None:
         """Write the input file again with only the ``changed`` layers' running_mean / running_var replaced."""
         if self.checkpoint is None:
-            raise BnrepairError("an in-memory module has no file to write; save it with torch.save yourself")
+            raise InputError("an in-memory module has no file to write; save it with torch.save yourself")
         buffers = {f"{layer_id}.{name}": getattr(self._by_id[layer_id], name)
                    for layer_id in changed for name in ("running_mean", "running_var")}
         if self.checkpoint.state is None:
@@ -229,8 +232,8 @@ class TorchRunner:
 
     def _eager_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
         sink: list = []
-        probes = [_Probe(self.torch, self._by_id[i], i, i in train, sink, self._scratch,
-                         self._correction(corrections.get(i)),
+        probes = [_Probe(self.torch, self._by_id[i], i, train=i in train, sink=sink, scratch=self._scratch,
+                         correction=self._correction(corrections.get(i)),
                          kernel=i in train and i not in corrections and self._kernel_ok.get(i, False))
                   for i in ids]
         try:
@@ -296,7 +299,7 @@ class _Probe:
     kernel is exact enough: see ``TorchRunner._kernel_ok``).
     """
 
-    def __init__(self, torch, module, layer_id: str, train: bool, sink: list, scratch: dict, correction=None,
+    def __init__(self, torch, module, layer_id: str, *, train: bool, sink: list, scratch: dict, correction=None,
                  kernel: bool = False):
         self.torch, self.module, self.layer_id, self.train = torch, module, layer_id, train
         self.sink, self.scratch, self.correction, self.kernel = sink, scratch, correction, kernel
@@ -454,17 +457,14 @@ def _resolve_device(torch, device: str, module, owned: bool):
     is never moved."""
     if isinstance(device, torch.device):
         device = device.type
-    want = {"gpu": "cuda"}.get(check_device(device), device)
-    if want == "cuda" and not torch.cuda.is_available():
-        raise BnrepairError("--device cuda: torch sees no CUDA device on this machine")
+    gpu = on_gpu(device, torch.cuda.is_available(), "torch sees no CUDA device")
     if not owned:
         here = next((t.device for t in [*module.parameters(), *module.buffers()]), torch.device("cpu"))
+        want = {"gpu": "cuda"}.get(device, device)
         if want not in ("auto", here.type):
             raise BnrepairError(f"the module is on {here}; move it with module.to({want!r}) or use device='auto'")
         return here
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", torch.cuda.current_device()) if want == "cuda" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
 
 
 def _input_shape(module):

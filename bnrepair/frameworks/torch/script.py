@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ...drift import PARTS
+from ...drift import PARTS, Symbol, corrected
 from ...errors import InputError
 
 
@@ -92,16 +92,17 @@ def _instrument(graph, node, train: bool, correction=None):
         m2 = graph.insert("aten::sum", [graph.insert("aten::mul", [centred, centred]), const([0, 2])])
         count = graph.insert("aten::numel", [x])
         if correction is not None:  # drift.corrected, cast to the statistics' dtype
-            offset, then, target = correction
-            eps, stored = node.inputsAt(7), node.inputsAt(3)
+            def emit(op, inputs):
+                return graph.insert(f"aten::{op}", inputs)
+
+            stored = node.inputsAt(3)
             var = graph.insert("aten::div", [m2, graph.insert("aten::floordiv", [count, graph.insert(
                 "aten::size", [x, const(1)])])])
-            ratio = graph.insert("aten::div", [graph.insert("aten::add", [var, eps]), then])
-            moved = graph.insert("aten::mul", [graph.insert("aten::sqrt", [ratio]), offset])
-            mean_c = graph.insert("aten::add", [graph.insert("aten::reshape", [mean, const([-1])]), moved])
-            var_c = graph.insert("aten::sub", [graph.insert("aten::mul", [ratio, target]), eps])
-            node.replaceInput(3, graph.insert("aten::type_as", [mean_c, stored]))
-            node.replaceInput(4, graph.insert("aten::type_as", [var_c, stored]))
+            mean_c, var_c = corrected(Symbol(graph.insert("aten::reshape", [mean, const([-1])]), emit),
+                                      Symbol(var, emit), [Symbol(part, emit) for part in correction],
+                                      Symbol(node.inputsAt(7), emit))
+            node.replaceInput(3, graph.insert("aten::type_as", [mean_c.value, stored]))
+            node.replaceInput(4, graph.insert("aten::type_as", [var_c.value, stored]))
         elif train:
             none = const(None)
             node.replaceInput(3, none)

@@ -155,3 +155,24 @@ def test_inspect_reports_non_finite_statistics_in_an_h5_file(tmp_path):
     assert result.exit_code == 1, result.output
     flags = json.loads((tmp_path / "i.json").read_text())["flags"]
     assert any(f["layer"] == "bn1" and "NaN" in f["message"] for f in flags), flags
+
+
+def test_the_fix_line_repeats_every_data_and_load_option_of_the_run(tmp_path):
+    """The command diagnose recommends is the run again: the same preprocessing, size, bad-image policy and input
+    element, so the recalibration it starts sees the inputs the diagnosis saw; running it repairs the model."""
+    import shlex
+
+    extra = ["--image-size", "32", "32", "--input-index", "1", "--skip-bad", "--preprocess", "tf", "--seed", "3"]
+    result, report = diagnose(tmp_path, "stale_ema.h5", "a", *extra)
+    assert result.exit_code == 1, result.output
+    words = shlex.split(report["verdicts"][0]["fix"])
+    assert words[:3] == ["bnrepair", "recalibrate", str(FIXTURES / "stale_ema.h5")]
+    given = " ".join(words)
+    for flag in ("--image-size 32 32", "--input-index 1", "--skip-bad", "--preprocess tf", "--seed 3",
+                 f"--data {synthetic.folder('a', 'heldout')}"):
+        assert flag in given, (flag, given)
+    assert "--samples" not in given  # diagnose's own read cap is not the recalibration's
+    fixed = tmp_path / "fixed.h5"
+    done = cli.invoke(app, [*words[1:], "-o", str(fixed), "-q"])
+    assert done.exit_code == 0, done.output
+    assert bnrepair.diagnose(fixed, synthetic.folder("a", "heldout"), preprocess="tf").healthy

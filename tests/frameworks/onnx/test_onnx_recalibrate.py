@@ -190,10 +190,8 @@ class Mixed(torch.nn.Module):
         return self.bn4(self.fc(x.mean((2, 3))))
 
 
-def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
-    torch.manual_seed(0)
-    model = Mixed().eval()
-    rng = np.random.default_rng(0)
+def with_statistics(model, rng):
+    """``model`` with every BN's statistics and affine parameters random, as a trained net's are."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
@@ -201,6 +199,13 @@ def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
                 m.running_var.copy_(torch.as_tensor(rng.uniform(0.2, 3, m.num_features)))
                 m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.num_features)))
                 m.bias.copy_(torch.as_tensor(rng.normal(0, 0.5, m.num_features)))
+    return model
+
+
+def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = with_statistics(Mixed().eval(), rng)
     path = exported(model, tmp_path / "mixed.onnx")
     x = rng.normal(0, 1, (8, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -254,11 +259,26 @@ def test_the_fixtures_as_onnx_get_the_statistics_their_checkpoints_get(tmp_path,
 def heldout_accuracy(runner) -> float:
     """Top-1 accuracy on the fixtures' held-out images of domain a, the model at inference."""
     from bnrepair.data import calibration, image_spec
+    from bnrepair.options import DataOptions
     from fixtures import synthetic
 
-    batches = calibration(synthetic.folder("a", "heldout"), image_spec(runner.graph, None, "unit"), 64)
+    batches = calibration(synthetic.folder("a", "heldout"), image_spec(runner.graph), DataOptions(batch_size=64))
     hits = [np.argmax(np.asarray(runner.infer(runner.cast_input(b.inputs))), axis=1) == b.labels for b in batches]
     return float(np.mean(np.concatenate(hits)))
+
+
+def test_fold_takes_the_graph_input_by_name(tmp_path):
+    """``--input`` names the graph input for fold as for every other command; a wrong name is one line."""
+    path = exported(with_statistics(Mixed().eval(), np.random.default_rng(1)), tmp_path / "mixed.onnx")
+    name = onnx.load(str(path)).graph.input[0].name
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(0, 1, (8, 3, 32, 32)).astype(np.float32))
+    common = ["fold", str(path), "-d", str(tmp_path / "x.npy"), "-q"]
+    done = CliRunner().invoke(app, [*common, "--input", name, "-o", str(tmp_path / "f.onnx")])
+    assert done.exit_code == 0, done.output
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(tmp_path / "f.onnx")).graph.node) == 1
+    wrong = CliRunner().invoke(app, [*common, "--input", "nope", "-o", str(tmp_path / "g.onnx")])
+    assert wrong.exit_code == 2 and "has no input 'nope'" in wrong.output
+    assert len(wrong.output.strip().splitlines()) == 1 and not (tmp_path / "g.onnx").exists()
 
 
 def test_matmul_with_and_without_a_bias_add_folds(tmp_path):

@@ -7,20 +7,69 @@ except the recalibrated moving mean / variance.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ...errors import BnrepairError, InputError
+from ...options import LoadOptions
 from ...writers import scratch_folder, storable
+from ..tf_graph import FlatGraph, flatten, split
 from ..tf_runtime import import_tensorflow
-from .graph import split
+from .signature import Signature, choose_signature, read_meta_graph
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
+
+@dataclass
+class SavedGraph:
+    """A saved graph as a wing reads it from its files: what ``runner.SavedModelRunner`` measures, and how the
+    statistics are written back. ``read`` makes one of a SavedModel folder; the TF1 wing makes one of a training
+    checkpoint and its ``.meta``."""
+
+    source: Path
+    framework: str
+    meta: Any
+    """the MetaGraphDef"""
+    signature: Signature
+    flat: FlatGraph
+    """the graph measured, its functions inlined"""
+    reader: CheckpointReader
+    keys: dict[str, str]
+    """variable node -> checkpoint key"""
+    objects: dict
+    """``checkpointed_objects`` (TF2 checkpoints only)"""
+    write: Callable[[Path, dict], None]
+    """``write(output, values)``: the input again at ``output``, the checkpoint entries ``values`` replaced"""
+    where: str
+    """the graph measured, as messages name it"""
+    hint: str = ""
+    """what to do about an input the calibration data does not feed, as the end of the message"""
+    default_eps: float | None = None
+
+
+def read(source: Path, options: LoadOptions) -> SavedGraph:
+    """The serving signature of the SavedModel folder ``source`` (``--signature``, ``--input``) and its
+    variables checkpoint."""
+    check_links(source)
+    meta = read_meta_graph(source)
+    signature = choose_signature(meta, options.signature or "serving_default", options.input_name, str(source))
+    saver = [split(meta.saver_def.save_tensor_name)[0]] if meta.saver_def.save_tensor_name else []
+    flat = FlatGraph(flatten(meta, [split(t)[0] for t in signature.outputs.values()] + saver))
+    reader = CheckpointReader(source, checkpoint_prefix(source))
+    objects = checkpointed_objects(meta, reader)
+    return SavedGraph(source, "savedmodel", meta, signature, flat, reader,
+                      keys={**flat.checkpoint_keys(), **captured_keys(meta, objects)}, objects=objects,
+                      write=functools.partial(write_patched, source), where=f"signature {signature.name!r}",
+                      default_eps=1e-3)  # Keras's and tf.layers' default, what its BN was most likely built with
 
 
 def checkpoint_prefix(path: Path) -> Path:

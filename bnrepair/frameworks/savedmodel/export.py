@@ -1,4 +1,4 @@
-"""``protocols.FoldBackend`` for a SavedModel: ONNX export through tf2onnx, nothing folded.
+"""``protocols.Exporter`` for a SavedModel (and a TF1 checkpoint): ONNX export through tf2onnx.
 
 The graph exported is the one bnrepair runs and verifies: the signature's outputs computed from the
 calibration input, with the statistics the runner holds now (recalibrated ones after ``recalibrate``),
@@ -9,16 +9,15 @@ weights could take a BN in: fold the Keras or torch checkpoint the SavedModel ca
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 
 from ...errors import InputError, first_line, require
 from ..tf_runtime import import_tensorflow
 
-SUFFIXES: tuple[str, ...] = ()
 UNFOLDABLE = ("a SavedModel is a graph, without layers whose weights could take a BN in: export it without "
               "--fold, or fold the Keras or torch checkpoint it came from")
+"""why nothing folds (``SavedModelRunner.folder``)"""
 
 
 @contextmanager
@@ -36,22 +35,6 @@ def precise():
 def source(model):
     """The runner itself: it runs the saved graph with the statistics it holds."""
     return model
-
-
-def unfoldable(model) -> str:
-    return UNFOLDABLE
-
-
-def fold(model, bn_ids, example):
-    raise InputError(UNFOLDABLE)
-
-
-def capture(model, names, x):
-    raise InputError(UNFOLDABLE)
-
-
-def save(model, dest: Path, example):
-    raise InputError(UNFOLDABLE)
 
 
 def run(model, x) -> list[np.ndarray]:
