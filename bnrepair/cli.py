@@ -113,6 +113,7 @@ Unsafe = Annotated[bool, flag(LoadOptions, "unsafe")]
 Arch = Annotated[Optional[str], flag(LoadOptions, "arch")]
 ArchKwargs = Annotated[Optional[str], flag(LoadOptions, "arch_kwargs")]
 Key = Annotated[Optional[str], flag(LoadOptions, "key")]
+Prefix = Annotated[Optional[str], flag(LoadOptions, "prefix")]
 TrustPickle = Annotated[bool, flag(LoadOptions, "trust_pickle")]
 TrustCode = Annotated[bool, flag(LoadOptions, "trust_code")]
 SafeGlobals = Annotated[Optional[list[str]], flag(LoadOptions, "safe_globals")]
@@ -194,6 +195,7 @@ def recalibrate(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     key: Key = None,
+    prefix: Prefix = None,
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_globals: SafeGlobals = None,
@@ -259,6 +261,7 @@ def inspect(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     key: Key = None,
+    prefix: Prefix = None,
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_globals: SafeGlobals = None,
@@ -306,6 +309,7 @@ def diagnose(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     key: Key = None,
+    prefix: Prefix = None,
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_globals: SafeGlobals = None,
@@ -387,6 +391,7 @@ def fold(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     key: Key = None,
+    prefix: Prefix = None,
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_globals: SafeGlobals = None,
@@ -428,6 +433,7 @@ def export(
     arch: Arch = None,
     arch_kwargs: ArchKwargs = None,
     key: Key = None,
+    prefix: Prefix = None,
     trust_pickle: TrustPickle = False,
     trust_code: TrustCode = False,
     safe_globals: SafeGlobals = None,

@@ -31,6 +31,12 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command: a library's or bnrepair's warning as one ``warning:`` line,
+    without the source line Python adds."""
+    warn(" ".join(str(message).split()))
+
+
 class OneLineUsageErrors(typer.core.TyperGroup):
     """A mistake in a command's options or arguments (out of range, unknown, missing) is bad input like any
     other: one line on stderr and exit 2, instead of click's usage text in a panel."""

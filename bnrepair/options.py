@@ -113,6 +113,9 @@ class LoadOptions(Options):
                                      applies="torch", panel="Loading: PyTorch")
     key: str | None = option(None, "--key", "torch checkpoint dict: the entry holding the state_dict.",
                              applies="torch", panel="Loading: PyTorch")
+    prefix: str | None = option(None, "--prefix", "torch state_dict: the prefix its keys carry before the --arch "
+                                "module's own (model., net.) [default: the one that fits].", applies="torch",
+                                panel="Loading: PyTorch")
     trust_pickle: bool = option(False, "--trust-pickle", "torch: allow full pickled modules (runs code).",
                                 applies="torch", panel="Loading: PyTorch")
     trust_code: bool = option(False, "--trust-code", "torch: allow TorchScript archives; SavedModel and TF1: allow "

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .console import err, print_error
+from .console import err, print_error, show_warning
 from .errors import BnrepairError
 
 
@@ -31,6 +31,8 @@ def user_errors(command):
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
         try:
             with warnings.catch_warnings():
+                if own_process:  # the command's own process: warnings as one line (an embedding host keeps its own)
+                    warnings.showwarning = show_warning
                 if kwargs.get("quiet"):
                     warnings.simplefilter("ignore")
                 return command(*args, **kwargs)

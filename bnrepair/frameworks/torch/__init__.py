@@ -1,7 +1,8 @@
 """PyTorch wing: ``.pt`` checkpoints of every kind and in-memory ``torch.nn.Module``s, run in torch.
 
 ``runner`` measures and writes back, ``files`` tells the checkpoint kinds apart and reads and writes them
-safely, ``script`` instruments TorchScript graphs, ``fold`` folds BN in a torch.fx copy and exports.
+safely (``tensorfiles``: ``.safetensors``), ``script`` instruments TorchScript graphs, ``fold`` folds BN in a
+torch.fx copy and exports.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from ...options import LoadOptions
 
 TITLE = "a PyTorch checkpoint"
 FORMATS = "PyTorch checkpoints"
-READS = (".pt",)
+READS = (".pt", ".safetensors")
 FOLDS_TO = (".pt2",)
 ARCHIVE = "a torch checkpoint"
 
 
 def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
-    """A torch zip archive (pickled data or TorchScript code inside), or a legacy ``torch.save`` pickle."""
+    """A torch zip archive (pickled data or TorchScript code inside), a ``.safetensors`` file, or a legacy
+    ``torch.save`` pickle."""
+    from .tensorfiles import is_safetensors
+
     if members is not None:
         return any(n.endswith("data.pkl") or n.endswith("constants.pkl") or "/code/" in n for n in members)
-    return head[:1] == b"\x80"
+    return bool(head) and not path.is_dir() and (is_safetensors(path, head) or head[:1] == b"\x80")
 
 
 def load(path: Path, options: LoadOptions, device: str = "auto"):

@@ -1,8 +1,9 @@
 """PyTorch checkpoint files: which kind a file is, loading it safely, writing it back with only BN buffers changed.
 
 Kinds are told apart by contents, never by suffix: a TorchScript archive (``code/`` inside the zip; it
-runs code, so it needs ``--trust-code``), or a ``torch.save`` pickle holding a bare state_dict, a
-training checkpoint dict with a state_dict under some key, or a full pickled module (``--trust-pickle``).
+runs code, so it needs ``--trust-code``), a ``.safetensors`` state_dict (``tensorfiles``), or a ``torch.save``
+pickle holding a bare state_dict, a training checkpoint dict with a state_dict under some key, or a full
+pickled module (``--trust-pickle``).
 Pickles are read with ``weights_only=True`` first, so nothing from an untrusted file runs; a file that
 needs more says which globals and which flag. Writing loads nothing anew: the object read is saved
 again with only the BN tensors overwritten in place, so every other entry keeps its values, dtype,
@@ -26,9 +27,7 @@ from ...errors import InputError, first_line
 from ...options import LoadOptions
 from ...user_code import call_spec
 from ...writers import atomic_path
-
-STATE_PREFIXES = ("module.", "_orig_mod.")
-"""Wrappers that prefix state_dict keys: DataParallel / DDP and torch.compile."""
+from . import tensorfiles
 
 
 @dataclass
@@ -37,7 +36,8 @@ class Checkpoint:
 
     path: Path
     kind: str
-    """``state_dict``, ``checkpoint`` (a dict holding one), ``module`` (pickled) or ``torchscript``"""
+    """``state_dict``, ``safetensors`` (a state_dict in that format), ``checkpoint`` (a dict holding one),
+    ``module`` (pickled) or ``torchscript``"""
     module: Any
     content: Any = None
     """the object ``torch.load`` returned, written back as it is apart from BN buffers"""
@@ -53,7 +53,7 @@ class Checkpoint:
     @property
     def state(self):
         """The state_dict in the file (None for modules, which are saved whole)."""
-        if self.kind == "state_dict":
+        if self.kind in ("state_dict", "safetensors"):
             return self.content
         if self.kind == "checkpoint" and isinstance(self.content[self.key], Mapping):
             return self.content[self.key]
@@ -70,7 +70,13 @@ def is_torchscript(path: Path) -> bool:
 def read(path: Path, options: LoadOptions) -> Checkpoint:
     import torch
 
-    path, arch, arch_kwargs, key = Path(path), options.arch, options.arch_kwargs, options.key
+    path, key = Path(path), options.key
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if tensorfiles.is_safetensors(path, head):
+        state = tensorfiles.read(path)
+        module, prefix = _module_from_state(state, options, f"{path}")
+        return Checkpoint(path, "safetensors", module, state, prefix=prefix, zipped=False)
     if is_torchscript(path):
         if not options.trust_code:
             raise InputError(f"{path}: TorchScript archive: loading it runs the code it holds; "
@@ -84,14 +90,14 @@ def read(path: Path, options: LoadOptions) -> Checkpoint:
         if key is not None:
             raise InputError(f"{path}: --key {key!r}: the file is a bare state_dict, not a checkpoint dict; "
                              "leave --key out")
-        module, prefix = _module_from_state(content, arch, arch_kwargs, f"{path}")
+        module, prefix = _module_from_state(content, options, f"{path}")
         return Checkpoint(path, "state_dict", module, content, prefix=prefix, zipped=zipped)
     if isinstance(content, Mapping):
         key = _choose_key(content, key, path)
         value = content[key]
         if isinstance(value, torch.nn.Module):
             return Checkpoint(path, "checkpoint", value, content, key=key, zipped=zipped)
-        module, prefix = _module_from_state(value, arch, arch_kwargs, f"{path} [{key!r}]")
+        module, prefix = _module_from_state(value, options, f"{path} [{key!r}]")
         return Checkpoint(path, "checkpoint", module, content, key=key, prefix=prefix, zipped=zipped)
     raise InputError(f"{path}: holds a {type(content).__name__}, not a state_dict, a checkpoint dict or a module")
 
@@ -109,6 +115,10 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
         with torch.no_grad():
             for name, value in buffers.items():
                 state[checkpoint.prefix + name].copy_(value)
+    if checkpoint.kind == "safetensors":
+        tensorfiles.write(checkpoint.path, Path(output), {checkpoint.prefix + n: state[checkpoint.prefix + n]
+                                                          for n in buffers})
+        return
     with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:  # a file object: a refused write stays an OSError
         if checkpoint.kind == "torchscript":
             with warnings.catch_warnings():
@@ -217,10 +227,11 @@ def _choose_key(content: Mapping, key: str | None, path: Path) -> str:
                      "choose one with --key")
 
 
-def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None, where: str):
+def _module_from_state(state: Mapping, options: LoadOptions, where: str):
     """Build ``--arch`` and load ``state`` into it strictly; returns the module and the stripped prefix."""
     import torch
 
+    arch, arch_kwargs = options.arch, options.arch_kwargs
     if not arch:
         raise InputError(f"{where}: a state_dict holds weights only; give --arch MODULE:CALLABLE or "
                          "FILE.py:CALLABLE that builds the module")
@@ -238,34 +249,55 @@ def _module_from_state(state: Mapping, arch: str | None, arch_kwargs: str | None
                          f"{type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"--arch {arch}: returned a {type(module).__name__}, not a torch.nn.Module")
-    prefix = _common_prefix(state)
+    prefix = _fitting_prefix(state, set(module.state_dict()), options.prefix, f"{where}: does not fit --arch {arch}")
+    if prefix and options.prefix is None:
+        warnings.warn(f"{where}: the --arch module's keys are stored under {prefix!r}; the other entries are kept "
+                      "as they are", UserWarning, stacklevel=2)
     try:
         result = module.load_state_dict(_stripped(state, prefix), strict=False)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # modules' own load hooks raise any of these
         raise InputError(f"{where}: does not fit --arch {arch}: {' '.join(str(exc).split())}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise InputError(f"{where}: does not fit --arch {arch}: missing keys {_names(result.missing_keys)}; "
-                         f"unexpected keys {_names(result.unexpected_keys)}")
+        raise InputError(f"{where}: does not fit --arch {arch}: {_misfit(result.missing_keys, result.unexpected_keys)}")
     return module, prefix
 
 
-def _common_prefix(state: Mapping) -> str:
-    """``module.``, ``_orig_mod.`` (or both) when every key carries it."""
-    prefix = ""
-    while True:
-        for p in STATE_PREFIXES:
-            if all(k.startswith(prefix + p) for k in state):
-                prefix += p
-                break
-        else:
-            return prefix
+def _fitting_prefix(state: Mapping, wanted: set[str], given: str | None, misfit: str) -> str:
+    """The prefix under which the stored keys are exactly the module's own (``module.`` of DDP, ``_orig_mod.`` of
+    torch.compile, ``model.`` of a LightningModule attribute, any other): ``--prefix`` where given, else the one
+    that fits; entries outside it are other parts of the checkpoint, kept as they are. Several that fit need
+    ``--prefix``; none is refused with ``misfit`` and what differs, in counts and a few names."""
+    def under(prefix: str) -> set[str]:
+        return {k[len(prefix):] for k in state if k.startswith(prefix)}
+
+    if given is not None:
+        candidates = [given]
+    else:
+        anchor = max(wanted, key=len, default="")
+        candidates = sorted({k[:len(k) - len(anchor)] for k in state if k.endswith(anchor)
+                             and (len(k) == len(anchor) or k[len(k) - len(anchor) - 1] == ".")}) or [""]
+    fitting = [p for p in candidates if under(p) == wanted]
+    if len(fitting) == 1:
+        return fitting[0]
+    if len(fitting) > 1:
+        raise InputError(f"{misfit}: its keys are stored under each of the prefixes "
+                         f"{', '.join(repr(p) for p in fitting)}; name one with --prefix")
+    closest = min(candidates, key=lambda p: len(under(p) ^ wanted))
+    stored = under(closest)
+    where = f" under prefix {closest!r}" if closest else ""
+    raise InputError(f"{misfit}{where}: {_misfit(sorted(wanted - stored), sorted(stored - wanted))}")
+
+
+def _misfit(missing, unexpected) -> str:
+    """What differs between a module's keys and the stored ones, short: counts and a few of each."""
+    return f"{len(missing)} missing key(s) ({_names(missing)}), {len(unexpected)} unexpected ({_names(unexpected)})"
 
 
 def _stripped(state: Mapping, prefix: str) -> Mapping:
-    """``state`` without ``prefix``, its ``_metadata`` (BN versions) renamed to match."""
+    """The entries of ``state`` under ``prefix``, without it, its ``_metadata`` (BN versions) renamed to match."""
     if not prefix:
         return state
-    out = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    out = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
         out._metadata = OrderedDict((k[len(prefix):] if k.startswith(prefix) else "", v)

@@ -229,7 +229,7 @@ def test_errors_are_one_line_exit_2_and_write_nothing(tmp_path, calib):
          "does not fit --arch"),
         ([stale], "a state_dict holds weights only; give --arch"),
         ([str(tmp_path / "misfit.pt"), "--arch", ARCH],
-         "missing keys features.0.weight; unexpected keys features.99.weight"),
+         "1 missing key(s) (features.0.weight), 1 unexpected (features.99.weight)"),
         ([stale, "--arch", ARCH, "--arch-kwargs", "{bad"], "--arch-kwargs: not valid JSON"),
         ([stale, "--arch", f"{FILES / 'nothere.py'}:build"], "nothere.py: no such file"),
         ([stale, "--arch", ARCH, "--arch-kwargs", '{"hidden": 16}'], "does not fit --arch"),
