@@ -26,7 +26,7 @@ from typing import Any
 from ...errors import InputError, first_line
 from ...options import LoadOptions
 from ...user_code import call_spec
-from ...writers import atomic_path
+from ...writers import atomic_path, storable
 from . import tensorfiles
 
 
@@ -114,6 +114,11 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
     if state is not None:
         with torch.no_grad():
             for name, value in buffers.items():
+                stored = state[checkpoint.prefix + name]
+                numpy_type = torch.float32 if stored.dtype == torch.bfloat16 else stored.dtype  # the same range
+                storable(value.detach().cpu().double().numpy(), torch.empty(0, dtype=numpy_type).numpy().dtype,
+                         f"{checkpoint.path}: {checkpoint.location(name)}")
+            for name, value in buffers.items():  # all checked first: a refusal leaves the object as it was
                 state[checkpoint.prefix + name].copy_(value)
     if checkpoint.kind == "safetensors":
         tensorfiles.write(checkpoint.path, Path(output), {checkpoint.prefix + n: state[checkpoint.prefix + n]
@@ -232,6 +237,11 @@ def _module_from_state(state: Mapping, options: LoadOptions, where: str):
     import torch
 
     arch, arch_kwargs = options.arch, options.arch_kwargs
+    integral = next((k for k, v in state.items() if k.endswith(("running_mean", "running_var"))
+                     and isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+    if integral is not None:  # refused before any work: the statistics could only be truncated into it
+        raise InputError(f"{where}: {integral} is stored as {state[integral].dtype}, which cannot hold BN "
+                         "statistics")
     if not arch:
         raise InputError(f"{where}: a state_dict holds weights only; give --arch MODULE:CALLABLE or "
                          "FILE.py:CALLABLE that builds the module")

@@ -164,3 +164,22 @@ def test_a_prefix_that_several_networks_share_is_named_with_prefix(tmp_path):
     after = torch.load(tmp_path / "fixed.ckpt", weights_only=True)["state_dict"]
     changed = {k for k, v in after.items() if not torch.equal(v, checkpoint["state_dict"][k])}
     assert changed and all(k.startswith("ema.features.") and "running_" in k for k in changed), changed
+
+
+def test_statistics_a_stored_dtype_cannot_hold_are_refused_and_nothing_is_written(tmp_path):
+    """An integer running_var is refused before any work; a float16 one whose new variances pass 65504 (float16's
+    largest) is refused after the measurement, before anything is written, instead of writing inf."""
+    np.save(tmp_path / "x.npy", 2000 * np.random.default_rng(4).random((16, 3, 32, 32), dtype=np.float32))
+    common = ["--arch", ARCH, "-d", str(tmp_path / "x.npy"), "-q"]
+    integral = broken_state()
+    integral["features.1.running_var"] = integral["features.1.running_var"].long()
+    torch.save(integral, tmp_path / "integral.pt")
+    half = broken_state()
+    half = {k: v.half() if k.endswith("running_var") else v for k, v in half.items()}
+    torch.save(half, tmp_path / "half.pt")
+    for name, message in (("integral.pt", "features.1.running_var is stored as torch.int64, which cannot hold BN"),
+                          ("half.pt", "features.1.running_var: the new statistics (largest |value|")):
+        done = cli.invoke(app, ["recalibrate", str(tmp_path / name), *common])
+        assert done.exit_code == 2 and message in done.output, done.output
+        assert len(done.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.pt", "integral.pt", "x.npy"]
