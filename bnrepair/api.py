@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .frameworks.onnx_runtime import require_onnx
 from .metrics import as_scores
 from .options import DataOptions, LoadOptions, RecalibrationOptions, VerifyOptions, check_device, grouped
 from .protocols import Progress, Runner
-from .recalibration import MODES, run
+from .recalibration import MODES, NotConverged, run
 from .report import DeployReport, DiagnoseReport, InspectReport, Report
 from .user_code import DataFunction
 from .writers import check_output, default_output, removed_on_failure, sha256
@@ -119,6 +120,8 @@ def recalibrate(model, data, *, output=None, export=None, fold: bool = False, de
     report = Report.of(outcome, runner.framework, loop.mode, str(runner.device), stream.seed,
                        skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)(),
                        world_size=1 if group is None else group.size)
+    if not outcome.converged:
+        warnings.warn(report.convergence_note(), NotConverged, stacklevel=3)  # the caller, past across_ranks
     if not writes:
         group.exchange()  # rank 0's writes, below: their failure is every rank's
         return report

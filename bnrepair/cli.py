@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -222,9 +223,11 @@ def recalibrate(
     and merge their moments exactly: the output is what one process would write, and rank 0 writes it.
     """
     from .api import recalibrate as run_recalibrate
+    from .recalibration import NotConverged
     from .writers import default_output
 
     options = groups(locals(), LoadOptions, DataOptions, RecalibrationOptions)
+    warnings.filterwarnings("ignore", category=NotConverged)  # said below, with exit 3
     apart_from_input(checkpoint, json_path, inputs=[data], outputs=[output or default_output(checkpoint), export])
     source = calibration_source(data, data_fn)
     with ranks(dist_timeout) as group:

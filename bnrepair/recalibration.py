@@ -9,6 +9,7 @@ the fixed point does not depend on batch size or order.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,10 @@ from .protocols import NoProgress, Progress, Runner, Stats, Stream
 MODES = ("train", "eval")
 MAX_PASSES = 50
 """eval mode's default limit on passes, the PreciseBN start included"""
+
+
+class NotConverged(UserWarning):
+    """eval mode stopped at its limit on passes before the statistics stopped moving."""
 
 
 @dataclass
@@ -227,8 +232,10 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
     passes = Passes(runner, data, progress or NoProgress(), group)
     judge, unreached, done = Convergence(tol, eps), [], False
     drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
-    start = time.perf_counter()
-    for index in range(1 if mode == "train" else max_passes):
+    start, limit = time.perf_counter(), 1 if mode == "train" else max_passes
+    for index in itertools.count():
+        if passes.made >= limit:  # a pass made again on batch statistics or a noise-floor probe counts too
+            break
         corrected = drift is not None and drift.plan(judge.last == "plain", current)
         totals = passes.measure("train" if index == 0 else mode, ids, index, drift=drift)
         guarded = frozenset()
@@ -253,7 +260,7 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
         current = {**current, **new}
         if done:
             break
-        if judge.stalled():  # measure what float32 alone moves, with one more pass
+        if judge.stalled() and passes.made + 1 < limit:  # what float32 alone moves, where a pass can check it
             runner.set_stats(perturbed(new))
             judge.probed(statistics(passes.measure(mode, ids, index), ids, unbiased))
             runner.set_stats(new)

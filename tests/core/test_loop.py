@@ -263,3 +263,10 @@ def test_a_graph_built_from_symbols_computes_the_correction_numpy_computes():
     assert {op for op, _ in nodes} <= {"add", "sub", "mul", "div", "sqrt"}
     with pytest.raises(ValueError, match="square roots only"):
         Symbol("x", emit) ** 2
+
+
+def test_eval_mode_keeps_to_its_limit_on_passes_probe_and_retries_included():
+    chunks = [X[i:i + 50] for i in range(0, len(X), 50)]
+    for limit in range(2, 12):
+        outcome = run(Chaotic(), calibration(chunks), mode="eval", tol=1e-9, max_passes=limit)
+        assert outcome.passes <= limit, (limit, outcome.passes)

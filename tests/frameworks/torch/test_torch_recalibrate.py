@@ -217,6 +217,17 @@ def test_eval_mode_does_not_depend_on_batch_size(data):
             np.testing.assert_allclose(sa, sb, rtol=1e-4)
 
 
+def test_eval_mode_that_reaches_its_limit_keeps_to_it_and_warns(data):
+    """A shuffling DataLoader gets plain passes only; stopped by ``max_passes``, the API keeps to it and says so
+    with a Python warning (a training script's log would otherwise show nothing)."""
+    x = data["image"]
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())])
+    loader = DataLoader(TensorDataset(x), batch_size=10, shuffle=True)
+    with pytest.warns(UserWarning, match="did not converge in 3 passes"):
+        report = bnrepair.recalibrate(model, loader, mode="eval", max_passes=3, tol=0.0)
+    assert not report.converged and report.passes == 3
+
+
 @pytest.mark.parametrize("compile_with", ["script", "trace"])
 def test_torchscript_capture_matches_eager(compile_with, data):
     """Graph instrumentation of a ScriptModule measures what forward patching measures on the eager twin."""
