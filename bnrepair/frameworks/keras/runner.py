@@ -52,9 +52,9 @@ def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "KerasR
             model = keras.models.load_model(readable, custom_objects=objects, compile=False, safe_mode=not unsafe)
     except Exception as exc:
         message = keras_reason(exc)
-        missing = re.search(r"Could not locate class '([^']+)'", str(exc))
+        missing = re.search(r"Could not locate class '([^']+)'|Unknown layer: '([^']+)'", str(exc))  # .keras, .h5
         if missing:
-            message = (f"the file uses a layer class Keras does not know, {missing.group(1)!r}; "
+            message = (f"the file uses a layer class Keras does not know, {missing.group(1) or missing.group(2)!r}; "
                        "give the Python file that defines it with --custom-objects FILE.py")
         elif "Lambda" in str(exc) or "lambda" in str(exc):
             message += " (the file holds Python code; pass --unsafe only if you trust it)"
