@@ -169,9 +169,9 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
         found.append(Verdict("separate_variables", "separate inference variables: inference reads moving averages "
                              "that training never updates (the graph was built twice without reuse)",
                              [f"{len(separate)} layer(s) read statistics no op of the graph updates, while training "
-                              "updates another set: " + ", ".join(f"{e.id} (training updates "
-                                                                  f"{graph.layer(e.id).separate_from})"
-                                                                  for e in separate[:3]),
+                              "updates another set: " + _some([f"{e.id} (training updates "
+                                                                f"{graph.layer(e.id).separate_from})"
+                                                                for e in separate], 3),
                               "recalibrating writes measured statistics into the variables inference reads; "
                               "in the training script, share them (variable_scope reuse, tf.get_variable)"],
                              fix_command))
@@ -180,7 +180,7 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
     if untouched:
         found.append(Verdict("never_updated", "never updated: the moving averages never left 0 / 1",
                              [f"{len(untouched)} layer(s) hold mean exactly 0 and variance exactly 1: "
-                              + ", ".join(e.id for e in untouched[:5])], fix_command))
+                              + _some([e.id for e in untouched], 5)], fix_command))
     rest = [e for e in problems if not e.never_updated]
     stale = [e for e in rest if e.ema_fraction is not None and e.ema_fraction < STALE_FRACTION
              and e.ema_misfit < STALE_MISFIT]
@@ -199,12 +199,17 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
                     f"{np.median([e.mean_shift_median for e in rest]):.3g} std, worst "
                     f"{max(e.mean_shift_max for e in rest):.3g} std"]
         if frozen:
-            evidence.append(f"{len(frozen)} of them are frozen (trainable=False): their statistics come "
+            evidence.append(f"{len(frozen)} of them are frozen ({graph.frozen_means}): their statistics come "
                             "from the data they were pre-trained on")
         evidence.append("calibrate on data of the domain you deploy to")
         title = "BN statistics from other data (domain shift)"
         found.append(Verdict("domain_shift", f"frozen {title}" if frozen else title, evidence, fix_command))
     return found
+
+
+def _some(names: list[str], shown: int) -> str:
+    """The first ``shown`` names, and an ellipsis where there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 
 def output_evidence(inference: np.ndarray, training: np.ndarray, after: np.ndarray,

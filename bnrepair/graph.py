@@ -61,6 +61,8 @@ class ModelGraph:
     """Keras's momentum is the moving average's decay; torch's is the weight of each new batch (1 - decay)"""
     default_eps: float | None = None
     """the framework's default eps, where it has one (an eps a hundred times off it is worth a word)"""
+    frozen_means: str = "trainable=False"
+    """what makes a layer ``frozen`` in this framework, as the diagnosis says it"""
     left_alone: list[tuple[str, str]] = field(default_factory=list)
     """BN ops found but not recalibrated, with the reason (an ONNX BN whose statistics are computed)"""
 

@@ -39,9 +39,11 @@ def test_verdicts_and_exit_codes(tmp_path, path, domain, flags, cause):
         verdict = report["verdicts"][0]
         assert " ".join(flags) in verdict["fix"]
         assert shlex.split(verdict["fix"])[:2] == ["bnrepair", "recalibrate"] and "(" not in verdict["fix"]
-    if cause == "domain_shift":  # "frozen" only where off layers are frozen
+    if cause == "domain_shift":  # "frozen" only where off layers are frozen, in the framework's own words
         frozen = any(layer["frozen"] and layer["problem"] for layer in report["layers"])
         assert report["verdicts"][0]["title"].startswith("frozen ") == frozen
+        evidence = " ".join(report["verdicts"][0]["evidence"])
+        assert ("trainable=False" in evidence) == (frozen and path.suffix != ".pt"), evidence
     if flags == ARCH:  # a state_dict stores no momentum: the --arch default says nothing about training
         assert not any("decay" in line for v in report["verdicts"] for line in v["evidence"])
 

@@ -75,3 +75,16 @@ def test_output_evidence_compares_predictions_and_accuracy():
     assert out["output_change_inference_vs_training"] == pytest.approx(
         np.linalg.norm(wrong - right) / np.linalg.norm(right))
     assert "accuracy" not in output_evidence(wrong, right, right, None)
+
+
+def test_evidence_lists_say_when_they_are_cut_and_frozen_speaks_the_frameworks_words():
+    never = [layer(f"bn{k}", np.zeros(16), np.ones(16)) for k in range(6)]
+    found = verdicts(graph(*never), [compare(bn, DATA_MEAN, DATA_VAR, 0.5) for bn in never], "fix")
+    assert found[0].evidence[0].endswith("bn0, bn1, bn2, bn3, bn4, ...")
+    five = verdicts(graph(*never[:5]), [compare(bn, DATA_MEAN, DATA_VAR, 0.5) for bn in never[:5]], "fix")
+    assert five[0].evidence[0].endswith("bn3, bn4")  # nothing left out, no ellipsis
+    other = layer("other", DATA_MEAN + rng.normal(0, 3, 16), DATA_VAR * rng.uniform(3, 6, 16), frozen=True, momentum=0)
+    torch_graph = ModelGraph("torch", "m.pt", [other], momentum_is_decay=False, frozen_means="momentum 0")
+    (verdict,) = verdicts(torch_graph, [compare(other, DATA_MEAN, DATA_VAR, 0.5)], "fix")
+    assert verdict.cause == "domain_shift" and not any("trainable=False" in line for line in verdict.evidence)
+    assert any("frozen (momentum 0)" in line for line in verdict.evidence)
