@@ -4,12 +4,12 @@ A wing is a sub-package (``keras/``, ``torch/``, ``savedmodel/``, ``onnx/``, ``t
 facts in its ``__init__``: ``TITLE`` (how a message names one of its files), ``FORMATS`` (how an option that
 applies to them names them all), ``READS`` (what the unrecognised-format message expects), ``FOLDS_TO`` (what
 a folded model is written as besides ONNX, the first the default), optionally ``FOLDER`` / ``ARCHIVE`` (what
-it takes as a folder / zip archive), and ``sniff(path, head, members)``, which recognises its files from what
-they hold. Its entry points ``load(path, options, device)`` and ``wrap(model, device)`` return a
-``protocols.Runner``, and ``claims(model)`` says whether an in-memory model is the wing's without importing
-its framework. The registry only loops over the wings: only the chosen wing's framework is ever imported, so
-``bnrepair --help`` and a Keras user's run never import torch, and vice versa. ``docs/architecture.md`` says how
-to add a wing.
+it takes as a folder / zip archive) and ``MISNAMED`` (the suffixes of its files, and what to say of a file so
+named that is not one), and ``sniff(path, head, members)``, which recognises its files from what they hold.
+Its entry points ``load(path, options, device)`` and ``wrap(model, device)`` return a ``protocols.Runner``,
+and ``claims(model)`` says whether an in-memory model is the wing's without importing its framework. The
+registry only loops over the wings: only the chosen wing's framework is ever imported, so ``bnrepair --help``
+and a Keras user's run never import torch, and vice versa. ``docs/architecture.md`` says how to add a wing.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ def detect(path: Path) -> str:
     if members is not None:
         archives = [wing(n).ARCHIVE for n in WINGS if hasattr(wing(n), "ARCHIVE")]
         raise InputError(f"{path}: zip archive that is neither {' nor '.join(archives)}")
+    for name in WINGS:  # named like a wing's files, but not one of them
+        suffixes, why = getattr(wing(name), "MISNAMED", ((), ""))
+        if path.suffix.lower() in suffixes:
+            raise InputError(f"{path}: {why}")
     expected = [suffix for n in WINGS for suffix in wing(n).READS]
     raise InputError(f"{path}: unrecognised checkpoint format (expected {listed(expected)})")
 

@@ -95,6 +95,15 @@ def test_options_of_another_format_are_refused_before_loading(tmp_path):
         bnrepair.inspect(h5, archh="net.py:build")
 
 
+def test_a_file_named_like_a_format_it_is_not_is_told_so(tmp_path):
+    for name, said in (("m.pt", "not a PyTorch checkpoint (neither a zip archive nor a pickle)"),
+                       ("m.h5", "not a Keras file (neither HDF5 nor a zip archive)"),
+                       ("m.bin.txt", "unrecognised checkpoint format (expected")):
+        (tmp_path / name).write_text("just text\n")
+        with pytest.raises(InputError, match=f"{name}: " + said.replace("(", r"\(").replace(")", r"\)")):
+            frameworks.detect(tmp_path / name)
+
+
 def test_formats_are_told_apart_by_contents(tmp_path):
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"")

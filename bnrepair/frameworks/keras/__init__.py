@@ -18,6 +18,7 @@ FORMATS = "Keras .h5/.keras files"
 READS = (".h5", ".keras")
 FOLDS_TO = (".keras", ".h5")
 ARCHIVE = "a .keras model"
+MISNAMED = ((".h5", ".hdf5", ".keras"), "not a Keras file (neither HDF5 nor a zip archive)")
 
 
 def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:

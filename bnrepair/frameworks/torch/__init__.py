@@ -17,6 +17,7 @@ FORMATS = "PyTorch checkpoints"
 READS = (".pt", ".safetensors")
 FOLDS_TO = (".pt2",)
 ARCHIVE = "a torch checkpoint"
+MISNAMED = ((".pt", ".pth", ".ckpt", ".bin"), "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
 
 
 def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:

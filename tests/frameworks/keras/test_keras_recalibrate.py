@@ -245,7 +245,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path):
     np.save(tmp_path / "inf.npy", np.full((8, 8, 8, 3), np.inf, np.float32))
     cases = [
         ([str(tmp_path / "missing.h5"), "-d", str(files["x"])], "missing.h5: no such file"),
-        ([str(junk), "-d", str(files["x"])], "junk.h5: unrecognised checkpoint format"),
+        ([str(junk), "-d", str(files["x"])], "junk.h5: not a Keras file (neither HDF5 nor a zip archive)"),
         ([str(truncated), "-d", str(files["x"])], "truncated.h5"),
         ([str(no_bn), "-d", str(files["x"])], "no BatchNormalization layers"),
         ([str(files["h5"]), "-d", str(tmp_path / "empty")], "empty: no images found"),
