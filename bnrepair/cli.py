@@ -164,9 +164,7 @@ def calibration_source(data: Optional[Path], data_fn: Optional[str]):
 
 def groups(flags: dict, *kinds) -> dict:
     """The option groups of a command's flags (its ``locals()``), as the API takes them by keyword."""
-    names = {LoadOptions: "options", DataOptions: "data_options", RecalibrationOptions: "recalibration",
-             VerifyOptions: "verify"}
-    return {names[kind]: kind.picked(flags) for kind in kinds}
+    return {kind.KEYWORD: kind.picked(flags) for kind in kinds}
 
 
 @app.command(cls=Command, epilog=EXIT_CODES)

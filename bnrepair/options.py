@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import InputError
 
@@ -30,6 +30,9 @@ G = TypeVar("G", bound="Options")
 
 class Options:
     """What every group can do: be built from keywords or a command's parameters, and say itself as flags."""
+
+    KEYWORD: ClassVar[str]
+    """the API keyword the group travels under whole (``recalibrate(..., data_options=DataOptions(...))``)"""
 
     @classmethod
     def of(cls: type[G], options: G | None = None, **given) -> G:
@@ -52,6 +55,10 @@ class Options:
     def given(self) -> dict[str, object]:
         """The options that differ from their defaults."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != _default(f)}
+
+    def recorded(self) -> dict[str, Any]:
+        """Every field, as JSON holds it (paths as strings): what a report records to repeat the run."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
 
     def as_argv(self, baseline: Options | None = None, leave: frozenset[str] = frozenset()) -> list[str]:
         """The flags that give this group again on a command line: those that differ from ``baseline`` (default:
@@ -102,6 +109,8 @@ def grouped(given: dict, *groups: tuple[type[Options], Options | None]) -> tuple
 class LoadOptions(Options):
     """How a checkpoint is to be loaded."""
 
+    KEYWORD: ClassVar[str] = "options"
+
     custom_objects: Path | None = option(
         None, "--custom-objects", "Keras: a .py file whose Keras classes are needed to load the model (it is run).",
         applies="keras", panel="Loading: Keras")
@@ -151,6 +160,8 @@ _TUPLES = frozenset(f.name for f in fields(LoadOptions) if f.default_factory is 
 class DataOptions(Options):
     """How calibration (or verification) data becomes batches."""
 
+    KEYWORD: ClassVar[str] = "data_options"
+
     batch_size: int = option(32, "--batch-size", "Samples per batch.", panel="Data")
     seed: int = option(0, "--seed", "Shuffle seed; the same seed gives bit-identical output.", panel="Data")
     samples: int | None = option(None, "--samples", "Use at most N samples [default: all].", panel="Data")
@@ -179,6 +190,8 @@ class DataOptions(Options):
 class RecalibrationOptions(Options):
     """What the recalibration loop does."""
 
+    KEYWORD: ClassVar[str] = "recalibration"
+
     mode: str = option("train", "--mode", "train: BN uses batch statistics while measured, one pass (PreciseBN). "
                        "eval: inference-consistent fixed point over repeated passes.", panel="Recalibration")
     tol: float = option(1e-4, "--tol", "eval mode: stop when no statistic moves more than this (in std units).",
@@ -194,6 +207,8 @@ class RecalibrationOptions(Options):
 @dataclass(frozen=True)
 class VerifyOptions(Options):
     """How a folded or exported model is checked against its source, and the ONNX it is written as."""
+
+    KEYWORD: ClassVar[str] = "verify"
 
     samples: int = option(64, "--samples", "Verify on at most N samples of --data (or N generated inputs of the "
                           "declared shape).", panel="Verification")

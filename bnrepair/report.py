@@ -87,6 +87,8 @@ class Report(Written):
     version: str = __version__
     export: object | None = None
     """the ``DeployReport`` of the ONNX file written with ``--export``"""
+    run: dict = field(default_factory=dict)
+    """what repeats the run: the data, the device and every option group (``api.recorded``)"""
 
     @classmethod
     def nothing_to_do(cls, framework: str, mode: str, device: str) -> "Report":
@@ -276,6 +278,8 @@ class DiagnoseReport(Written):
     flags: list
     outputs: dict
     version: str = __version__
+    run: dict = field(default_factory=dict)
+    """what repeats the run: the data, the device and every option group (``api.recorded``)"""
 
     @property
     def healthy(self) -> bool:
@@ -374,6 +378,8 @@ class DeployReport(Written):
     output_sha256: str | None = None
     seconds: float = 0.0
     version: str = __version__
+    run: dict = field(default_factory=dict)
+    """what repeats the run: the data, the device and every option group (``api.recorded``)"""
     model = None
     """the folded model in memory (a class attribute, not a field: kept out of JSON)"""
 

@@ -264,3 +264,25 @@ def test_eval_mode_decodes_each_image_once_when_the_samples_fit(tmp_path):
     passes = json.loads((tmp_path / "r0.pt.json").read_text())["passes"]
     assert passes >= 3 and counts == {"1000": images, "0": images * passes}, (counts, passes)
     assert all(torch.equal(states["1000"][k], states["0"][k]) for k in states["0"])
+
+
+def test_the_json_report_records_what_repeats_the_run(tmp_path):
+    """--json keeps the data, the device and every option of the run, by the API's own keywords: a report from
+    last week says how it was made, and its options rebuild the run."""
+    report = tmp_path / "r.json"
+    done = invoke("recalibrate", KERAS_STALE, "-d", CALIB, "-o", tmp_path / "fixed.h5", "--json", report, "-q",
+                  "--image-size", 32, 32, "--preprocess", "tf", "-b", 8, "--seed", 2)
+    assert done.exit_code == 0, done.output
+    run = json.loads(report.read_text())["run"]
+    assert run["data"] == str(CALIB) and run["device"] == "auto"
+    assert run["data_options"]["image_size"] == [32, 32] and run["data_options"]["preprocess"] == "tf"
+    assert run["data_options"]["batch_size"] == 8 and run["data_options"]["seed"] == 2
+    assert run["recalibration"]["mode"] == "train"
+    groups = {g.KEYWORD: g for g in (bnrepair.LoadOptions, bnrepair.DataOptions, bnrepair.RecalibrationOptions)}
+    bnrepair.recalibrate(KERAS_STALE, run["data"], output=tmp_path / "again.h5",
+                         **{key: groups[key].of(**values) for key, values in run.items() if key in groups})
+    assert (tmp_path / "again.h5").read_bytes() == (tmp_path / "fixed.h5").read_bytes()  # the same run
+    folded = tmp_path / "f.json"
+    assert invoke("fold", KERAS_STALE, "-o", tmp_path / "f.keras", "--samples", 16, "--json", folded,
+                  "-q").exit_code == 0
+    assert json.loads(folded.read_text())["run"]["verify"]["samples"] == 16
