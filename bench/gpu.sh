@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: bnrepair's CUDA paths tested and benchmarked on the device, figures printed; about 5 minutes on
 # one GPU. Run from anywhere, in an environment with bnrepair's test extras and CUDA builds of torch and
-# onnxruntime (onnxruntime-gpu):   bash bench/gpu.sh
+# onnxruntime (the gpu extra: pip uninstall -y onnxruntime && pip install '.[gpu]'):   bash bench/gpu.sh
 # Exits 2 when torch sees no CUDA device, 1 when a step failed (the others still run).
 set -uo pipefail
 cd "$(dirname "$0")/.."

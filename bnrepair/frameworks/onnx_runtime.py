@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from ..errors import VerificationError, first_line, require
+from ..errors import BnrepairError, VerificationError, first_line, require
 
 OPSET_PROBED = 17
 """the opset of the model that probes whether CUDA starts"""
@@ -21,9 +21,15 @@ def require_onnx() -> None:
 
 
 def import_ort():
+    """onnxruntime, or one line saying how to mend an install left half-removed (a CPU and a GPU build installed
+    side by side, then one uninstalled, leave a package without its API)."""
     require_onnx()
     import onnxruntime as ort
 
+    if not all(hasattr(ort, name) for name in ("InferenceSession", "get_available_providers")):
+        raise BnrepairError("onnxruntime is installed but broken (it has no InferenceSession; two builds installed "
+                            "over each other?): pip uninstall -y onnxruntime onnxruntime-gpu, then from the bnrepair "
+                            "checkout pip install '.[onnx]' (or '.[gpu]' for CUDA)")
     return ort
 
 

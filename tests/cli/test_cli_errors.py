@@ -382,3 +382,18 @@ def test_a_report_that_cannot_be_written_takes_the_repaired_checkpoint_with_it(t
     fails(["recalibrate", KERAS, "-d", CALIB, "-o", tmp_path / "out.h5", "--json", tmp_path / "r.json", "-q"],
           "r.json: cannot write (Is a directory); nothing was written")
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_broken_onnxruntime_install_is_one_line_with_the_fix(tmp_path):
+    """What a CPU and a GPU build installed over each other, then one removed, leave: a package without its API
+    (here an empty onnxruntime/ ahead on the path). One line that says how to mend it, not a traceback."""
+    broken = tmp_path / "site" / "onnxruntime"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "bnrepair", "inspect", str(tmp_path / "m.onnx")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("error: onnxruntime is installed but broken")
+    assert "pip install '.[onnx]'" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

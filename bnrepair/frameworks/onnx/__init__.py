@@ -25,10 +25,10 @@ def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
 
 
 def load(path: Path, options: LoadOptions, device: str = "auto"):
-    from ..onnx_runtime import require_onnx
+    from ..onnx_runtime import import_ort
     from .runner import load_file
 
-    require_onnx()
+    import_ort()  # installed and whole, before the file is read
     return load_file(path, options, device)
 
 
