@@ -279,6 +279,15 @@ def _same_batches_each_pass(batches) -> bool:
     return type(sampler).__name__ == "SequentialSampler" and getattr(batches, "batch_sampler", None) is not None
 
 
+def _endless(data) -> bool:
+    """Whether ``data`` says it never ends: a ``tf.data.Dataset`` after ``.repeat()`` (cardinality -1)."""
+    cardinality = getattr(data, "cardinality", None)
+    try:
+        return callable(cardinality) and int(cardinality()) == -1
+    except (TypeError, ValueError):
+        return False
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, which containers and job schedulers restrict)."""
     try:
@@ -302,6 +311,9 @@ def calibration(data, spec: ImageSpec, options: DataOptions = DataOptions(), sha
     if isinstance(data, DataFunction):
         return IterableCalibration(data.batches(), options.input_index, options.samples, share)
     if hasattr(data, "__iter__"):
+        if options.samples is None and _endless(data):
+            raise InputError("calibration data: the dataset repeats forever (tf.data's cardinality is infinite); "
+                             "give samples=N, or leave out .repeat()")
         return IterableCalibration(data, options.input_index, options.samples)
     raise InputError(f"cannot use {type(data).__name__} as calibration data")
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import bnrepair
 from bnrepair.cli import app
 from bnrepair.data import Calibration, ImageSpec, open_source
+from bnrepair.errors import InputError
 from bnrepair.frameworks.tf_runtime import import_keras
 from bnrepair.moments import Moments
 from bnrepair.protocols import NoProgress
@@ -463,3 +464,19 @@ def test_option_mistakes_are_refused_before_tensorflow_loads(tmp_path, files, ar
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     status, output = done.stdout.split("\n", 1)
     assert status == "2 False" and message in output, done.stdout
+
+
+def test_an_endless_tf_data_dataset_is_refused_unless_samples_caps_it():
+    """``ds.repeat()`` never ends, and tf.data says so (infinite cardinality): refused in one line instead of a
+    run that never returns; with ``samples`` it is read that far, as any endless loader is."""
+    model = conv_model()
+    x = np.random.default_rng(2).normal(0.5, 2.0, (40, 8, 8, 3)).astype(np.float32)
+    endless = tf.data.Dataset.from_tensor_slices(x).batch(10).repeat()
+    with pytest.raises(InputError, match="repeats forever .* give samples=N"):
+        bnrepair.recalibrate(model, endless)
+    report = bnrepair.recalibrate(model, endless, samples=40)
+    twin = conv_model()
+    bnrepair.recalibrate(twin, x)  # the same 40 samples as an array: the first BN's statistics are the same
+    assert report.samples == 40
+    np.testing.assert_allclose(model.get_layer("bn1").moving_mean.numpy(), twin.get_layer("bn1").moving_mean.numpy(),
+                               rtol=1e-4, atol=1e-5)
