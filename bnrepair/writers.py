@@ -131,9 +131,15 @@ def refused_in_one_line(dest: Path):
 def atomic_path(dest: Path, suffix: str = ""):
     """Yield a temporary path beside ``dest``; on success it replaces ``dest`` in one step.
 
-    The file gets the permissions a plain ``open(dest, "w")`` would give (mkstemp's are 0600).
+    The file gets the permissions a plain ``open(dest, "w")`` would give (mkstemp's are 0600). A ``dest`` that
+    exists and is no regular file (``/dev/null``, a FIFO, ``/dev/stdout``'s link to a pipe) is written into,
+    never replaced: it is where the user asked the bytes to go.
     """
     dest = Path(dest)
+    if special(dest):
+        with refused_in_one_line(dest):
+            yield dest
+        return
     try:
         remove_stale(dest, suffix)
         fd, tmp = tempfile.mkstemp(**scratch_affixes(dest, suffix), dir=dest.parent)
@@ -184,9 +190,18 @@ def removed_on_failure(path: Path | None):
             state = path.parent / "checkpoint"
             if state.is_file() and set(re.findall(r'"([^"]*)"', state.read_text(errors="replace"))) == {path.name}:
                 state.unlink()
-        elif path is not None:
+        elif path is not None and not special(path):
             path.unlink(missing_ok=True)
         raise
+
+
+def special(path: Path) -> bool:
+    """Whether ``path`` is something to write into rather than replace: it exists (links followed) as other than
+    a regular file or a folder (a device, a FIFO, a socket), or it links into ``/dev`` or ``/proc`` (``/dev/stdout``
+    is a link to ``/proc/self/fd/1``, whatever that file descriptor is)."""
+    if path.is_symlink() and os.path.realpath(path).startswith(("/dev/", "/proc/")):
+        return True
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def sha256(path: Path) -> str:

@@ -148,3 +148,30 @@ def test_a_savedmodel_checkpoint_that_does_not_fit_is_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [f"error: {out / 'fixed'}: cannot write (File too large); nothing "
                                                 "was written"]
     assert list(out.iterdir()) == []
+
+
+def test_special_files_are_written_into_never_replaced(tmp_path):
+    """--json to a FIFO, to a link to /dev/null and through /dev/stdout's kind of link (into /proc/self/fd): the
+    bytes go where the path leads, and the FIFO and the links are still what they were (as root, a replaced
+    /dev/null would be a regular file for every process)."""
+    import json
+    import threading
+
+    fifo, null, stdout = tmp_path / "report.fifo", tmp_path / "null.json", tmp_path / "stdout.json"
+    os.mkfifo(fifo)
+    null.symlink_to("/dev/null")
+    stdout.symlink_to("/proc/self/fd/1")
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    for report in (fifo, null):
+        done = CliRunner().invoke(app, ["recalibrate", str(KERAS_STALE), "-d", str(CALIB), "-o",
+                                        str(tmp_path / f"fixed-{report.name}.h5"), "--json", str(report), "-q"])
+        assert done.exit_code == 0, done.output
+    reader.join(timeout=60)
+    assert received and json.loads(received[0])["layers"]
+    through = bnrepair("recalibrate", KERAS_STALE, "-d", CALIB, "-o", tmp_path / "fixed.h5", "--json", stdout, "-q")
+    assert through.returncode == 0, through.stderr
+    assert json.loads(through.stdout)["layers"]  # it went to the process's standard output
+    assert fifo.is_fifo() and null.is_symlink() and stdout.is_symlink()
+    assert os.readlink(null) == "/dev/null" and Path("/dev/null").is_char_device()
