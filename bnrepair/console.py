@@ -3,17 +3,34 @@ progress bar. ``cli.py`` declares the commands; this is their look."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
 import rich.markup
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+
+PIPE_WIDTH = 1000
+"""the width a pipe or a file is laid out to: wide enough that no table row wraps or column is cut"""
+
+
+class PipeWideConsole(Console):
+    """A console that lays tables out to the terminal's width, and to ``PIPE_WIDTH`` where its output goes to a
+    pipe or a file (rich would take 80 there, cutting headers and wrapping every row); ``COLUMNS`` still rules."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        if self.is_terminal or "COLUMNS" in os.environ:
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
 
 # Lines are never hard-wrapped (the terminal wraps them; a pipe or a log gets each whole, paths unbroken);
 # tables are still laid out to the width.
-err = Console(stderr=True, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+err = PipeWideConsole(stderr=True, soft_wrap=True)
+out = PipeWideConsole(highlight=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:

@@ -169,7 +169,7 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
         found.append(Verdict("separate_variables", "separate inference variables: inference reads moving averages "
                              "that training never updates (the graph was built twice without reuse)",
                              [f"{len(separate)} layer(s) read statistics no op of the graph updates, while training "
-                              "updates another set: " + _some([f"{e.id} (training updates "
+                              "updates another set: " + some_of([f"{e.id} (training updates "
                                                                 f"{graph.layer(e.id).separate_from})"
                                                                 for e in separate], 3),
                               "recalibrating writes measured statistics into the variables inference reads; "
@@ -180,7 +180,7 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
     if untouched:
         found.append(Verdict("never_updated", "never updated: the moving averages never left 0 / 1",
                              [f"{len(untouched)} layer(s) hold mean exactly 0 and variance exactly 1: "
-                              + _some([e.id for e in untouched], 5)], fix_command))
+                              + some_of([e.id for e in untouched], 5)], fix_command))
     rest = [e for e in problems if not e.never_updated]
     stale = [e for e in rest if e.ema_fraction is not None and e.ema_fraction < STALE_FRACTION
              and e.ema_misfit < STALE_MISFIT]
@@ -207,7 +207,7 @@ def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -
     return found
 
 
-def _some(names: list[str], shown: int) -> str:
+def some_of(names: list[str], shown: int) -> str:
     """The first ``shown`` names, and an ellipsis where there are more."""
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 

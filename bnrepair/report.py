@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .diagnosis import SHARE_OFF, THRESHOLD, deviation, share_off
+from .diagnosis import SHARE_OFF, THRESHOLD, deviation, share_off, some_of
 from .moments import moved
 from .recalibration import Outcome
 from .terminal import shown
@@ -254,10 +254,12 @@ class InspectReport(Written):
                      "yes" if bn.frozen else "", _stats_summary(bn.mean), _stats_summary(bn.var)]
             table.add_row(*cells)
         console.print(table)
+        alike: dict[tuple[str, str], list[str]] = {}  # one line for a message many layers share
         for flag in self.flags:
-            console.print(f"[{LEVEL_STYLE[flag.level]}]{flag.level}[/] {shown(flag.layer or '')}: "
-                          f"{shown(flag.message)}",
-                          highlight=False)
+            alike.setdefault((flag.level, flag.message), []).append(flag.layer or "")
+        for (level, message), layers in alike.items():
+            named = layers[0] if len(layers) == 1 else f"{len(layers)} layers ({some_of(layers, 3)})"
+            console.print(f"[{LEVEL_STYLE[level]}]{level}[/] {shown(named)}: {shown(message)}", highlight=False)
         console.print("problems found" if self.problems else "no problems found in the stored statistics")
 
 

@@ -286,3 +286,28 @@ def test_the_json_report_records_what_repeats_the_run(tmp_path):
     assert invoke("fold", KERAS_STALE, "-o", tmp_path / "f.keras", "--samples", 16, "--json", folded,
                   "-q").exit_code == 0
     assert json.loads(folded.read_text())["run"]["verify"]["samples"] == 16
+
+
+def test_a_table_piped_to_a_file_keeps_its_columns(tmp_path):
+    """Piped or redirected (no terminal, no COLUMNS), a table is laid out whole: headers uncut, one line a row."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    done = subprocess.run([sys.executable, "-m", "bnrepair", "inspect", str(KERAS_STALE)], capture_output=True,
+                          text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1, done.stderr  # the stale fixture's problems found
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│")]
+    assert "…" not in done.stdout and any("mean min/med/max" in line for line in done.stdout.splitlines())
+    assert len(rows) == len(bnrepair.load(KERAS_STALE).graph.bn_layers), done.stdout
+
+
+def test_a_message_many_layers_share_is_said_once(tmp_path):
+    """keras.applications' default decay 0.999 flags every layer alike: one line naming how many, not one each;
+    --json keeps a flag per layer."""
+    report = tmp_path / "i.json"
+    text = invoke("inspect", KERAS_STALE, "--json", report).output
+    said = [line for line in text.splitlines() if "needs thousands of steps" in line]
+    flagged = [f["layer"] for f in json.loads(report.read_text())["flags"] if f["code"] == "slow_momentum"]
+    assert len(flagged) == 3 and said == [f"warning 3 layers ({', '.join(flagged)}): moving-average decay 0.999: "
+                                          "needs thousands of steps to forget its initial values"], text
