@@ -311,3 +311,10 @@ def test_a_message_many_layers_share_is_said_once(tmp_path):
     flagged = [f["layer"] for f in json.loads(report.read_text())["flags"] if f["code"] == "slow_momentum"]
     assert len(flagged) == 3 and said == [f"warning 3 layers ({', '.join(flagged)}): moving-average decay 0.999: "
                                           "needs thousands of steps to forget its initial values"], text
+
+
+def test_help_names_every_format_the_commands_take():
+    assert all(name in invoke("--help", columns=200).output for name in ("ONNX", "TF1"))
+    for command in ("recalibrate", "inspect", "diagnose", "fold", "export"):
+        text = " ".join(invoke(command, "--help", columns=200).output.split())
+        assert "ONNX .onnx or TF1 checkpoint prefix" in text, command
