@@ -11,6 +11,8 @@ import rich.markup
 import typer
 from rich.console import Console, ConsoleDimensions
 
+from .terminal import shown
+
 PIPE_WIDTH = 1000
 """the width a pipe or a file is laid out to: wide enough that no table row wraps or column is cut"""
 
@@ -36,15 +38,11 @@ out = PipeWideConsole(highlight=False, soft_wrap=True)
 def print_error(message: str) -> None:
     """One line on stderr, even when the message quotes an exception's multi-line text; plain text, not
     markup (a path may hold [brackets])."""
-    from .terminal import shown
-
     line = re.sub(r"\s*\n\s*", " ", message.strip())
     err.print(f"[bold red]error:[/] {shown(line)}", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    from .terminal import shown
-
     err.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 

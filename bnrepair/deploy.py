@@ -20,7 +20,7 @@ from .data import calibration, check_fits, image_spec
 from .errors import BnrepairError, InputError, VerificationError, first_line
 from .frameworks.onnx_runtime import OPSET_MIN, onnx_session, ort_max_opset
 from .options import DataOptions, VerifyOptions
-from .protocols import Exporter, Runner
+from .protocols import Exporter, Folder, Runner
 from .report import Check, DeployReport, FoldRow, Refusal
 from .version import __version__
 from .writers import atomic_path, sha256
@@ -73,14 +73,14 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
             source_path: Path | None = None) -> Prepared:
     """Fold and/or convert ``runner``'s model, verify it against the source, and return it unwritten."""
     started = time.perf_counter()
-    exporter = runner.exporter()
+    exporter, folder = runner.exporter(), runner.folder() if fold else None
     if to_onnx:
         check_opset(verify.opset, exporter)
     batches, described = verification_batches(runner, data, replace(data_options, samples=verify.samples))
     with exporter.precise():
         try:
-            report, model, proto = _verified(runner, output, batches, described, fold=fold, to_onnx=to_onnx,
-                                             verify=verify, source_path=source_path)
+            report, model, proto = _verified(runner, exporter, folder, output, batches, described,
+                                             to_onnx=to_onnx, verify=verify, source_path=source_path)
         except BnrepairError as exc:  # the model's own problems: name its file, as every bad-input message does
             if source_path is None:
                 raise
@@ -96,16 +96,16 @@ def prepare(runner: Runner, output: Path | None, *, fold: bool, to_onnx: bool, d
             with atomic_path(Path(output)) as tmp:
                 tmp.write_bytes(proto.SerializeToString())
         else:
-            runner.folder().save(model, Path(output), batches[0])
+            folder.save(model, Path(output), batches[0])
         report.output_sha256 = sha256(output)
 
     return Prepared(report, write)
 
 
-def _verified(runner: Runner, output: Path | None, batches: list[np.ndarray], described: str, *, fold: bool,
-              to_onnx: bool, verify: VerifyOptions, source_path: Path | None):
+def _verified(runner: Runner, exporter: Exporter, folder: Folder | None, output: Path | None,
+              batches: list[np.ndarray], described: str, *, to_onnx: bool, verify: VerifyOptions,
+              source_path: Path | None):
     """The folded model and/or ONNX proto, each compared with the source on ``batches``."""
-    exporter = runner.exporter()
     source = exporter.source(runner.model)
     try:
         reference = [exporter.run(source, x) for x in batches]
@@ -116,8 +116,7 @@ def _verified(runner: Runner, output: Path | None, batches: list[np.ndarray], de
         raise InputError("the model's own outputs hold NaN or infinite values on the verification inputs, so "
                          "nothing can be verified; `bnrepair inspect` flags BN statistics that cause this")
     model, rows, refused, checks = source, [], [], []
-    if fold:
-        folder = runner.folder()
+    if folder is not None:
         folded = folder.fold(runner.model, {bn.id for bn in runner.graph.bn_layers}, batches[0])
         model = folded.model
         rows, refused = _fold_rows(folder, source, folded, batches, verify)

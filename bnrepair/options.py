@@ -9,7 +9,7 @@ one field here, one alias in ``cli.py`` and one parameter per command that takes
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -43,8 +43,7 @@ class Options:
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
                             f"{cls.__name__} are {', '.join(sorted(names))}")
-        base = options or cls()
-        return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **_normalised(given)})
+        return replace(options or cls(), **_normalised(given))
 
     @classmethod
     def picked(cls: type[G], values: dict[str, Any]) -> G:
@@ -149,8 +148,9 @@ class LoadOptions(Options):
 
     def foreign(self, framework: str) -> list[tuple[str, tuple[str, ...]]]:
         """(flag, the formats it applies to) of each given option that the format ``framework`` cannot use."""
+        given = self.given()
         return [(f.metadata["flag"], f.metadata["applies"]) for f in fields(self)
-                if f.name in self.given() and framework not in f.metadata["applies"]]
+                if f.name in given and framework not in f.metadata["applies"]]
 
 
 _TUPLES = frozenset(f.name for f in fields(LoadOptions) if f.default_factory is tuple)

@@ -277,23 +277,21 @@ def _fitting_prefix(state: Mapping, wanted: set[str], given: str | None, misfit:
     torch.compile, ``model.`` of a LightningModule attribute, any other): ``--prefix`` where given, else the one
     that fits; entries outside it are other parts of the checkpoint, kept as they are. Several that fit need
     ``--prefix``; none is refused with ``misfit`` and what differs, in counts and a few names."""
-    def under(prefix: str) -> set[str]:
-        return {k[len(prefix):] for k in state if k.startswith(prefix)}
-
     if given is not None:
         candidates = [given]
     else:
         anchor = max(wanted, key=len, default="")
         candidates = sorted({k[:len(k) - len(anchor)] for k in state if k.endswith(anchor)
                              and (len(k) == len(anchor) or k[len(k) - len(anchor) - 1] == ".")}) or [""]
-    fitting = [p for p in candidates if under(p) == wanted]
+    under = {p: {k[len(p):] for k in state if k.startswith(p)} for p in candidates}  # the stored keys, stripped
+    fitting = [p for p in candidates if under[p] == wanted]
     if len(fitting) == 1:
         return fitting[0]
     if len(fitting) > 1:
         raise InputError(f"{misfit}: its keys are stored under each of the prefixes "
                          f"{', '.join(repr(p) for p in fitting)}; name one with --prefix")
-    closest = min(candidates, key=lambda p: len(under(p) ^ wanted))
-    stored = under(closest)
+    closest = min(candidates, key=lambda p: len(under[p] ^ wanted))
+    stored = under[closest]
     where = f" under prefix {closest!r}" if closest else ""
     raise InputError(f"{misfit}{where}: {_misfit(sorted(wanted - stored), sorted(stored - wanted))}")
 
