@@ -1,4 +1,6 @@
-"""Errors that are the user's to fix: the CLI prints them on one line, without a traceback."""
+"""Errors that are the user's to fix: the CLI prints them on one line, without a traceback; and interrupts."""
+
+from __future__ import annotations
 
 
 class BnrepairError(Exception):
@@ -34,3 +36,20 @@ def require(modules: tuple[str, ...], purpose: str, extra: str) -> None:
 
 class VerificationError(BnrepairError):
     """The folded or exported model does not compute what the source computes."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler), raised like Ctrl-C's interrupt so the same clean-up runs;
+    the command then exits 143 (128 + 15) where Ctrl-C exits 130."""
+
+
+def interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt behind ``exc``: itself, or one a library turned into its own error while writing (torch's zip
+    writer, signalled inside its write callback, fails with ``RuntimeError: unexpected pos`` from it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

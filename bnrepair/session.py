@@ -14,11 +14,11 @@ from typing import Optional
 import typer
 
 from .console import err, print_error, show_warning
-from .errors import BnrepairError
+from .errors import BnrepairError, Terminated
 
 
 def user_errors(command):
-    """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130.
+    """Turn a user mistake into one line on stderr and exit 2; an interrupt into exit 130 (Ctrl-C) or 143 (SIGTERM).
 
     SIGTERM (``kill``, ``timeout``, a job scheduler) interrupts like Ctrl-C, so temporary files are
     removed on the way out instead of being left behind by the default handler. With ``--quiet`` the
@@ -28,7 +28,7 @@ def user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         in_main = threading.current_thread() is threading.main_thread()  # where signal handlers are set
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
+        previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
         try:
             with warnings.catch_warnings():
                 if own_process:  # the command's own process: warnings as one line (an embedding host keeps its own)
@@ -39,14 +39,18 @@ def user_errors(command):
         except BnrepairError as exc:
             print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
         finally:
             if previous is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:  # not committed
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 @contextlib.contextmanager

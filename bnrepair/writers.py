@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BnrepairError, InputError
+from .errors import BnrepairError, InputError, interrupt_in
 
 
 def default_output(source: Path, tag: str = "recalibrated") -> Path:
@@ -117,12 +117,13 @@ def write_error(dest: Path, exc: BaseException) -> BnrepairError | None:
 
 @contextmanager
 def refused_in_one_line(dest: Path):
-    """A write the system refuses, anywhere in the block, becomes ``write_error``'s one line."""
+    """A write the system refuses, anywhere in the block, becomes ``write_error``'s one line; an interrupt that a
+    library turned into its own error is the interrupt again."""
     try:
         yield
     except BaseException as exc:
-        error = write_error(dest, exc)
-        if error is not None:
+        error = write_error(dest, exc) or interrupt_in(exc)
+        if error is not None and error is not exc:
             raise error from None
         raise
 

@@ -323,7 +323,7 @@ def test_interrupt_leaves_nothing(tmp_path, sig, phase):
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + sig, stderr  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
     assert stderr.strip() == "interrupted; nothing was written"
     assert list(out.iterdir()) == []
 

@@ -32,15 +32,17 @@ def small_files():
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
 
 
-@pytest.mark.parametrize("source, output, flags", [
-    (KERAS_STALE, "out.h5", []),
-    (HERE / "keras" / "healthy.keras", "out.keras", []),
-    (TORCH_STALE, "out.pt", ARCH_FLAGS),
-    (HERE / "savedmodel" / "keras3_export", "out", []),
+@pytest.mark.parametrize("command, source, output, flags", [
+    ("recalibrate", KERAS_STALE, "out.h5", []),
+    ("recalibrate", HERE / "keras" / "healthy.keras", "out.keras", []),
+    ("recalibrate", TORCH_STALE, "out.pt", ARCH_FLAGS),
+    ("recalibrate", HERE / "savedmodel" / "keras3_export", "out", []),
+    ("fold", HERE / "keras" / "healthy.keras", "out.keras", []),
+    ("fold", KERAS_STALE, "out.h5", []),  # HDF5 refused its own write used to crash the process at exit
+    ("fold", TORCH_STALE, "out.pt2", ARCH_FLAGS),  # so did torch's archive writer
 ])
-def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path, source, output, flags):
-    done = bnrepair("recalibrate", source, "-d", CALIB, *flags, "-o", tmp_path / output, "-q",
-                    preexec_fn=small_files)
+def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path, command, source, output, flags):
+    done = bnrepair(command, source, "-d", CALIB, *flags, "-o", tmp_path / output, "-q", preexec_fn=small_files)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / output}: cannot write (File too large); "
                                                 "nothing was written"]
@@ -92,6 +94,43 @@ def test_a_signal_after_the_outputs_are_complete_keeps_the_run_a_success(tmp_pat
     done = bnrepair("recalibrate", KERAS_STALE, "-d", CALIB, "-o", output, "--json", report, code=code)
     assert done.returncode == 0, done.stderr
     assert "Recalibrated 3 BN layer(s)" in done.stdout and output.is_file() and report.is_file()
+
+
+SIGNALLED_IN_WRITE = '''
+import os, bnrepair.cli as cli, bnrepair.frameworks.torch.files as files
+
+class Signalling:
+    """The output file: at its {after}th write, a signal to this process, handled inside torch's write callback."""
+    def __init__(self, path, mode):
+        self.file, self.writes = open(path, mode), 0
+    def write(self, data):
+        self.writes += 1
+        if self.writes == {after}:
+            os.kill(os.getpid(), {sig})
+        return self.file.write(data)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.file.close()
+
+files.open = Signalling
+cli.main()
+'''
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("after", [1, 2, 5, 9])
+def test_a_signal_inside_torchs_writer_is_an_interrupt(tmp_path, sig, status, after):
+    """torch's zip writer turns an interrupt raised in its write callback into ``RuntimeError: unexpected pos``;
+    the command still exits as interrupted, without a traceback, and leaves nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    done = bnrepair("recalibrate", TORCH_STALE, *ARCH_FLAGS, "-d", CALIB, "-o", out / "fixed.pt", "-q",
+                    code=SIGNALLED_IN_WRITE.format(after=after, sig=int(sig)))
+    assert (done.returncode, done.stderr.strip()) == (status, "interrupted; nothing was written")
+    assert list(out.iterdir()) == []
 
 
 def test_a_keras_archive_is_patched_without_a_scratch_file(tmp_path):

@@ -9,9 +9,8 @@ was gained, deserialized by Keras itself; every weight is copied over and the fo
 
 from __future__ import annotations
 
-import logging
+import io
 import os
-import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
+from ...writers import atomic_path, scratch_folder
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
@@ -259,18 +259,23 @@ def _recording(call, name: str, found: dict, keras):
 
 
 def save(model, dest: Path, example=None) -> None:
-    """``.h5`` or ``.keras``, written in a temporary folder beside ``dest`` and moved into place."""
+    """``.h5`` or ``.keras``, moved into place when complete; a refused write is one line. The ``.h5`` is built in
+    memory and written by Python: HDF5 whose own write was refused leaves its library broken (the process
+    crashes at exit)."""
     dest = Path(dest)
-    legacy = logging.getLogger("absl")  # Keras warns on every .h5 save that the format is legacy: asked for here
-    level = legacy.level
-    legacy.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-            path = Path(tmp) / dest.name
-            model.save(path)
-            os.replace(path, dest)
-    finally:
-        legacy.setLevel(level)
+    if dest.suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+        from keras.src.legacy.saving.legacy_h5_format import save_model_to_hdf5  # what model.save calls for .h5
+
+        image = io.BytesIO()
+        with h5py.File(image, "w") as f:
+            save_model_to_hdf5(model, f)
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(image.getvalue())
+        return
+    with scratch_folder(dest) as tmp:  # Keras names its own temporaries beside the file it writes
+        model.save(tmp / dest.name)
+        os.replace(tmp / dest.name, dest)
 
 
 def max_opset() -> int:

@@ -278,7 +278,8 @@ def _leaves(out) -> list:
 
 
 def save(model, dest: Path, example) -> None:
-    """A ``.pt2`` archive from ``torch.export``, batch axis dynamic."""
+    """A ``.pt2`` archive from ``torch.export``, batch axis dynamic. Serialized in memory and written by Python:
+    torch's archive writer, refused a write, aborts the process when it is freed."""
     import torch
 
     dest = Path(dest)
@@ -287,8 +288,10 @@ def save(model, dest: Path, example) -> None:
         program = torch.export.export(model, (_tensor(model, example),), dynamic_shapes=({0: batch},))
     except Exception as exc:
         raise InputError(f"torch.export failed on the folded module: {first_line(exc)}") from None
-    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-        torch.export.save(program, f)
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(archive.getbuffer())
 
 
 def output_names(model, example) -> list[str]:
