@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError
-from ...writers import atomic_path, scratch_folder
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
+from ...writers import atomic_path, scratch_folder
 from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
 from .onnx import IDENTITY_LAYERS, keras_to_onnx
