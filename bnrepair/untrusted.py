@@ -43,12 +43,22 @@ def check_declared(what: str, nbytes: int, hint: str = "") -> None:
 
 
 def check_archive(path, z: zipfile.ZipFile) -> None:
-    """A zip checkpoint (.keras, torch) whose members are links, name a path outside the archive, or inflate to
-    more than the memory left is refused before a member is read."""
+    """A zip checkpoint (.keras, torch) whose members are links, name a path outside the archive, inflate as a
+    bomb does, or inflate to more than the memory left is refused before a member is read."""
     for info in z.infolist():
         name = PurePosixPath(info.filename)
         if stat.S_ISLNK(info.external_attr >> 16):
             raise InputError(f"{path}: archive member {info.filename} is a symbolic link; refusing to read it")
         if name.is_absolute() or ".." in name.parts or "\\" in info.filename:
             raise InputError(f"{path}: archive member {info.filename} names a path outside the archive")
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > BOMB_FLOOR and ratio > BOMB_RATIO:
+            raise InputError(f"{path}: archive member {info.filename} inflates {ratio:.0f}-fold (to "
+                             f"{gib(info.file_size)}), as a decompression bomb does; refusing to read it")
     check_declared(f"{path}: the archive", sum(info.file_size for info in z.infolist()))
+
+
+BOMB_RATIO, BOMB_FLOOR = 100, 64 << 20
+"""A compressed member past 64 MiB that inflates more than 100-fold is refused whatever memory is free: weights compress
+to little less than their size (torch stores them uncompressed, Keras's deflate gains a few percent), while a
+bomb's zeros reach zlib's 1032-fold and would take the machine's memory before torch or h5py checked a byte."""

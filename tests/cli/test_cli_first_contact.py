@@ -1,12 +1,15 @@
 """What a new user reads and an attacker's archive meets: help texts, tables at 80 columns, --json -, one line of
 change, --skip-bad's warnings, archives whose members are links, escape the archive or inflate past memory."""
 
+import io
 import json
 import os
+import re
 import shutil
 import stat
 import zipfile
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -318,3 +321,55 @@ def test_help_names_every_format_the_commands_take():
     for command in ("recalibrate", "inspect", "diagnose", "fold", "export"):
         text = " ".join(invoke(command, "--help", columns=200).output.split())
         assert "ONNX .onnx or TF1 checkpoint prefix" in text, command
+
+
+def test_a_torch_archive_that_inflates_as_a_bomb_does_is_refused_before_it_is_read(tmp_path):
+    """A state_dict holding 100 MB of zeros, its members deflated: a 100 KB file that asks torch for 100 MB (the
+    attack's 3 MB file asked for 3 GB, under the memory left, and torch took it before any check)."""
+    state = torch.load(TORCH_STALE, weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({**state, "ballast": torch.zeros(25_000_000)}, buffer)
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(buffer) as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    assert path.stat().st_size < 1 << 20
+    done = invoke("recalibrate", path, *ARCH_FLAGS, "-d", CALIB, "-o", tmp_path / "r.pt")
+    assert done.exit_code == 2, done.output
+    assert re.fullmatch(rf"error: {re.escape(str(path))}: archive member \S+/data/\d+ inflates \d+-fold \(to 0.0931 "
+                        r"GiB\), as a decompression bomb does; refusing to read it", done.output.strip()), done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.pt"]
+
+
+def externally_linked(h5_bytes_or_path, secret):
+    """The first BN statistic of an HDF5 file replaced by an external link to ``secret`` (which holds its value)."""
+    with h5py.File(h5_bytes_or_path, "r+") as f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if name.endswith(("moving_mean", "vars/0")) else None)
+        value = f[names[0]][()]
+        with h5py.File(secret, "w") as s:
+            s["x"] = value
+        del f[names[0]]
+        f[names[0]] = h5py.ExternalLink(str(secret), "x")
+        return names[0]
+
+
+def test_weights_held_in_an_hdf5_external_link_are_refused_naming_the_link(tmp_path):
+    h5 = tmp_path / "linked.h5"
+    shutil.copyfile(KERAS_STALE, h5)
+    h5_link = externally_linked(h5, tmp_path / "secret.h5")
+    keras_file = HERE / "keras" / "healthy.keras"
+    with zipfile.ZipFile(keras_file) as z:
+        weights = io.BytesIO(z.read("model.weights.h5"))
+    keras_link = externally_linked(weights, tmp_path / "secret.h5")
+    archive = tmp_path / "linked.keras"
+    with zipfile.ZipFile(keras_file) as zin, zipfile.ZipFile(archive, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, weights.getvalue() if info.filename == "model.weights.h5" else zin.read(info))
+    for path, where, link in [(h5, h5, h5_link), (archive, f"{archive}: model.weights.h5", keras_link)]:
+        for command in (["inspect", path], ["recalibrate", path, "-d", CALIB, "-o", tmp_path / f"out{path.suffix}"]):
+            done = invoke(*command)
+            assert done.exit_code == 2 and done.output.strip() == (
+                f"error: {where}: '{link}' is an HDF5 external link to {tmp_path / 'secret.h5'}:x (1 in all); "
+                "weights must be stored in the file itself"), done.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linked.h5", "linked.keras", "secret.h5"]

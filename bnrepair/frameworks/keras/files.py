@@ -32,6 +32,8 @@ def file_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
         if "config.json" in names and KERAS_WEIGHTS in names:
+            with zipfile.ZipFile(path) as z, z.open(KERAS_WEIGHTS) as member, h5py.File(member, "r") as f:
+                refuse_external_links(f, f"{path}: {KERAS_WEIGHTS}")
             return "keras"
         if "config.json" in names:
             raise InputError(f"{path}: .keras archive without {KERAS_WEIGHTS} (sharded or npz weights "
@@ -41,6 +43,7 @@ def file_kind(path: Path) -> str:
         try:
             with h5py.File(path, "r") as f:
                 has_config = "model_config" in f.attrs
+                refuse_external_links(f, str(path))
         except OSError as exc:
             raise InputError(f"{path}: damaged or truncated HDF5 file ({exc})") from None
         if not has_config:
@@ -48,6 +51,18 @@ def file_kind(path: Path) -> str:
                              "save the whole model with model.save()")
         return "h5"
     raise InputError(f"{path}: not a Keras .h5 or .keras file")
+
+
+def refuse_external_links(f: h5py.File, origin: str) -> None:
+    """An HDF5 external link makes whoever reads the weights open another file, wherever its author pointed it:
+    refused, naming the link (Keras refuses it too, but in its own words or not at all)."""
+    links = []
+    f.visititems_links(lambda name, link: links.append((name, link)) if isinstance(link, h5py.ExternalLink)
+                       else None)
+    if links:
+        name, link = links[0]
+        raise InputError(f"{origin}: '{name}' is an HDF5 external link to {link.filename}:{link.path} "
+                         f"({len(links)} in all); weights must be stored in the file itself")
 
 
 @contextmanager
