@@ -223,12 +223,13 @@ def diagnose(model, data, *, threshold: float = 0.5, device: str = "auto", progr
     labels = np.concatenate([b.labels for b in cached]) if cached.has_labels else None
     if group is not None and group.every(labels is not None):
         labels = group.gathered(labels).astype(int)
+    outputs = output_evidence(inference, training, after, labels)
     return DiagnoseReport(framework=runner.framework, source=runner.graph.source, samples=count,
                           threshold=threshold, mode=loop.mode,
                           passes=recalibrated.passes + consistent.passes + 3,
                           seconds=time.perf_counter() - started, layers=evidence,
-                          verdicts=verdicts(runner.graph, evidence, command), flags=inspect_layers(runner.graph),
-                          outputs=output_evidence(inference, training, after, labels),
+                          verdicts=verdicts(runner.graph, evidence, command, outputs),
+                          flags=inspect_layers(runner.graph), outputs=outputs,
                           run=recorded(data, device, load_opts, data_opts, loop))
 
 

@@ -351,7 +351,7 @@ def diagnose(
         plot_evidence(report, plot)
     if not quiet:
         report.render(screen(json_path))
-    raise typer.Exit(0 if report.healthy else 1)
+    raise typer.Exit(0 if report.healthy or not speaks else 1)  # under torchrun, one rank's exit carries the verdict
 
 
 def deploy(run, checkpoint: Path, output: Optional[Path], flags: dict, **settings) -> None:

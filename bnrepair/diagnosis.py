@@ -146,7 +146,7 @@ def _ema_fit(bn: BNLayer, data_mean: np.ndarray, data_var: np.ndarray) -> tuple[
 
 @dataclass
 class Verdict:
-    cause: str  # separate_variables | never_updated | stale | domain_shift | healthy
+    cause: str  # unrepresentative_data | separate_variables | never_updated | stale | domain_shift | healthy
     title: str
     evidence: list[str] = field(default_factory=list)
     fix: str = ""
@@ -156,8 +156,30 @@ STALE_FRACTION = 0.6
 STALE_MISFIT = 0.2
 
 
-def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -> list[Verdict]:
-    """Name the causes the evidence supports, strongest first; ``healthy`` when nothing is off."""
+LOSS = 0.01
+"""labelled accuracy lost by recalibrating (1 point or more) that withdraws the fix"""
+
+
+def verdicts(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str,
+             outputs: dict | None = None) -> list[Verdict]:
+    """Name the causes the evidence supports, strongest first; ``healthy`` when nothing is off. Where labels show
+    that recalibrating on this data loses accuracy, that comes first and no fix is recommended."""
+    found = _causes(graph, layers, fix_command)
+    gain = (outputs or {}).get("expected_gain")
+    if found[0].cause == "healthy" or gain is None or gain > -LOSS:
+        return found
+    accuracy = outputs["accuracy"]
+    for verdict in found:
+        verdict.fix = ""
+    return [Verdict("unrepresentative_data", "do not recalibrate on this data: it loses accuracy",
+                    [f"on these labelled samples accuracy falls from {accuracy['inference']:.1%} with the stored "
+                     f"statistics to {accuracy['recalibrated']:.1%} after recalibration ({gain * 100:+.1f} points)",
+                     "the calibration data does not represent what the model sees (another class mix, another "
+                     "domain, other preprocessing): the stored statistics fit the model's inputs better than this "
+                     "data's do; recalibrate only on data drawn as the deployed model's inputs are"])] + found
+
+
+def _causes(graph: ModelGraph, layers: list[LayerEvidence], fix_command: str) -> list[Verdict]:
     problems = [e for e in layers if e.problem]
     if not problems:
         return [Verdict("healthy", "healthy: stored statistics match the data",

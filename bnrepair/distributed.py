@@ -39,7 +39,8 @@ MESSAGE_BYTES = 1024
 
 
 class RankFailed(BnrepairError):
-    """Another rank's error, which every rank then reports (exit 2, like the error itself)."""
+    """Another rank's error, which every rank then exits with (exit 2, like the error itself) and rank 0 alone
+    prints, so it is said once (``said_by_rank_0`` on the other ranks)."""
 
 
 class NoAnswer(BnrepairError):
@@ -154,7 +155,9 @@ class Group:
         for rank, h in enumerate(headers):
             if h[0]:
                 message = bytes(h[2:].astype(np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
-                raise RankFailed(message if rank == self.rank else f"rank {rank}: {message}")
+                failed = RankFailed(message if rank == self.rank else f"rank {rank}: {message}")
+                failed.said_by_rank_0 = self.rank != 0
+                raise failed
         longest = int(max(h[1] for h in headers))
         padded = np.zeros(longest)
         padded[:payload.size] = payload
@@ -191,7 +194,9 @@ class Group:
             message = str(exc) if isinstance(exc, BnrepairError) else f"{type(exc).__name__}: {first_line(exc)}"
             try:
                 self.exchange(failure=message)
-            except (RankFailed, NoAnswer):
+            except RankFailed:  # every rank has it now: rank 0 says it, naming the rank
+                exc.said_by_rank_0 = self.rank != 0
+            except NoAnswer:
                 pass
             raise
 

@@ -37,7 +37,8 @@ def user_errors(command):
                     warnings.simplefilter("ignore")
                 return command(*args, **kwargs)
         except BnrepairError as exc:
-            print_error(str(exc))
+            if not getattr(exc, "said_by_rank_0", False):  # under torchrun, an error every rank shares
+                print_error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             err.print("interrupted; nothing was written")

@@ -73,3 +73,49 @@ def test_inspect_finds_reused_and_unreached_torch_bn_from_the_graph_alone():
     flags = {(f.code, f.layer) for f in bnrepair.inspect(model).flags}
     assert {("reused", "bn"), ("unreached", "spare")} <= flags
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+SKEWED_ARCH = """
+import torch
+from torch import nn
+
+
+def build():
+    net = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[-1.0] * 4, [1.0] * 4]))
+        net[1].bias.zero_()
+    return net
+"""
+
+
+def test_a_fix_that_loses_labelled_accuracy_is_not_recommended(tmp_path):
+    """Statistics stored from balanced classes (+-2 per feature); the calibration data is 95% one class. Its own
+    statistics move the decision threshold into that class, so recalibrating on it loses accuracy, which the
+    labels show: the verdict says so and recommends no fix."""
+    import numpy as np
+    import torch
+
+    (tmp_path / "skewed.py").write_text(SKEWED_ARCH)
+    rng = np.random.default_rng(0)
+    y = (rng.random(512) < 0.95).astype(np.int64)
+    x = ((2 * y - 1)[:, None] * 2.0 + rng.normal(0, 1, (512, 4))).astype(np.float32)
+    np.savez(tmp_path / "skewed.npz", x=x, y=y)
+    state = {"0.weight": torch.ones(4), "0.bias": torch.zeros(4), "0.running_mean": torch.zeros(4),
+             "0.running_var": torch.full((4,), 5.0), "0.num_batches_tracked": torch.tensor(1000),
+             "1.weight": torch.tensor([[-1.0] * 4, [1.0] * 4]), "1.bias": torch.zeros(2)}
+    torch.save(state, tmp_path / "balanced.pt")
+    stored_right = ((x.sum(1) > 0) == y).mean()  # the stored statistics' decision, computed here
+    out = tmp_path / "d.json"
+    result = cli.invoke(app, ["diagnose", str(tmp_path / "balanced.pt"), "--arch", f"{tmp_path / 'skewed.py'}:build",
+                              "--data", str(tmp_path / "skewed.npz"), "--json", str(out)])
+    assert result.exit_code == 1, result.output
+    report = json.loads(out.read_text())
+    accuracy = report["outputs"]["accuracy"]
+    assert accuracy["inference"] == pytest.approx(stored_right)
+    assert accuracy["recalibrated"] < accuracy["inference"] - 0.05
+    first = report["verdicts"][0]
+    assert first["cause"] == "unrepresentative_data" and "do not recalibrate on this data" in first["title"]
+    assert all(verdict["fix"] == "" for verdict in report["verdicts"])
+    assert "fix:" not in result.output and "bnrepair recalibrate" not in result.output
+    assert f"{accuracy['inference']:.1%}" in result.output
