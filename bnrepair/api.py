@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import frameworks
-from .data import Cached, Calibration, ImageFolder, calibration, check_fits, check_path, check_preprocess, image_spec
+from .data import (Cached, Calibration, ImageFolder, calibration, check_fits, check_path, check_preprocess, image_spec,
+                   preprocessing)
 from .deploy import check_opset, prepare
 from .diagnosis import compare, inspect_layers, output_evidence, verdicts
 from .distributed import across_ranks, share_of
@@ -120,7 +121,7 @@ def recalibrate(model, data, *, output=None, export=None, fold: bool = False, de
     report = Report.of(outcome, runner.framework, loop.mode, str(runner.device), stream.seed,
                        skipped_bad=len(stream.bad), classes_lost=getattr(stream, "classes_lost", list)(),
                        world_size=1 if group is None else group.size)
-    report.run = recorded(data, device, load_opts, data_opts, loop)
+    report.run = recorded(data, device, runner.graph, load_opts, data_opts, loop)
     if not outcome.converged:
         warnings.warn(report.convergence_note(), NotConverged, stacklevel=3)  # the caller, past across_ranks
     if not writes:
@@ -230,15 +231,17 @@ def diagnose(model, data, *, threshold: float = 0.5, device: str = "auto", progr
                           seconds=time.perf_counter() - started, layers=evidence,
                           verdicts=verdicts(runner.graph, evidence, command, outputs),
                           flags=inspect_layers(runner.graph), outputs=outputs,
-                          run=recorded(data, device, load_opts, data_opts, loop))
+                          run=recorded(data, device, runner.graph, load_opts, data_opts, loop))
 
 
-def recorded(data, device, *groups) -> dict:
+def recorded(data, device, graph, *groups) -> dict:
     """What a report keeps to let the run be repeated: the data as named (a path, a --data-fn, else its type),
-    the device and every option group's values."""
+    the device, every option group's values, and the preprocessing images got and where it came from."""
     named = (data.spec if isinstance(data, DataFunction) else str(data) if isinstance(data, (str, Path))
              else None if data is None else type(data).__name__)
-    return {"data": named, "device": str(device), **{group.KEYWORD: group.recorded() for group in groups}}
+    data_options = next((g for g in groups if isinstance(g, DataOptions)), DataOptions())
+    return {"data": named, "device": str(device), **{group.KEYWORD: group.recorded() for group in groups},
+            "preprocessing": preprocessing(graph, data_options, data)}
 
 
 def fix_command(model, data, device, load: LoadOptions, data_options: DataOptions,
@@ -322,7 +325,7 @@ def fold(model, output=None, *, data=None, device: str = "auto", options: LoadOp
         check_fold_suffix(output, runner.framework)
     pending = prepare(runner, output, fold=True, to_onnx=output is not None and output.suffix == ".onnx",
                       data=data, data_options=data_opts, verify=verify, source_path=source)
-    pending.report.run = recorded(data, device, load_opts, data_opts, verify)
+    pending.report.run = recorded(data, device, runner.graph, load_opts, data_opts, verify)
     pending.write()
     return pending.report
 
@@ -349,7 +352,7 @@ def export(model, output, *, fold: bool = False, data=None, device: str = "auto"
     runner = load(model, load_opts, device=device)
     pending = prepare(runner, output, fold=fold, to_onnx=True, data=data, data_options=data_opts, verify=verify,
                       source_path=source)
-    pending.report.run = recorded(data, device, load_opts, data_opts, verify)
+    pending.report.run = recorded(data, device, runner.graph, load_opts, data_opts, verify)
     pending.write()
     return pending.report
 

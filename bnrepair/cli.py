@@ -91,7 +91,7 @@ DistTimeout = Annotated[float, typer.Option("--dist-timeout", help="Under torchr
 BatchSize = Annotated[int, flag(DataOptions, "batch_size", "-b", min=1)]
 Seed = Annotated[int, flag(DataOptions, "seed", min=0)]
 ImageSize = Annotated[Optional[tuple[int, int]], flag(DataOptions, "image_size")]
-Preprocess = Annotated[str, flag(DataOptions, "preprocess")]
+Preprocess = Annotated[Optional[str], flag(DataOptions, "preprocess")]
 SkipBad = Annotated[bool, flag(DataOptions, "skip_bad")]
 InputIndex = Annotated[int, flag(DataOptions, "input_index")]
 Workers = Annotated[Optional[int], flag(DataOptions, "workers", min=1)]
@@ -185,7 +185,7 @@ def recalibrate(
     skip: Skip = None,
     device: Device = "auto",
     image_size: ImageSize = None,
-    preprocess: Preprocess = "unit",
+    preprocess: Preprocess = None,
     skip_bad: SkipBad = False,
     json_path: JsonPath = None,
     quiet: Quiet = False,
@@ -301,7 +301,7 @@ def diagnose(
     tol: Tol = 1e-4,
     device: Device = "auto",
     image_size: ImageSize = None,
-    preprocess: Preprocess = "unit",
+    preprocess: Preprocess = None,
     skip_bad: SkipBad = False,
     json_path: JsonPath = None,
     quiet: Quiet = False,
@@ -384,7 +384,7 @@ def fold(
     seed: Seed = 0,
     device: Device = "auto",
     image_size: ImageSize = None,
-    preprocess: Preprocess = "unit",
+    preprocess: Preprocess = None,
     json_path: JsonPath = None,
     quiet: Quiet = False,
     custom_objects: CustomObjects = None,
@@ -426,7 +426,7 @@ def export(
     seed: Seed = 0,
     device: Device = "auto",
     image_size: ImageSize = None,
-    preprocess: Preprocess = "unit",
+    preprocess: Preprocess = None,
     json_path: JsonPath = None,
     quiet: Quiet = False,
     custom_objects: CustomObjects = None,

@@ -65,6 +65,8 @@ class ModelGraph:
     """what makes a layer ``frozen`` in this framework, as the diagnosis says it"""
     left_alone: list[tuple[str, str]] = field(default_factory=list)
     """BN ops found but not recalibrated, with the reason (an ONNX BN whose statistics are computed)"""
+    preprocessing: object | None = None
+    """the ``data.preprocess.Declared`` preprocessing the checkpoint declares (a timm or Hugging Face folder)"""
 
     def decay(self, bn: BNLayer) -> float | None:
         """The moving average's decay whatever the framework's convention; None where the checkpoint does not

@@ -167,8 +167,10 @@ class DataOptions(Options):
     samples: int | None = option(None, "--samples", "Use at most N samples [default: all].", panel="Data")
     image_size: tuple[int, int] | None = option(None, "--image-size", "Resize images to H W [default: the model's "
                                                 "declared input size].", panel="Data")
-    preprocess: str = option("unit", "--preprocess", "Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, "
-                             "imagenet.", panel="Data")
+    preprocess: str | None = option(None, "--preprocess", "Image scaling: unit [0,1], raw 0..255, tf [-1,1], caffe, "
+                                    "imagenet; or a library's preset, keras:APPLICATION (keras:mobilenet_v2) or "
+                                    "torchvision:WEIGHTS (torchvision:ResNet50_Weights.DEFAULT) [default: what the "
+                                    "model folder declares (timm, Hugging Face), else unit].", panel="Data")
     skip_bad: bool = option(False, "--skip-bad", "Skip undecodable images (counted) instead of failing.",
                             panel="Data")
     input_index: int = option(0, "--input-index", "Which element of a tuple batch is the input.", panel="Data")

@@ -168,6 +168,7 @@ class Report(Written):
                           style="red" if layer.moved else None)
         console.print(table)
         more_rows(console, len(self.layers))
+        said_preprocessing(console, self.run)
         console.print(shown(self.summary()))
 
 
@@ -187,6 +188,13 @@ ROWS = 20
 def more_rows(console, count: int) -> None:
     if count > ROWS:
         console.print(f"... and {count - ROWS} more layer(s) (see --json)")
+
+
+def said_preprocessing(console, run: dict) -> None:
+    """The preprocessing images got and where it came from, so a default is never unseen."""
+    used = run.get("preprocessing")
+    if used and used["name"] != "none":
+        console.print(f"preprocessing: {shown(used['name'])} ({used['source']})", highlight=False)
 
 
 def id_column(table, name: str, ids) -> None:
@@ -314,6 +322,7 @@ class DiagnoseReport(Written):
             table.add_row(*cells, style=style)
         console.print(table)
         more_rows(console, len(self.layers))
+        said_preprocessing(console, self.run)
         out = self.outputs
         console.print(f"inference vs training-mode predictions agree on {out['agreement_inference_vs_training']:.1%}"
                       f" of {self.samples} samples; outputs differ by "
@@ -418,6 +427,7 @@ class DeployReport(Written):
             for refusal in self.refused:
                 table.add_row(shown(refusal.bn), shown(refusal.reason))
             console.print(table)
+        said_preprocessing(console, self.run)
         table = Table(title="Outputs against the source", title_justify="left")
         for name in ("output", "stage", "max |Δ|", "rel"):
             table.add_column(name)

@@ -174,6 +174,21 @@ def scratch_folder(dest: Path, suffix: str = ""):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dest``; an existing ``dest`` folder is set aside first and removed
+    after (a folder cannot be replaced in one step)."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    with scratch_folder(dest, ".old") as aside:
+        os.replace(dest, aside / dest.name)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(aside / dest.name, dest)
+            raise
+
+
 @contextmanager
 def removed_on_failure(path: Path | None):
     """Steps after ``path`` is in place (its digest, an export): if one fails or is interrupted, ``path`` goes

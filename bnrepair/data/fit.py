@@ -6,9 +6,12 @@ is decoded and serve every command that reads data: recalibrate, diagnose, and v
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import InputError
 from ..graph import ModelGraph
 from ..options import DataOptions
+from .preprocess import chosen
 from .sources import ArraySource, ImageFolder, ImageSpec
 
 MAX_SIDE = 16384
@@ -16,8 +19,8 @@ MAX_SIDE = 16384
 
 
 def image_spec(graph: ModelGraph, options: DataOptions = DataOptions()) -> ImageSpec:
-    """How images must be decoded for this model: its declared input size, channels and layout, unless the
-    options say otherwise."""
+    """How images must be decoded for this model: its declared input size, channels, layout and preprocessing,
+    unless the options say otherwise."""
     image_size = options.image_size
     shape = graph.input_shape
     channels, size = 3, None
@@ -30,8 +33,11 @@ def image_spec(graph: ModelGraph, options: DataOptions = DataOptions()) -> Image
         size = tuple(int(v) for v in image_size)
         if not all(1 <= v <= MAX_SIDE for v in size):
             raise InputError(f"--image-size {size[0]} {size[1]}: height and width must be between 1 and {MAX_SIDE}")
-    return ImageSpec(size=size, channels=channels, preprocess=options.preprocess,
-                     channels_first=graph.channels_first, fast_jpeg=options.fast_jpeg)
+    how, source, transform = chosen(options.preprocess, graph.preprocessing)
+    if transform is not None:
+        size = None  # the library's own resize and crop make the input size
+    return ImageSpec(size=size, channels=channels, preprocess=how, channels_first=graph.channels_first,
+                     fast_jpeg=options.fast_jpeg, transform=transform, source=source)
 
 
 def check_fits(graph: ModelGraph, data) -> None:
@@ -46,3 +52,12 @@ def check_fits(graph: ModelGraph, data) -> None:
         got = source.sample_shape
         if len(got) != len(shape) or any(want is not None and want != have for want, have in zip(shape, got)):
             raise InputError(f"{source.origin}: samples have shape {got}, the model takes {shape}")
+
+
+def preprocessing(graph: ModelGraph, options: DataOptions, data) -> dict[str, str]:
+    """What a report says of the preprocessing: the scaling or transform images get and where it came from;
+    arrays and batches are used as given."""
+    if not (isinstance(data, (str, Path)) and Path(data).is_dir()):
+        return {"name": "none", "source": "arrays and batches are used as given"}
+    spec = image_spec(graph, options)
+    return {"name": spec.preprocess, "source": spec.source}

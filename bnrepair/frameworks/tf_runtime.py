@@ -42,6 +42,7 @@ def import_tensorflow():
         if "tensorflow" in sys.modules:
             import tensorflow as tf
         else:
+            triton_first()
             with native_stderr_silenced():
                 import tensorflow as tf
 
@@ -50,6 +51,16 @@ def import_tensorflow():
         raise BnrepairError(f"this model needs TensorFlow ({exc}); from the bnrepair checkout: "
                             "pip install '.[keras]'") from None
     return tf
+
+
+def triton_first() -> None:
+    """Import triton (which CUDA builds of torch bring) before TensorFlow: its native library, loaded into a
+    process that has TensorFlow's, crashes it (torch imports it for torch.export, timm and torchvision do
+    through torch._dynamo); loaded first, both work."""
+    import importlib.util
+
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 def import_keras():

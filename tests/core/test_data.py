@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnrepair.data import Calibration, ImageFolder, ImageSpec, open_source
+from bnrepair.data import Calibration, ImageFolder, ImageSpec, image_spec, open_source
 from bnrepair.data.preprocess import scale_pixels
 from bnrepair.data.stream import Cached
 from bnrepair.errors import InputError
+from bnrepair.graph import ModelGraph
+from bnrepair.options import DataOptions
+from fixtures import needs
 
 
 def write_images(root, n, size=(10, 12), classes=("cat", "dog"), mode="RGB"):
@@ -183,3 +186,26 @@ def test_fast_jpeg_decodes_at_a_reduced_scale_close_to_the_full_decode(tmp_path)
     assert fast.shape == exact.shape and not np.array_equal(fast, exact)  # it did decode at another scale
     assert np.max(np.abs(fast.mean((0, 1)) - exact.mean((0, 1))) / exact.std((0, 1))) < 1e-2
     np.testing.assert_allclose(fast.std((0, 1)), exact.std((0, 1)), rtol=2e-2)
+
+
+def test_named_presets_are_the_libraries_own_preprocessing(tmp_path):
+    """keras:mobilenet_v2 is keras.applications' own preprocess_input after the plain resize; torchvision:WEIGHTS
+    is that weights entry's own transform of the decoded image (resize of the short side, centre crop, mean/std)."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
+    pil = Image.open(tmp_path / "odd.png").convert("RGB")
+    keras = needs("keras", "pip install '.[keras]'")
+    got = ImageFolder(tmp_path, ImageSpec(size=(32, 32), preprocess="keras:mobilenet_v2")).sample(0)
+    resized = np.asarray(pil.resize((32, 32), Image.BILINEAR), np.float32)
+    np.testing.assert_allclose(got, keras.applications.mobilenet_v2.preprocess_input(resized), rtol=1e-6)
+    torchvision = needs("torchvision", "pip install torch==2.14.1 torchvision==0.29.1")
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    spec = image_spec(ModelGraph("torch", "m", [], channels_first=True),
+                      DataOptions(preprocess="torchvision:ResNet18_Weights.IMAGENET1K_V1"))
+    assert spec.source == "named by the user (--preprocess)"
+    got = ImageFolder(tmp_path, spec).sample(0)
+    want = weights.transforms()(pil).numpy()
+    assert got.shape == want.shape == (3, 224, 224)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match=r"--preprocess keras:nosuch: keras has no such preset"):
+        ImageSpec(preprocess="keras:nosuch")

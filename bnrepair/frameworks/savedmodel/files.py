@@ -21,7 +21,7 @@ import numpy as np
 
 from ...errors import BnrepairError, InputError
 from ...options import LoadOptions
-from ...writers import scratch_folder, storable
+from ...writers import replace_folder, scratch_folder, storable
 from ..tf_graph import FlatGraph, flatten, split
 from ..tf_runtime import import_tensorflow
 from .signature import Signature, choose_signature, read_meta_graph
@@ -203,7 +203,7 @@ def write_patched(source: Path, dest: Path, values: dict[str, np.ndarray]) -> No
     with scratch_folder(dest) as tmp:
         shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True, ignore=_checkpoint_files)
         rewrite_checkpoint(checkpoint_prefix(source), tmp / "variables" / "variables", values)
-        _replace_dir(tmp, dest)
+        replace_folder(tmp, dest)
 
 
 def _checkpoint_files(folder: str, names: list[str]) -> list[str]:
@@ -234,17 +234,3 @@ def rewrite_checkpoint(source: Path, dest: Path, values: dict[str, np.ndarray]) 
     for key, tensor in zip(keys, tensors):
         if not same_bytes(written.get_tensor(key), tensor.numpy()):
             raise BnrepairError(f"{dest}: entry {key} did not read back as written")
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Move ``tmp`` to ``dest``; an existing ``dest`` SavedModel is set aside first and removed after."""
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    with scratch_folder(dest, ".old") as aside:
-        os.replace(dest, aside / dest.name)
-        try:
-            os.replace(tmp, dest)
-        except BaseException:
-            os.replace(aside / dest.name, dest)
-            raise

@@ -1,7 +1,7 @@
 """PyTorch wing: ``.pt`` checkpoints of every kind and in-memory ``torch.nn.Module``s, run in torch.
 
 ``runner`` measures and writes back, ``files`` tells the checkpoint kinds apart and reads and writes them
-safely (``tensorfiles``: ``.safetensors``), ``script`` instruments TorchScript graphs, ``fold`` folds BN in a
+safely (``tensorfiles``: ``.safetensors``; ``hub``: timm and Hugging Face model folders), ``script`` instruments TorchScript graphs, ``fold`` folds BN in a
 torch.fx copy and exports.
 """
 
@@ -17,14 +17,18 @@ FORMATS = "PyTorch checkpoints"
 READS = (".pt", ".safetensors")
 FOLDS_TO = (".pt2",)
 ARCHIVE = "a torch checkpoint"
+FOLDER = "a timm or Hugging Face model folder (no config.json with model.safetensors)"
 MISNAMED = ((".pt", ".pth", ".ckpt", ".bin"), "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
 
 
 def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
-    """A torch zip archive (pickled data or TorchScript code inside), a ``.safetensors`` file, or a legacy
-    ``torch.save`` pickle."""
+    """A torch zip archive (pickled data or TorchScript code inside), a ``.safetensors`` file, a legacy
+    ``torch.save`` pickle, or a timm / Hugging Face model folder."""
+    from .hub import is_model_folder
     from .tensorfiles import is_safetensors
 
+    if path.is_dir():
+        return is_model_folder(path)
     if members is not None:
         return any(n.endswith("data.pkl") or n.endswith("constants.pkl") or "/code/" in n for n in members)
     return bool(head) and not path.is_dir() and (is_safetensors(path, head) or head[:1] == b"\x80")

@@ -1,9 +1,9 @@
 """PyTorch checkpoint files: which kind a file is, loading it safely, writing it back with only BN buffers changed.
 
-Kinds are told apart by contents, never by suffix: a TorchScript archive (``code/`` inside the zip; it
-runs code, so it needs ``--trust-code``), a ``.safetensors`` state_dict (``tensorfiles``), or a ``torch.save``
-pickle holding a bare state_dict, a training checkpoint dict with a state_dict under some key, or a full
-pickled module (``--trust-pickle``).
+Kinds are told apart by contents, never by suffix: a timm or Hugging Face model folder (``hub``), a TorchScript
+archive (``code/`` inside the zip; it runs code, so it needs ``--trust-code``), a ``.safetensors`` state_dict
+(``tensorfiles``), or a ``torch.save`` pickle holding a bare state_dict, a training checkpoint dict with a
+state_dict under some key, or a full pickled module (``--trust-pickle``).
 Pickles are read with ``weights_only=True`` first, so nothing from an untrusted file runs; a file that
 needs more says which globals and which flag. Writing loads nothing anew: the object read is saved
 again with only the BN tensors overwritten in place, so every other entry keeps its values, dtype,
@@ -27,7 +27,7 @@ from ...errors import InputError, first_line
 from ...options import LoadOptions
 from ...user_code import call_spec
 from ...writers import atomic_path, storable
-from . import tensorfiles
+from . import hub, tensorfiles
 
 
 @dataclass
@@ -36,8 +36,8 @@ class Checkpoint:
 
     path: Path
     kind: str
-    """``state_dict``, ``safetensors`` (a state_dict in that format), ``checkpoint`` (a dict holding one),
-    ``module`` (pickled) or ``torchscript``"""
+    """``state_dict``, ``safetensors`` (a state_dict in that format), ``folder`` (a timm / Hugging Face model
+    folder), ``checkpoint`` (a dict holding a state_dict), ``module`` (pickled) or ``torchscript``"""
     module: Any
     content: Any = None
     """the object ``torch.load`` returned, written back as it is apart from BN buffers"""
@@ -45,6 +45,10 @@ class Checkpoint:
     prefix: str = ""
     zipped: bool = True
     extra_files: dict = field(default_factory=dict)
+    shards: dict = field(default_factory=dict)
+    """a model folder's tensors by name -> the safetensors file holding each"""
+    declared: Any = None
+    """the preprocessing a model folder declares (``data.preprocess.Declared``)"""
 
     def location(self, name: str) -> str:
         """Where a module state name (``layer1.bn1.running_mean``) lives in the file."""
@@ -53,7 +57,7 @@ class Checkpoint:
     @property
     def state(self):
         """The state_dict in the file (None for modules, which are saved whole)."""
-        if self.kind in ("state_dict", "safetensors"):
+        if self.kind in ("state_dict", "safetensors", "folder"):
             return self.content
         if self.kind == "checkpoint" and isinstance(self.content[self.key], Mapping):
             return self.content[self.key]
@@ -71,6 +75,13 @@ def read(path: Path, options: LoadOptions) -> Checkpoint:
     import torch
 
     path, key = Path(path), options.key
+    if hub.is_model_folder(path):
+        module, declared = hub.build(path, options)
+        state, shards = hub.read_weights(path)
+        refuse_integral(state, str(path))
+        prefix = fitted(module, state, options.prefix, str(path), f"the {type(module).__name__} its config builds")
+        return Checkpoint(path, "folder", module, state, prefix=prefix, zipped=False, shards=shards,
+                          declared=declared)
     with open(path, "rb") as f:
         head = f.read(8)
     if tensorfiles.is_safetensors(path, head):
@@ -120,9 +131,12 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
                          f"{checkpoint.path}: {checkpoint.location(name)}")
             for name, value in buffers.items():  # all checked first: a refusal leaves the object as it was
                 state[checkpoint.prefix + name].copy_(value)
+    changed = {checkpoint.prefix + n: state[checkpoint.prefix + n] for n in buffers} if state is not None else {}
+    if checkpoint.kind == "folder":
+        hub.write(checkpoint.path, Path(output), changed, checkpoint.shards)
+        return
     if checkpoint.kind == "safetensors":
-        tensorfiles.write(checkpoint.path, Path(output), {checkpoint.prefix + n: state[checkpoint.prefix + n]
-                                                          for n in buffers})
+        tensorfiles.write(checkpoint.path, Path(output), changed)
         return
     with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:  # a file object: a refused write stays an OSError
         if checkpoint.kind == "torchscript":
@@ -234,17 +248,28 @@ def _choose_key(content: Mapping, key: str | None, path: Path) -> str:
 
 def _module_from_state(state: Mapping, options: LoadOptions, where: str):
     """Build ``--arch`` and load ``state`` into it strictly; returns the module and the stripped prefix."""
-    import torch
-
-    arch, arch_kwargs = options.arch, options.arch_kwargs
-    integral = next((k for k, v in state.items() if k.endswith(("running_mean", "running_var"))
-                     and isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
-    if integral is not None:  # refused before any work: the statistics could only be truncated into it
-        raise InputError(f"{where}: {integral} is stored as {state[integral].dtype}, which cannot hold BN "
-                         "statistics")
-    if not arch:
+    refuse_integral(state, where)
+    if not options.arch:
         raise InputError(f"{where}: a state_dict holds weights only; give --arch MODULE:CALLABLE or "
                          "FILE.py:CALLABLE that builds the module")
+    module = _built(options.arch, options.arch_kwargs)
+    return module, fitted(module, state, options.prefix, where, f"--arch {options.arch}")
+
+
+def refuse_integral(state: Mapping, where: str) -> None:
+    """Statistics stored in an integer dtype could only be truncated into it: refused before any work."""
+    import torch
+
+    integral = next((k for k, v in state.items() if k.endswith(("running_mean", "running_var"))
+                     and isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+    if integral is not None:
+        raise InputError(f"{where}: {integral} is stored as {state[integral].dtype}, which cannot hold BN "
+                         "statistics")
+
+
+def _built(arch: str, arch_kwargs: str | None):
+    import torch
+
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
     except json.JSONDecodeError as exc:
@@ -259,17 +284,23 @@ def _module_from_state(state: Mapping, options: LoadOptions, where: str):
                          f"{type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"--arch {arch}: returned a {type(module).__name__}, not a torch.nn.Module")
-    prefix = _fitting_prefix(state, set(module.state_dict()), options.prefix, f"{where}: does not fit --arch {arch}")
-    if prefix and options.prefix is None:
-        warnings.warn(f"{where}: the --arch module's keys are stored under {prefix!r}; the other entries are kept "
-                      "as they are", UserWarning, stacklevel=2)
+    return module
+
+
+def fitted(module, state: Mapping, prefix: str | None, where: str, built_by: str) -> str:
+    """Load ``state`` into ``module`` strictly, under the prefix that fits (``--prefix`` where given); returns
+    that prefix. ``built_by`` names what built the module in the messages."""
+    found = _fitting_prefix(state, set(module.state_dict()), prefix, f"{where}: does not fit {built_by}")
+    if found and prefix is None:
+        warnings.warn(f"{where}: the {built_by} module's keys are stored under {found!r}; the other entries are kept "
+                      "as they are", UserWarning, stacklevel=3)
     try:
-        result = module.load_state_dict(_stripped(state, prefix), strict=False)
+        result = module.load_state_dict(_stripped(state, found), strict=False)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # modules' own load hooks raise any of these
-        raise InputError(f"{where}: does not fit --arch {arch}: {' '.join(str(exc).split())}") from None
+        raise InputError(f"{where}: does not fit {built_by}: {' '.join(str(exc).split())}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise InputError(f"{where}: does not fit --arch {arch}: {_misfit(result.missing_keys, result.unexpected_keys)}")
-    return module, prefix
+        raise InputError(f"{where}: does not fit {built_by}: {_misfit(result.missing_keys, result.unexpected_keys)}")
+    return found
 
 
 def _fitting_prefix(state: Mapping, wanted: set[str], given: str | None, misfit: str) -> str:

@@ -69,7 +69,8 @@ class TorchRunner:
                                 input_shape=_input_shape(self.module), channels_first=True, unbiased_var=True,
                                 momentum_is_decay=False, default_eps=1e-5,
                                 frozen_means="momentum 0, no trainable weight or bias, or a FrozenBatchNorm2d",
-                                momentum_stored=checkpoint is None or checkpoint.state is None)
+                                momentum_stored=checkpoint is None or checkpoint.state is None,
+                                preprocessing=checkpoint.declared if checkpoint else None)
         self._modules = [m for _, m in self.module.named_modules()]
         self._script_functions: dict = {}
         self._scratch: dict = {}

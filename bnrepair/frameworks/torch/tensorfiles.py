@@ -75,18 +75,24 @@ def read(path: Path) -> dict:
 def write(source: Path, output: Path, tensors: dict) -> None:
     """``source`` copied to ``output`` atomically with the bytes of ``tensors`` (name -> tensor, in its stored
     dtype and shape) replaced."""
-    start, table = header(source)
+    header(source)
     with atomic_path(Path(output)) as tmp:
         shutil.copyfile(source, tmp)
-        with open(tmp, "r+b") as f:
-            for name, tensor in tensors.items():
-                begin, end = table[name]["data_offsets"]
-                data = _raw_bytes(tensor)
-                if len(data) != end - begin:
-                    raise InputError(f"{source}: tensor {name} takes {end - begin} bytes in the file, its new value "
-                                     f"{len(data)}")
-                f.seek(start + begin)
-                f.write(data)
+        patch(tmp, tensors, source)
+
+
+def patch(path: Path, tensors: dict, source: Path) -> None:
+    """Overwrite, in the copy ``path`` of ``source``, the bytes of ``tensors``; nothing else moves."""
+    start, table = header(Path(path))
+    with open(path, "r+b") as f:
+        for name, tensor in tensors.items():
+            begin, end = table[name]["data_offsets"]
+            data = _raw_bytes(tensor)
+            if len(data) != end - begin:
+                raise InputError(f"{source}: tensor {name} takes {end - begin} bytes in the file, its new value "
+                                 f"{len(data)}")
+            f.seek(start + begin)
+            f.write(data)
 
 
 def _raw_bytes(tensor) -> bytes:

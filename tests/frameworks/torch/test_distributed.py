@@ -139,7 +139,6 @@ def test_diagnose_under_torchrun_reports_what_one_process_does(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=LIMIT)
     two = torchrun("-m", "bnrepair", *common, "--json", str(tmp_path / "two.json"))
     assert one.returncode == two.returncode == 1, two.stderr[-3000:]  # problems found, alike
-    assert "local_rank: 0" in two.stderr and "local_rank: 1" not in two.stderr  # rank 0's exit alone says it
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a["samples"] == b["samples"] == 256
     assert [v["cause"] for v in a["verdicts"]] == [v["cause"] for v in b["verdicts"]]
