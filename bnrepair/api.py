@@ -17,8 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from . import frameworks
-from .data import (Cached, Calibration, ImageFolder, calibration, check_fits, check_path, check_preprocess, image_spec,
-                   preprocessing)
+from .data import (
+    Cached,
+    Calibration,
+    ImageFolder,
+    calibration,
+    check_fits,
+    check_path,
+    check_preprocess,
+    image_spec,
+    preprocessing,
+)
 from .deploy import check_opset, prepare
 from .diagnosis import compare, inspect_layers, output_evidence, verdicts
 from .distributed import across_ranks, share_of

@@ -1,8 +1,8 @@
 """PyTorch wing: ``.pt`` checkpoints of every kind and in-memory ``torch.nn.Module``s, run in torch.
 
 ``runner`` measures and writes back, ``files`` tells the checkpoint kinds apart and reads and writes them
-safely (``tensorfiles``: ``.safetensors``; ``hub``: timm and Hugging Face model folders), ``script`` instruments TorchScript graphs, ``fold`` folds BN in a
-torch.fx copy and exports.
+safely (``tensorfiles``: ``.safetensors``; ``hub``: timm and Hugging Face model folders), ``script``
+instruments TorchScript graphs, ``fold`` folds BN in a torch.fx copy and exports.
 """
 
 from __future__ import annotations

@@ -172,13 +172,16 @@ def test_the_user_names_the_preprocessing_over_what_the_model_declares(tmp_path,
     assert "preprocessing: imagenet (named by the user (--preprocess))" in said
 
 
+def configured(folder, **entries):
+    """The folder's config.json with ``entries`` set."""
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda f: json.dump({**json.loads((f / "config.json").read_text()), "architectures": ["NoSuchNet"]},
-                         open(f / "config.json", "w")),
+    (lambda f: configured(f, architectures=["NoSuchNet"]),
      "config.json: names architecture 'NoSuchNet', which transformers {version} does not have"),
-    (lambda f: json.dump({**json.loads((f / "config.json").read_text()),
-                          "auto_map": {"AutoModelForImageClassification": "modeling_mine.ResNetForImageClassification"}},
-                         open(f / "config.json", "w")),
+    (lambda f: configured(f, auto_map={"AutoModelForImageClassification": "mine.ResNetForImageClassification"}),
      "config.json: ResNetForImageClassification is the repository's own code (auto_map); building it runs that "
      "code: pass --trust-code if you trust the folder"),
     (lambda f: sorted(f.glob("model-*.safetensors"))[-1].unlink(),
@@ -190,5 +193,6 @@ def test_a_folder_that_cannot_be_built_is_one_line(tmp_path, images, change, mes
     change(folder)
     done = cli.invoke(app, ["recalibrate", str(folder), "-d", str(images), "-o", str(tmp_path / "out")])
     assert done.exit_code == 2
-    assert done.output.strip() == f"error: {folder}/{message.format(version=transformers.__version__, last=last)}", done.output
+    expected = message.format(version=transformers.__version__, last=last)
+    assert done.output.strip() == f"error: {folder}/{expected}", done.output
     assert not (tmp_path / "out").exists()
