@@ -17,18 +17,18 @@ FORMATS = "PyTorch checkpoints"
 READS = (".pt", ".safetensors")
 FOLDS_TO = (".pt2",)
 ARCHIVE = "a torch checkpoint"
-FOLDER = "a timm or Hugging Face model folder (no config.json with model.safetensors)"
+FOLDER = "a timm, Hugging Face or safetensors weights folder (no model.safetensors or its index)"
 MISNAMED = ((".pt", ".pth", ".ckpt", ".bin"), "not a PyTorch checkpoint (neither a zip archive nor a pickle)")
 
 
 def sniff(path: Path, head: bytes, members: list[str] | None) -> bool:
     """A torch zip archive (pickled data or TorchScript code inside), a ``.safetensors`` file, a legacy
-    ``torch.save`` pickle, or a timm / Hugging Face model folder."""
-    from .hub import is_model_folder
+    ``torch.save`` pickle, or a folder of safetensors weights (a timm / Hugging Face model folder, or shards)."""
+    from .hub import is_weights_folder
     from .tensorfiles import is_safetensors
 
     if path.is_dir():
-        return is_model_folder(path)
+        return is_weights_folder(path)
     if members is not None:
         return any(n.endswith("data.pkl") or n.endswith("constants.pkl") or "/code/" in n for n in members)
     return bool(head) and not path.is_dir() and (is_safetensors(path, head) or head[:1] == b"\x80")

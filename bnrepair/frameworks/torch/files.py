@@ -75,8 +75,12 @@ def read(path: Path, options: LoadOptions) -> Checkpoint:
     import torch
 
     path, key = Path(path), options.key
-    if hub.is_model_folder(path):
-        module, declared = hub.build(path, options)
+    if hub.is_weights_folder(path):
+        if not hub.is_model_folder(path):  # shards of a state_dict, no config: the module comes from --arch
+            state, shards = hub.read_weights(path)
+            module, prefix = _module_from_state(state, options, str(path))
+            return Checkpoint(path, "folder", module, state, prefix=prefix, zipped=False, shards=shards)
+        module, declared = hub.build(path, options)  # the config checked before the weights are read
         state, shards = hub.read_weights(path)
         refuse_integral(state, str(path))
         prefix = fitted(module, state, options.prefix, str(path), f"the {type(module).__name__} its config builds")

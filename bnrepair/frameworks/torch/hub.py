@@ -26,8 +26,13 @@ CONFIG, WEIGHTS, INDEX, PREPROCESSOR = ("config.json", "model.safetensors", "mod
                                         "preprocessor_config.json")
 
 
+def is_weights_folder(path: Path) -> bool:
+    """A folder of safetensors weights: a model folder, or a state_dict's shards for ``--arch`` (no config)."""
+    return path.is_dir() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+
+
 def is_model_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file() and ((path / WEIGHTS).is_file() or (path / INDEX).is_file())
+    return is_weights_folder(path) and (path / CONFIG).is_file()
 
 
 def shards(folder: Path) -> list[Path]:

@@ -196,3 +196,40 @@ def test_a_folder_that_cannot_be_built_is_one_line(tmp_path, images, change, mes
     expected = message.format(version=transformers.__version__, last=last)
     assert done.output.strip() == f"error: {folder}/{expected}", done.output
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_state_dict_weights_without_a_config_take_arch(tmp_path, images):
+    """A folder of safetensors shards and their index, as ``save_torch_state_dict`` writes a plain state_dict: the
+    module comes from --arch, and only the shards holding BN statistics change."""
+    from huggingface_hub import save_torch_state_dict
+
+    (tmp_path / "net.py").write_text(NET)
+    namespace = {}
+    exec(NET, namespace)
+    model = broken(namespace["build"]())
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    save_torch_state_dict(model.state_dict(), folder, max_shard_size="4KB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    out, _, _ = recalibrate(folder, images, tmp_path, "--arch", f"{tmp_path / 'net.py'}:build", "--image-size",
+                            "32", "32")
+    holding = {file for name, file in index.items() if name.endswith(("running_mean", "running_var"))}
+    assert_only_bn_changed(folder, out, changed_shards=holding)
+    x = torch.stack([torch.as_tensor(np.asarray(im.resize((32, 32), Image.BILINEAR), np.float32) / 255)
+                     for im in pil_images(images)]).permute(0, 3, 1, 2)  # the default: unit scale after the resize
+    fixed = namespace["build"]()
+    fixed.load_state_dict({k: v for f in set(index.values()) for k, v in load_file(out / f).items()})
+    assert_within(fixed.state_dict(), reference(model, x))
+
+
+NET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 40))
+"""
