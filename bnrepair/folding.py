@@ -143,11 +143,18 @@ def apply(decisions: list[Decision], affine: dict, params: dict[str, Params]) ->
     return params
 
 
-def probes(d: Decision, channels: dict[str, int]) -> list[tuple[str, tuple | None, str]]:
+def probes(d: Decision, channels: dict[str, int], accepted: list[Decision]) -> list[tuple[str, tuple | None, str]]:
     """(layer in the source, (axis, start, stop) of its output or None, layer in the folded model) whose
-    outputs must be equal."""
+    outputs must be equal. A forward fold's consumer is compared with its own source output, or, where it also
+    took a BN backward (the folds compose), with that BN's output."""
     if d.how == "forward":
-        return [(d.into[0], None, d.into[0])]
+        behind = [pair for other in accepted if other.how in ("backward", "concat") and d.into[0] in other.into
+                  for pair in _backward_pairs(other, channels) if pair[2] == d.into[0]]
+        return behind or [(d.into[0], None, d.into[0])]
+    return _backward_pairs(d, channels)
+
+
+def _backward_pairs(d: Decision, channels: dict[str, int]) -> list[tuple[str, tuple | None, str]]:
     if d.how == "backward":
         return [(d.bn, None, d.into[0])]
     pairs, start = [], 0

@@ -123,7 +123,7 @@ def fold(model, bn_ids: set[str], example=None) -> Folded:
     updates = {name: {_weight_attr(ops[name].kind): p.weight, "bias": p.bias} for name, p in params.items()}
     _copy_weights(model, folded, "", updates)
     channels = {name: p.channels for name, p in params.items()}
-    return Folded(folded, decisions, {d.bn: probes(d, channels) for d in accepted},
+    return Folded(folded, decisions, {d.bn: probes(d, channels, accepted) for d in accepted},
                   {d.bn: [f"{t}/{a}" for t in d.into for a in (_weight_attr(ops[t].kind), "bias")]
                    for d in accepted})
 

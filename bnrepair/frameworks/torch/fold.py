@@ -95,7 +95,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     gm.delete_all_unused_submodules()
     gm.recompile()
     channels = {name: p.channels for name, p in params.items()}
-    return Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels) for d in accepted},
+    return Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels, accepted) for d in accepted},
                   {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
 
 

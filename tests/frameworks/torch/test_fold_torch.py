@@ -268,3 +268,32 @@ def test_bn_act_modules_fold_their_bn_and_keep_their_activation():
     with torch.no_grad():
         np.testing.assert_allclose(report.model(torch.as_tensor(x)).numpy(), model(torch.as_tensor(x)).numpy(),
                                    atol=1e-5)
+
+
+class Composed(nn.Module):
+    """ReLU -> BN -> Conv1d(k=1) -> BN: ``pre`` folds forward into ``mix``, ``bn_mix`` backward into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pre = nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.mix, self.bn_mix = nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.mix(self.pre(torch.relu(self.conv(x))))
+        return self.fc(torch.relu(self.bn_mix(x)).mean(2))
+
+
+def test_a_forward_and_a_backward_fold_into_one_conv_compose(tmp_path):
+    """Verification used to compare ``mix`` alone with the folded ``mix``, which holds ``bn_mix`` too, and refused
+    an exact fold; the reference is the source module's own output in float64."""
+    module = randomised(Composed())
+    x = np.random.default_rng(0).normal(size=(64, 1, 20)).astype(np.float32)
+    report = bnrepair.fold(module, tmp_path / "composed.pt2", data=x)
+    assert {row.bn: (row.how, row.into) for row in report.folded} == {
+        "pre": ("forward", ["mix.weight", "mix.bias"]), "bn_mix": ("backward", ["mix.weight", "mix.bias"])}
+    program = torch.export.load(tmp_path / "composed.pt2")
+    assert not [n for n in program.graph.nodes if "batch_norm" in str(n.target)]
+    want = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    got = program.module()(torch.as_tensor(x)).detach().numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
