@@ -86,7 +86,9 @@ def onnx_session(model: bytes):
     providers = ["CPUExecutionProvider"]
     if cuda_usable():  # full float32, as the source is run: no TF32 in convs and matmuls
         providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: onnxruntime's notes on a graph are not the user's to act on
     try:
-        return ort.InferenceSession(model, providers=providers)
+        return ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:
         raise VerificationError(f"onnxruntime cannot load the exported model: {first_line(exc)}") from None

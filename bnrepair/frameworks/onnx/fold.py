@@ -77,7 +77,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     producers = {out: node for node in graph.node for out in node.output}
     sites, left = find_bn(folded)
     types = tensor_types(folded, [s.x for s in sites])
-    decisions, probes, tensors, drop = [], {}, {}, []
+    decisions, probes, tensors, drop, spent = [], {}, {}, [], set()
     for site in sites:
         if site.id not in bn_ids:
             continue
@@ -87,6 +87,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
         if isinstance(target, str):
             decisions.append(Decision(site.id, reason=target, axis=1))
             continue
+        spent.update(bn.input[1:5])  # gamma, beta, mean, var: gone with the BN unless another node reads them
         scale, shift = bn_affine(*(numpy_helper.to_array(inits[n]) for n in (site.mean, site.var)), site.eps,
                                  numpy_helper.to_array(inits[bn.input[1]]), numpy_helper.to_array(inits[bn.input[2]]))
         weight, bias = fold_backward(target.params, scale, shift)
@@ -120,7 +121,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     decisions += [Decision(layer_id, reason=why, axis=1) for layer_id, why in left]  # every BN kept is named
     for index in sorted(drop, reverse=True):
         del graph.node[index]
-    unused = {n for s in sites for n in (s.mean, s.var)} - {i for node in graph.node for i in node.input}
+    unused = (spent | {n for s in sites for n in (s.mean, s.var)}) - {i for node in graph.node for i in node.input}
     kept = [i for i in graph.initializer if i.name not in unused]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -458,3 +458,22 @@ def test_input_names_the_graph_input_the_data_feeds_when_there_are_several(tmp_p
                                      str(tmp_path / "b.onnx")])
     assert needs.exit_code == 2 and "depend on graph input(s) temperature" in needs.output
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_fold_leaves_no_orphan_initializer_and_no_onnxruntime_chatter(tmp_path):
+    """A folded BN's scale and bias went with it: left behind, every onnxruntime session printed one warning per
+    orphan ("Removing initializer ..."), in a process of its own where the native log reaches the terminal."""
+    import subprocess
+    import sys
+
+    from fixtures import REPO
+
+    path = exported(with_statistics(Mixed().eval(), np.random.default_rng(1)), tmp_path / "mixed.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(0, 1, (8, 3, 32, 32)).astype(np.float32))
+    done = subprocess.run([sys.executable, "-m", "bnrepair", "fold", str(path), "-d", str(tmp_path / "x.npy"), "-o",
+                           str(tmp_path / "f.onnx")], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "onnxruntime" not in done.stderr and "Removing initializer" not in done.stderr + done.stdout
+    graph = onnx.load(str(tmp_path / "f.onnx")).graph
+    read = {name for node in graph.node for name in node.input}
+    assert [i.name for i in graph.initializer if i.name not in read] == []
