@@ -141,13 +141,17 @@ def _verified(runner: Runner, exporter: Exporter, folder: Folder | None, output:
 
 
 def verification_batches(runner, data, options: DataOptions) -> tuple[list[np.ndarray], str]:
-    """Up to ``options.samples`` inputs: from ``data`` when given, else uniform [0, 1) of the declared shape."""
+    """Up to ``options.samples`` inputs: from ``data`` when given, else uniform [0, 1) of the declared shape (an
+    image's height and width from ``--image-size`` where the model leaves them open)."""
     samples, batch_size = options.samples, options.batch_size
     if data is None:
         shape = runner.graph.input_shape
+        if options.image_size and (shape is None or len(shape) == 3):
+            spec = image_spec(runner.graph, options)
+            shape = (spec.channels, *spec.size) if runner.graph.channels_first else (*spec.size, spec.channels)
         if not shape or any(d is None for d in shape):
             raise InputError(f"the model does not declare its full input shape ({shape}); give --data to "
-                             "verify on real samples")
+                             "verify on real samples, or --image-size H W for an image model")
         x = np.random.default_rng(options.seed).random((samples, *shape), dtype=np.float32)
         return [x[i:i + batch_size] for i in range(0, samples, batch_size)], "generated uniform [0, 1) inputs"
     stream = calibration(data, image_spec(runner.graph, options), replace(options, skip_bad=False))

@@ -205,3 +205,22 @@ def test_no_warnings_without_a_usable_gpu(tmp_path):
     assert done.returncode == 0, done.stderr
     if not cuda_usable():
         assert done.stderr == ""
+
+
+def test_image_size_serves_generated_verification_inputs(tmp_path):
+    """A state_dict's module declares no input shape: --image-size gives the generated inputs theirs, with no
+    --data; the ONNX runs in onnxruntime as torch runs the checkpoint."""
+    import torch
+
+    out = tmp_path / "s.onnx"
+    done = CliRunner().invoke(app, ["export", str(TORCH_STALE), *ARCH_FLAGS, "--fold", "--image-size", "32", "32",
+                                    "-o", str(out), "--json", str(tmp_path / "r.json"), "-q"])
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "generated" in report["inputs"] and report["folded"]
+    x = np.random.default_rng(5).random((2, 3, 32, 32), dtype=np.float32)
+    module = bnrepair.load(TORCH_STALE, arch=ARCH_FLAGS[1]).module.eval()
+    with torch.no_grad():
+        want = module(torch.as_tensor(x)).numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
