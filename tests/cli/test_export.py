@@ -208,18 +208,29 @@ def test_no_warnings_without_a_usable_gpu(tmp_path):
 
 
 def test_image_size_serves_generated_verification_inputs(tmp_path):
-    """A state_dict's module declares no input shape: --image-size gives the generated inputs theirs, with no
-    --data; the ONNX runs in onnxruntime as torch runs the checkpoint."""
+    """A module that declares no input shape: --image-size gives the generated inputs theirs, with no --data; the
+    ONNX runs in onnxruntime as torch runs the checkpoint."""
     import torch
 
+    (tmp_path / "net.py").write_text("from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, "
+                                     "3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
+    arch = f"{tmp_path / 'net.py'}:build"
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    torch.manual_seed(0)
+    spec = spec_from_file_location("net", tmp_path / "net.py")
+    net = module_from_spec(spec)
+    spec.loader.exec_module(net)
+    module = net.build().eval()
+    module[1].running_mean.normal_()
+    torch.save(module.state_dict(), tmp_path / "m.pt")
     out = tmp_path / "s.onnx"
-    done = CliRunner().invoke(app, ["export", str(TORCH_STALE), *ARCH_FLAGS, "--fold", "--image-size", "32", "32",
-                                    "-o", str(out), "--json", str(tmp_path / "r.json"), "-q"])
+    done = CliRunner().invoke(app, ["export", str(tmp_path / "m.pt"), "--arch", arch, "--fold", "--image-size", "32",
+                                    "32", "-o", str(out), "--json", str(tmp_path / "r.json"), "-q"])
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert "generated" in report["inputs"] and report["folded"]
     x = np.random.default_rng(5).random((2, 3, 32, 32), dtype=np.float32)
-    module = bnrepair.load(TORCH_STALE, arch=ARCH_FLAGS[1]).module.eval()
     with torch.no_grad():
         want = module(torch.as_tensor(x)).numpy()
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
