@@ -118,7 +118,37 @@ def trace(torch, module, leaves: set[str]):
         def is_leaf_module(self, m, qualified_name: str) -> bool:
             return qualified_name in leaves or isinstance(m, layers) or super().is_leaf_module(m, qualified_name)
 
-    return torch.fx.GraphModule(module, Tracer().trace(module))
+    graph = Tracer().trace(module, concrete_args=_defaults(module))
+    _drop_guards(torch, graph)
+    return torch.fx.GraphModule(module, graph)
+
+
+def _defaults(module) -> dict:
+    """``forward``'s parameters after the input that have defaults, as the traced model is called (input only):
+    Python flags (``embed=False``) and Hugging Face's ``return_dict=None`` then trace as constants."""
+    import inspect
+
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {p.name: p.default for p in parameters
+            if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def _drop_guards(torch, graph) -> None:
+    """The flags traced as constants leave placeholders checked by ``eq`` / ``_assert`` nodes, which ONNX export
+    cannot take: each such placeholder goes with its checks, so the traced model takes its input alone."""
+    import operator
+
+    checks = {operator.eq, torch._assert, torch.fx._symbolic_trace._assert_is_none}
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        found, todo = [], [placeholder]
+        while todo:
+            node = todo.pop()
+            found.append(node)
+            todo.extend(node.users)
+        if all(n is placeholder or (n.op == "call_function" and n.target in checks) for n in found):
+            order = {node: i for i, node in enumerate(graph.nodes)}
+            for node in sorted(set(found), key=order.__getitem__, reverse=True):  # users before what they read
+                graph.erase_node(node)
 
 
 def _trace(torch, module, bn_ids: set[str]):

@@ -297,3 +297,31 @@ def test_a_forward_and_a_backward_fold_into_one_conv_compose(tmp_path):
     want = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
     got = program.module()(torch.as_tensor(x)).detach().numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+class Flagged(nn.Module):
+    """A Python flag with a default in ``forward``, as a trained pitch tracker has (``embed=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x, embed=False, scale=None):
+        x = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        if scale is not None:
+            x = x * scale
+        return x if embed else self.head(x)
+
+
+def test_a_flag_in_forward_folds_and_exports_as_the_module_runs_by_default(tmp_path):
+    module = randomised(Flagged())
+    x = np.random.default_rng(0).random((8, 3, 10, 10), dtype=np.float32)
+    report = bnrepair.export(module, tmp_path / "flagged.onnx", fold=True, data=x)
+    assert [row.bn for row in report.folded] == ["bn"]
+    proto = onnx.load(tmp_path / "flagged.onnx")
+    assert [i.name for i in proto.graph.input] == ["input"]
+    assert "BatchNormalization" not in [n.op_type for n in proto.graph.node]
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    want = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    assert np.abs(got[0] - want).max() <= 1e-5 * np.abs(want).max()
