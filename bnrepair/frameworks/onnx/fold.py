@@ -18,6 +18,7 @@ import numpy as np
 from ...folding import Decision, Folded, Params, axis_index, bn_affine, fold_backward
 from ...writers import atomic_path
 from .graph import attribute, copied, find_bn, tensor_types
+from .values import owned
 
 PRODUCERS = {"Conv", "ConvTranspose", "Gemm"}
 """Nodes that carry their weights (and bias) as inputs; a MatMul (+ Add of a bias) folds too."""
@@ -66,7 +67,7 @@ class Target:
 def fold(model, bn_ids: set[str], example) -> Folded:
     from onnx import numpy_helper
 
-    folded = copied(model)
+    folded, _ = owned(model, weights=True)  # scale, bias and weights held in constant subgraphs as values
     graph = folded.graph
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = {}

@@ -8,6 +8,7 @@ first, so ``infer`` is the same session.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -32,10 +33,12 @@ from .graph import (
     tag,
     tensor_types,
 )
+from .values import owned
 
 
 def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "OnnxRunner":
     model, external = files.read(Path(path))
+    model, _ = owned(model)  # values held in constant subgraphs become the BN layers' own initializers
     return OnnxRunner(model, device, source=Path(path), external=external, input_name=options.input_name)
 
 
@@ -67,7 +70,6 @@ class OnnxRunner:
             raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
                               + (f" ({'; '.join(f'{i}: {why}' for i, why in left)})" if left else ""))
         self._sites = {site.id: site for site in sites}
-        self._types = tensor_types(model, [s.x for s in sites])
         self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}
         self._input, self._others = self._data_input(input_name)
         layers = [BNLayer(id=s.id, channels=int(self._stats[s.id][0].size), axis=1, eps=s.eps, momentum=s.momentum,
@@ -81,6 +83,12 @@ class OnnxRunner:
         self._outputs = self._computable([o.name for o in model.graph.output], [s.x for s in sites])
         self._sessions: dict = {}
         self._current = None  # ``model``, made on demand
+
+    @functools.cached_property
+    def _types(self):
+        """The BN inputs' rank and element type, which measuring needs (inspect does not): shape inference runs
+        once, when first asked."""
+        return tensor_types(self.proto, [s.x for s in self._sites.values()])
 
     def _data_input(self, name: str | None):
         """The graph input the data feeds (``--input`` where there are several), and the others' names."""

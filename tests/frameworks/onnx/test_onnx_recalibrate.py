@@ -112,14 +112,102 @@ def test_a_drift_corrected_batch_is_measured_as_torch_measures_it(tmp_path, opse
     assert min(np.max(np.abs(got[i].mean - plain[i].mean)) for i in ids[1:]) > 0.1
 
 
-def test_statistics_merged_with_the_affine_parameters_are_named(tmp_path):
-    """A freshly initialised BN (mean 0 = bias, variance 1 = weight) exported by torch: the exporter stores each
-    value once and feeds the statistics through Identity nodes; writing them would change bias and weight."""
-    torch.manual_seed(0)
-    path = exported(build().eval(), tmp_path / "fresh.onnx")
-    with pytest.raises(bnrepair.errors.NoBatchNorm) as raised:
-        bnrepair.load(path)
-    assert "its mean / variance are copies of initializer(s) features.1.bias, features.1.weight" in str(raised.value)
+def test_a_never_updated_model_from_the_legacy_exporter_is_repaired_as_its_checkpoint_is(tmp_path):
+    """The never-updated fixture (mean 0 = bias, variance 1 = weight) exported by torch's legacy exporter: it
+    stores each value once and feeds the statistics through Identity copies, so the statistics get initializers
+    of their own; recalibrated as ONNX, the model reaches the accuracy its recalibrated checkpoint reaches, and
+    the bias and weight it shared them with keep their values."""
+    from fixtures import ARCH_FLAGS, make_torch
+
+    checkpoint = make_torch.OUT / "never_updated.pt"
+    module = bnrepair.load(checkpoint, arch=ARCH_FLAGS[1]).module.eval()
+    path = exported(module, tmp_path / "never.onnx")
+    assert "Identity" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    cli = CliRunner()
+    for source, flags, out in ((checkpoint, ARCH_FLAGS, tmp_path / "fixed.pt"), (path, [], tmp_path / "fixed.onnx")):
+        done = cli.invoke(app, ["recalibrate", str(source), *flags, "-d", str(CALIB), "-o", str(out), "-q"])
+        assert done.exit_code == 0, done.output
+    accuracy = {name: heldout_accuracy(bnrepair.load(p, **kw)) for name, p, kw in (
+        ("broken", path, {}), ("onnx", tmp_path / "fixed.onnx", {}),
+        ("checkpoint", tmp_path / "fixed.pt", {"arch": ARCH_FLAGS[1]}))}
+    assert abs(accuracy["onnx"] - accuracy["checkpoint"]) <= 0.01, accuracy
+    assert accuracy["onnx"] > accuracy["broken"] + 0.2, accuracy
+    before, after = stored(path), stored(tmp_path / "fixed.onnx")
+    assert set(before) <= set(after)  # the statistics the copies shared stay where they were
+    statistics = {n for n in before if "running_" in n}
+    assert all(np.array_equal(before[n], after[n]) for n in set(before) - statistics)  # bias, weight untouched
+
+
+def test_statistics_and_weights_held_in_constant_nodes_are_values(tmp_path):
+    """Conv -> BN with the conv's weight, the BN's scale, bias, mean and variance in Constant nodes (as
+    paddle2onnx writes them) and the mean through a Cast: inspected, recalibrated (only the statistics' values
+    change, now as initializers of the BN's own) and folded, against numpy."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, 4).astype(np.float32), rng.normal(0, 0.5, 4).astype(np.float32)
+    mean, var = np.full(4, 7.0, np.float64), np.full(4, 9.0, np.float32)
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name + "_value"))
+
+    nodes = [constant("w", w), constant("gamma", gamma), constant("beta", beta), constant("mean64", mean),
+             helper.make_node("Cast", ["mean64"], ["mean"], to=TensorProto.FLOAT), constant("var", var),
+             helper.make_node("Conv", ["input", "w"], ["conv"]),
+             helper.make_node("BatchNormalization", ["conv", "gamma", "beta", "mean", "var"], ["out"], name="bn")]
+    graph = helper.make_graph(nodes, "paddle_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                   ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 6, 6])])
+    path = tmp_path / "constants.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cli = CliRunner()
+    assert cli.invoke(app, ["inspect", str(path), "-q"]).exit_code in (0, 1)
+    done = cli.invoke(app, ["recalibrate", str(path), "-d", str(tmp_path / "x.npy"), "-o", str(tmp_path / "r.onnx"),
+                            "-q"])
+    assert done.exit_code == 0, done.output
+    conv = torch.nn.functional.conv2d(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64))
+    want_mean, want_var = conv.mean((0, 2, 3)).numpy(), conv.var((0, 2, 3), unbiased=False).numpy()  # as ONNX
+    fixed = onnx.load(str(tmp_path / "r.onnx"))
+    bn = next(n for n in fixed.graph.node if n.op_type == "BatchNormalization")
+    values = {i.name: numpy_helper.to_array(i) for i in fixed.graph.initializer}
+    assert set(values) == {bn.input[3], bn.input[4]}  # the statistics, now the BN's own; the rest as it was
+    np.testing.assert_allclose(values[bn.input[3]], want_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(values[bn.input[4]], want_var, rtol=1e-4)
+    assert [n.op_type for n in fixed.graph.node].count("Constant") == 3  # w, gamma, beta: untouched
+    folded = cli.invoke(app, ["fold", str(path), "-d", str(tmp_path / "x.npy"), "-o", str(tmp_path / "f.onnx"),
+                              "--json", str(tmp_path / "f.json"), "-q"])
+    assert folded.exit_code == 0, folded.output
+    assert len(json.loads((tmp_path / "f.json").read_text())["folded"]) == 1
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node]
+
+
+def test_a_linear_without_bias_exported_without_constant_folding_folds(tmp_path):
+    """Linear(bias=False) -> BatchNorm1d from the legacy exporter with constant folding off: the weight reaches
+    the MatMul as Transpose(initializer), a value all the same."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=False), torch.nn.BatchNorm1d(5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    path = tmp_path / "linear.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 6),), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                      do_constant_folding=False, dynamic_axes={"input": {0: "b"}})
+    assert "Transpose" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    x = np.random.default_rng(0).normal(0, 1, (32, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    done = CliRunner().invoke(app, ["fold", str(path), "-d", str(tmp_path / "x.npy"), "-o", str(tmp_path / "f.onnx"),
+                                    "-q"])
+    assert done.exit_code == 0, done.output
+    folded = onnx.load(str(tmp_path / "f.onnx"))
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    with torch.no_grad():
+        want = model.double()(torch.as_tensor(x, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_statistics_change_and_the_cli_reports(tmp_path):
@@ -393,7 +481,7 @@ def test_a_bn_with_computed_statistics_is_left_alone_and_named(tmp_path):
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y1"], name="bn1"),
-             helper.make_node("Identity", ["m2"], ["m2_computed"], name="computed"),
+             helper.make_node("ReduceMean", ["y1"], ["m2_computed"], name="computed", axes=[0, 2, 3], keepdims=0),
              helper.make_node("BatchNormalization", ["y1", "g", "b", "m2_computed", "v2"], ["y"], name="bn2")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
