@@ -145,7 +145,7 @@ def write(checkpoint: Checkpoint, output: Path, buffers: dict[str, Any]) -> None
     with atomic_path(Path(output)) as tmp, open(tmp, "wb") as f:  # a file object: a refused write stays an OSError
         if checkpoint.kind == "torchscript":
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # torch.jit's own deprecation
                 torch.jit.save(checkpoint.module, f, _extra_files=checkpoint.extra_files)
         else:
             torch.save(checkpoint.content, f, _use_new_zipfile_serialization=checkpoint.zipped)
@@ -158,7 +158,7 @@ def _read_torchscript(path: Path) -> Checkpoint:
         extra = {n.split("/extra/", 1)[1]: "" for n in z.namelist() if "/extra/" in n}
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))  # torch.jit's own deprecation
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as exc:  # TorchScript raises RuntimeError or its own C++ error types
         raise InputError(f"{path}: cannot load the TorchScript archive ({first_line(exc)})") from None
