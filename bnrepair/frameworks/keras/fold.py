@@ -10,6 +10,7 @@ was gained, deserialized by Keras itself; every weight is copied over and the fo
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections import defaultdict
 from contextlib import contextmanager
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import InputError
+from ...errors import InputError, first_line, require
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ...writers import atomic_path, scratch_folder
 from ..tf_runtime import import_keras
 from .config_graph import Call, container, is_container, serialized, tensors
-from .onnx import IDENTITY_LAYERS, keras_to_onnx
+from .onnx import IDENTITY_LAYERS, Unsupported, keras_to_onnx
 
 KINDS = {
     **dict.fromkeys(("Conv1D", "Conv2D", "Conv3D"), "conv"),
@@ -286,5 +287,32 @@ def max_opset() -> int:
 
 
 def to_onnx(model, example, opset: int):
-    return keras_to_onnx(model, opset)
+    """bnrepair's own emitter, which keeps Keras's layer and weight names (those the fold record gives); where it
+    lacks a layer, tf2onnx's conversion of the model's inference function, which takes every op TensorFlow runs
+    at inference (preprocessing layers, UpSampling2D, LayerNormalization, custom layers)."""
+    try:
+        return keras_to_onnx(model, opset)
+    except Unsupported:
+        return _through_tf2onnx(model, example, opset)
+
+
+def _through_tf2onnx(model, example, opset: int):
+    require(("tf2onnx",), "ONNX export of this Keras model", "onnx")
+    import tf2onnx
+    from tf2onnx import constants
+
+    _, tf = import_keras()
+    spec = tf.TensorSpec((None, *np.shape(example)[1:]), tf.float32, name="input")
+    function = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    chatter = logging.getLogger("tf2onnx")
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)  # its notes on freezing the graph are not the user's to act on
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec],
+                                                 opset=min(opset, max(constants.OPSET_TO_IR_VERSION)))
+    except Exception as exc:  # an op tf2onnx has no conversion for, named in its message
+        raise InputError(f"tf2onnx cannot convert the Keras model: {first_line(exc)}") from None
+    finally:
+        chatter.setLevel(level)
+    return proto
 

@@ -77,6 +77,10 @@ def channels_first(rank: int) -> tuple:
     return (0, rank - 1, *range(1, rank - 1))
 
 
+class Unsupported(InputError):
+    """The model holds layers the emitter has no ONNX for."""
+
+
 def keras_to_onnx(model, opset: int):
     """An ``onnx.ModelProto`` computing ``model`` at inference, batch axis dynamic."""
     import onnx
@@ -85,7 +89,7 @@ def keras_to_onnx(model, opset: int):
     data = serialized(model)
     unsupported = sorted(_unsupported(model, data["config"]))
     if unsupported:
-        raise InputError("cannot export to ONNX: unsupported Keras layer(s) " + ", ".join(unsupported))
+        raise Unsupported("cannot export to ONNX: unsupported Keras layer(s) " + ", ".join(unsupported))
     emitter = Emitter(opset)
     level = container(model, data["config"])
     emitter.names.update(ref[0] for ref in level.inputs)

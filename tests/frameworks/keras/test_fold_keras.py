@@ -225,3 +225,32 @@ def test_a_masked_sequence_exports_with_its_mask(tmp_path):
         session = ort.InferenceSession(str(tmp_path / f"fold{fold}.onnx"), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: data})[0]
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@keras.saving.register_keras_serializable(package="bnrepair_test")
+class Doubled(L.Layer):
+    """A custom layer, as a user's model loaded with --custom-objects has."""
+
+    def call(self, x):
+        return x * 2.0
+
+
+def test_layers_the_emitter_lacks_export_through_tf2onnx(tmp_path):
+    """RandomFlip / RandomRotation (the identity at inference), UpSampling2D, LayerNormalization and a custom
+    layer: bnrepair's emitter has none of them, so tf2onnx converts the model's inference function; the BN still
+    folds, and the ONNX computes what Keras computes."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = L.RandomRotation(0.1)(L.RandomFlip()(inputs))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(8, 3, padding="same", name="conv")(x))
+    x = L.LayerNormalization()(Doubled()(L.UpSampling2D()(x)))
+    model = randomise_bn(keras.Model(inputs, L.GlobalAveragePooling2D()(x)))
+    data = np.random.default_rng(0).random((8, 16, 16, 3), dtype=np.float32)
+    report = bnrepair.export(model, tmp_path / "m.onnx", fold=True, data=data, batch_size=4)
+    assert [(row.bn, row.how) for row in report.folded] == [("bn", "backward")]
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert "BatchNormalization" not in [n.op_type for n in proto.graph.node]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: data})[0]
+    want = numpy(model(data, training=False))
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=1e-4)
