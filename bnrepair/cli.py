@@ -107,6 +107,7 @@ Skip = Annotated[Optional[str], flag(RecalibrationOptions, "skip")]
 VerifySamples = Annotated[int, flag(VerifyOptions, "samples", min=1)]
 Atol = Annotated[float, flag(VerifyOptions, "atol")]
 Rtol = Annotated[float, flag(VerifyOptions, "rtol")]
+NoiseMargin = Annotated[float, flag(VerifyOptions, "noise_margin")]
 Opset = Annotated[int, flag(VerifyOptions, "opset")]
 # LoadOptions
 CustomObjects = Annotated[Optional[Path], flag(LoadOptions, "custom_objects")]
@@ -379,6 +380,7 @@ def fold(
     samples: VerifySamples = 64,
     atol: Atol = 1e-4,
     rtol: Rtol = 1e-4,
+    noise_margin: NoiseMargin = 16.0,
     opset: Opset = 17,
     batch_size: BatchSize = 32,
     seed: Seed = 0,
@@ -422,6 +424,7 @@ def export(
     samples: VerifySamples = 64,
     atol: Atol = 1e-4,
     rtol: Rtol = 1e-4,
+    noise_margin: NoiseMargin = 16.0,
     batch_size: BatchSize = 32,
     seed: Seed = 0,
     device: Device = "auto",

@@ -218,11 +218,16 @@ class VerifyOptions(Options):
                          "that output or layer in the source (float32 errs relative to the size of what it sums).",
                          panel="Verification")
     rtol: float = option(1e-4, "--rtol", "Verification: see --atol.", panel="Verification")
+    noise_margin: float = option(16.0, "--noise-margin", "Verification: beyond atol/rtol, a folded layer or output may "
+                                 "differ by this many times float32's own error there (the source's change when its "
+                                 "input moves by two ulps; deep nets accumulate it), never by 1e-3 relative; 0: "
+                                 "atol/rtol alone.", panel="Verification")
     opset: int = option(17, "--opset", "ONNX opset.", panel="Output")
 
     def __post_init__(self):
-        if not (self.atol >= 0 and self.rtol >= 0):
-            raise InputError(f"--atol and --rtol must be >= 0, got {self.atol:g} and {self.rtol:g}")
+        if not (self.atol >= 0 and self.rtol >= 0 and self.noise_margin >= 0):
+            raise InputError(f"--atol, --rtol and --noise-margin must be >= 0, got {self.atol:g}, {self.rtol:g} and "
+                             f"{self.noise_margin:g}")
 
 
 AMP = ("bf16", "fp16")

@@ -351,6 +351,8 @@ class FoldRow:
     """the weights the BN went into"""
     max_abs: float = 0.0
     max_rel: float = 0.0
+    float32_noise: float = 0.0
+    """float32's own error at that layer: how far the source's output moves when its input moves by two ulps"""
 
 
 @dataclass
@@ -367,6 +369,8 @@ class Check:
     max_abs: float
     max_rel: float
     """largest |difference| over the largest |source value| of that output"""
+    float32_noise: float = 0.0
+    """float32's own error on that output: how far the source's moves when its input moves by two ulps"""
 
 
 @dataclass
@@ -414,11 +418,11 @@ class DeployReport(Written):
         if self.folded:
             table = Table(title="Folded BN layers", title_justify="left")
             id_column(table, "BN", [row.bn for row in self.folded])
-            for name in ("how", "into", "max |Δ|", "rel"):
+            for name in ("how", "into", "max |Δ|", "rel", "float32 noise"):
                 table.add_column(name)
             for row in self.folded:
                 table.add_row(shown(row.bn), row.how, shown(", ".join(row.into)), f"{row.max_abs:.2g}",
-                              f"{row.max_rel:.2g}")
+                              f"{row.max_rel:.2g}", f"{row.float32_noise:.2g}")
             console.print(table)
         if self.refused:
             table = Table(title="Left in place", title_justify="left")
@@ -429,9 +433,10 @@ class DeployReport(Written):
             console.print(table)
         said_preprocessing(console, self.run)
         table = Table(title="Outputs against the source", title_justify="left")
-        for name in ("output", "stage", "max |Δ|", "rel"):
+        for name in ("output", "stage", "max |Δ|", "rel", "float32 noise"):
             table.add_column(name)
         for check in self.checks:
-            table.add_row(shown(check.output), check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}")
+            table.add_row(shown(check.output), check.stage, f"{check.max_abs:.2g}", f"{check.max_rel:.2g}",
+                          f"{check.float32_noise:.2g}")
         console.print(table)
         console.print(shown(self.summary()), highlight=False)

@@ -151,7 +151,8 @@ def failure(result, paths):
 
 def test_out_of_tolerance_fails_and_writes_nothing(tmp_path):
     out = tmp_path / "model.onnx"
-    result = cli.invoke(app, ["export", str(KERAS), "-o", str(out), "--fold", "--atol", "0", "--rtol", "0"])
+    result = cli.invoke(app, ["export", str(KERAS), "-o", str(out), "--fold", "--atol", "0", "--rtol", "0",
+                              "--noise-margin", "0"])
     failure(result, [out])
     assert "verification failed" in result.output and "nothing written" in result.output
 

@@ -325,3 +325,51 @@ def test_a_flag_in_forward_folds_and_exports_as_the_module_runs_by_default(tmp_p
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     want = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
     assert np.abs(got[0] - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def deep_chain(depth=60, width=16):
+    """Conv -> BN -> ReLU sixty times, BN gains 1.6: rounding grows with depth as in efficientnet's last blocks."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    module = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = np.random.default_rng(0).random((16, 3, 16, 16), dtype=np.float32)
+    bnrepair.recalibrate(module, x)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.mul_(1.6)
+    return module, x
+
+
+def test_a_deep_nets_accumulated_rounding_never_refuses_an_exact_fold():
+    """The deepest folds differ from the source by more than rtol 1e-4 of the layer's scale, as float32 itself does
+    there (the source's change when its input moves by two ulps): judged by that yardstick, every fold passes, and
+    the folded model matches a float64 run of the source as closely as the float32 source does."""
+    module, x = deep_chain()
+    with pytest.raises(bnrepair.errors.VerificationError, match="folded layer"):
+        bnrepair.fold(module, data=x, noise_margin=0)  # atol / rtol alone refuse it
+    report = bnrepair.fold(module, data=x)
+    assert len(report.folded) == 60 and max(row.max_rel for row in report.folded) > 1e-4
+    assert all(row.max_abs <= 16 * row.float32_noise or row.max_rel <= 1e-4 for row in report.folded)
+    exact = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    source_error = np.abs(outputs(module, x)[0] - exact).max()
+    folded_error = np.abs(outputs(report.model, x)[0] - exact).max()
+    assert folded_error <= 4 * source_error
+
+
+def test_a_wrong_fold_is_refused_whatever_float32s_own_error(monkeypatch):
+    """A fold one BN channel off by 0.2% of its scale: far beyond rounding, refused even with a huge margin."""
+    import bnrepair.folding as folding
+
+    module, x = deep_chain(depth=4)
+    real = folding.bn_affine
+
+    def off(*args, **kwargs):
+        scale, shift = real(*args, **kwargs)
+        return scale * np.r_[1.002, np.ones(len(scale) - 1)], shift
+
+    monkeypatch.setattr("bnrepair.frameworks.torch.fold.bn_affine", off)
+    with pytest.raises(bnrepair.errors.VerificationError, match="verification failed"):
+        bnrepair.fold(module, data=x, noise_margin=1e9)
