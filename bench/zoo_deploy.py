@@ -6,7 +6,8 @@ For each model: build it with random weights, give every BN layer random statist
 of a trained net's size (so a wrong fold cannot hide behind identity BN), save it as a user would, and run
 the three commands on random inputs. The table gives BN layers, folded / refused with the reasons, the
 BatchNormalization nodes left in the folded ONNX (must equal the refused count), the largest verified
-difference of each command, and its time over one plain inference pass.
+difference of each command, float32's own error at the folded layers (the yardstick verification allows a
+multiple of), and each command's time over one plain inference pass.
 
     python bench/zoo_deploy.py [--framework torch|keras|all] [--only NAME ...] [--samples 32]
 
@@ -105,6 +106,7 @@ def run(name: str, framework: str, folder: Path, samples: int) -> dict:
         row["bn"] = len(folded["folded"]) + len(folded["refused"])
         row["folded"] = len(folded["folded"])
         row["reasons"] = Counter(r["reason"].split(":")[0][:60] for r in folded["refused"])
+        row["float32 noise"] = max((r["float32_noise"] for r in folded["folded"]), default=np.nan)
     if row.get("export --fold"):
         graph = onnx.load(folder / "folded.onnx").graph
         row["bn nodes left"] = sum(n.op_type == "BatchNormalization" for n in graph.node)
@@ -117,8 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", help="model names (see zoo_models.py)")
     parser.add_argument("--samples", type=int, default=32)
     args = parser.parse_args(argv)
-    print(f"{'model':28} {'folded/BN':>10} {'ONNX BN':>7} {'fold |Δ|':>9} {'x plain':>7} {'onnx |Δ|':>9} "
-          f"{'x plain':>7} {'no-fold |Δ|':>11}  refused because / failures", flush=True)
+    print(f"{'model':28} {'folded/BN':>10} {'ONNX BN':>7} {'fold |Δ|':>9} {'f32 noise':>9} {'x plain':>7} "
+          f"{'onnx |Δ|':>9} {'x plain':>7} {'no-fold |Δ|':>11}  refused because / failures", flush=True)
     good = total = 0
     for framework, name in zoo.chosen(args.framework, args.only):
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +134,8 @@ def main(argv=None) -> int:
         good += ok
         refused = "; ".join(f"{n} x {why}" for why, n in row.get("reasons", {}).items())
         print(f"{name:28} {row.get('folded', '-'):>4}/{row.get('bn', '-'):<5} {row.get('bn nodes left', '-'):>7} "
-              f"{row.get('fold |Δ|', np.nan):>9.1e} {row.get('fold time', np.nan):>7.1f} "
+              f"{row.get('fold |Δ|', np.nan):>9.1e} {row.get('float32 noise', np.nan):>9.1e} "
+              f"{row.get('fold time', np.nan):>7.1f} "
               f"{row.get('export --fold |Δ|', np.nan):>9.1e} {row.get('export --fold time', np.nan):>7.1f} "
               f"{row.get('export --no-fold |Δ|', np.nan):>11.1e}  {refused} {' '.join(row['notes'])}", flush=True)
     print(f"{good} of {total} models fold, export folded and unfolded, and verify")
