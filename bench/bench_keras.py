@@ -9,6 +9,9 @@
     directory). Target: flat, because images are decoded lazily a few batches ahead and only
     per-channel moments are kept; what grows is the list of file names. Linux only (/proc/self).
 
+(c) per-call cost: ``bnrepair.recalibrate(model, x)`` on the same in-memory MobileNetV2 ten times; the first
+    call traces, the later ones reuse what it built (kept on the model). Target: <= 1.3 from the second call.
+
     python bench/bench_keras.py [--samples 1024] [--repeats 5] [--batch-size 32]
 """
 
@@ -95,6 +98,30 @@ def bench_time(samples: int, repeats: int, batch_size: int) -> None:
               f"(bare traced forward {bare:6.3f}s, ratio {recal / bare:5.2f})")
 
 
+def bench_calls(samples: int, batch_size: int) -> None:
+    """(c) the API called on the model itself, as update_bn is once per epoch: calls 1, 2 and 10, each over a
+    warm bare traced forward pass on the same samples (measured just before it)."""
+    print(f"(c) bnrepair.recalibrate(model, x) on the in-memory model, calls 1 / 2 / 10 over a bare traced forward, "
+          f"{samples} samples, batch {batch_size} (target: <= 1.3 from the second call)")
+    for name, build, side in (("MobileNetV2-1.0, 128x128", lambda: keras.applications.MobileNetV2(
+            input_shape=(128, 128, 3), weights=None), 128), ("MobileNetV2-1.0, 64x64", lambda: keras.applications
+                                                         .MobileNetV2(input_shape=(64, 64, 3), weights=None), 64)):
+        model = build()
+        x = np.random.default_rng(0).random((samples, side, side, 3), np.float32)
+        forward = tf.function(lambda t, model=model: model(t, training=False))
+
+        def bare():
+            for start in range(0, len(x), batch_size):
+                forward(x[start:start + batch_size]).numpy()
+
+        bare()
+        ratios = {}
+        for call in range(1, 11):
+            floor = timed(bare)
+            ratios[call] = timed(lambda: bnrepair.recalibrate(model, x, batch_size=batch_size)) / floor
+        print(f"    {name:<26} call 1 {ratios[1]:5.2f}   call 2 {ratios[2]:5.2f}   call 10 {ratios[10]:5.2f}")
+
+
 def rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -139,6 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     bench_time(args.samples, args.repeats, args.batch_size)
+    bench_calls(512, args.batch_size)
     bench_memory(args.batch_size)
 
 

@@ -122,9 +122,10 @@ class KerasRunner:
         self.graph = ModelGraph("keras", str(source or "memory"), layers,
                                 input_shape=_input_shape(model), channels_first=_channels_first(model),
                                 unbiased_var=False, default_eps=1e-3)
-        self._functions: dict = {}
-        self._sink: dict = {}
-        self._corrections: dict = {}
+        captures = _captures(model)
+        self._functions: dict = captures["functions"]
+        self._sink: dict = captures["sink"]
+        self._corrections: dict = captures["corrections"]
         """per layer: the variables of the correction a drift-corrected pass carries the batch's statistics by"""
 
     def weights(self):
@@ -189,7 +190,7 @@ class KerasRunner:
     def _run(self, inputs, train: frozenset, ids: list[str], outputs: bool, corrected: frozenset = frozenset()):
         """One traced forward pass; the ``train`` layers normalise with batch statistics (plus the
         ``corrected`` ones' corrections)."""
-        key = (train, tuple(ids), outputs, corrected)
+        key = (train, tuple(ids), outputs, corrected, _signature(inputs))
         if key not in self._functions:
             self._functions[key] = self._capture_function(ids, outputs, inputs)
         _, tf = import_keras()
@@ -254,6 +255,25 @@ class KerasRunner:
             return result if outputs else {i: sink[i] for i in ids}
 
         return run
+
+
+def _captures(model) -> dict:
+    """What measuring ``model`` builds once and every later call on the same model reuses, as
+    ``swa_utils.update_bn`` is called once per epoch: the traced functions, the sink their traces fill and the
+    corrections' variables they read. Kept on the model itself (past Keras's attribute tracking), so it goes with
+    the model; a new model, or a batch of another shape or dtype, traces anew."""
+    captures = getattr(model, "_bnrepair_captures", None)
+    if captures is None:
+        captures = {"functions": {}, "sink": {}, "corrections": {}}
+        object.__setattr__(model, "_bnrepair_captures", captures)
+    return captures
+
+
+def _signature(inputs):
+    """What a traced function's input signature depends on: an array's shape past the batch axis and dtype."""
+    if hasattr(inputs, "shape") and hasattr(inputs, "dtype"):
+        return tuple(inputs.shape[1:]), str(inputs.dtype)
+    return None
 
 
 def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str, correction=None):

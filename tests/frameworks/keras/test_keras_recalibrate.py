@@ -480,3 +480,31 @@ def test_an_endless_tf_data_dataset_is_refused_unless_samples_caps_it():
     assert report.samples == 40
     np.testing.assert_allclose(model.get_layer("bn1").moving_mean.numpy(), twin.get_layer("bn1").moving_mean.numpy(),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_model_called_again_is_not_traced_again(mode):
+    """Called once per epoch as update_bn is, a second recalibration of the same model reuses the first one's traced
+    functions (and their corrections' variables, in eval mode), and computes what a fresh twin computes; a batch of
+    another shape traces anew."""
+    model, twin = conv_model(), conv_model()
+    rng = np.random.default_rng(3)
+    first, second = (rng.normal(0.5, 2.0, (40, 8, 8, 3)).astype(np.float32) for _ in range(2))
+    bnrepair.recalibrate(model, first, mode=mode, batch_size=10)
+    functions = dict(model._bnrepair_captures["functions"])
+    traces = {key: f.experimental_get_tracing_count() for key, f in functions.items()}
+    bnrepair.recalibrate(model, second, mode=mode, batch_size=10)
+    assert model._bnrepair_captures["functions"] == functions
+    assert {key: f.experimental_get_tracing_count() for key, f in functions.items()} == traces
+    bnrepair.recalibrate(twin, second, mode=mode, batch_size=10)
+    for name in ("bn1", "bn2"):
+        for stat in ("moving_mean", "moving_variance"):
+            np.testing.assert_allclose(getattr(model.get_layer(name), stat).numpy(),
+                                       getattr(twin.get_layer(name), stat).numpy(), rtol=1e-5, atol=1e-6)
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    open_sized = keras.Model(inp, keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(inp)))
+    for size in (8, 8, 6):  # the same shape reuses its trace, another traces anew
+        bnrepair.recalibrate(open_sized, second[:, :size, :size], mode=mode, batch_size=10)
+    assert len({key[-1] for key in open_sized._bnrepair_captures["functions"]}) == 2
