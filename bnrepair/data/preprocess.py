@@ -54,10 +54,10 @@ def chosen(how: str | None, declared: Declared | None) -> tuple[str, str, Callab
     scaling after the plain resize)."""
     if how is not None:
         transform = _preset(how) if how.startswith("torchvision:") else None
-        return how, "named by the user (--preprocess)", transform
+        return how, "named by the user with --preprocess", transform
     if declared is not None:
         return declared.name, declared.source, declared.transform
-    return DEFAULT, "the default (--preprocess; the model declares none)", None
+    return DEFAULT, "the default: the model declares none", None
 
 
 def _preset(how: str):

@@ -202,7 +202,7 @@ def test_named_presets_are_the_libraries_own_preprocessing(tmp_path):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     spec = image_spec(ModelGraph("torch", "m", [], channels_first=True),
                       DataOptions(preprocess="torchvision:ResNet18_Weights.IMAGENET1K_V1"))
-    assert spec.source == "named by the user (--preprocess)"
+    assert spec.source == "named by the user with --preprocess"
     got = ImageFolder(tmp_path, spec).sample(0)
     want = weights.transforms()(pil).numpy()
     assert got.shape == want.shape == (3, 224, 224)

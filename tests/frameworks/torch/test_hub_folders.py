@@ -168,8 +168,8 @@ def test_a_timm_folder_is_recalibrated_with_its_declared_transform(tmp_path, ima
 def test_the_user_names_the_preprocessing_over_what_the_model_declares(tmp_path, images):
     folder = hf_resnet(tmp_path)
     _, report, said = recalibrate(folder, images, tmp_path, "--preprocess", "imagenet", "--image-size", "32", "32")
-    assert report["run"]["preprocessing"] == {"name": "imagenet", "source": "named by the user (--preprocess)"}
-    assert "preprocessing: imagenet (named by the user (--preprocess))" in said
+    assert report["run"]["preprocessing"] == {"name": "imagenet", "source": "named by the user with --preprocess"}
+    assert "preprocessing: imagenet (named by the user with --preprocess)" in said
 
 
 def configured(folder, **entries):
