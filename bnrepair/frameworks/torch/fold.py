@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import InputError, first_line
-from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
+from ...folding import OUTPUT, Decision, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ...writers import atomic_path
 
 ACTIVATION_FUNCTIONS = {"relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
@@ -66,13 +66,16 @@ def fold(model, bn_ids: set[str], example) -> Folded:
         raise InputError(reason)
 
     module = source(model)
-    gm = _trace(torch, module, bn_ids)
+    opaque: set[str] = set()
+    gm = _trace(torch, module, bn_ids, opaque)
     from torch.fx.passes.shape_prop import ShapeProp
 
     with torch.no_grad():
         ShapeProp(gm).propagate(_tensor(gm, example))
     ops, nodes = _describe(torch, gm, bn_ids)
     decisions = plan(ops, [name for name, op in ops.items() if op.kind == "bn"])
+    decisions += [Decision(bn, reason=f"inside {inside}, which torch.fx cannot trace (kept whole)")
+                  for bn in sorted(bn_ids - set(ops)) for inside in [_within(bn, opaque)] if inside]
     accepted = [d for d in decisions if d.how]
     targets = {name for d in accepted for name in d.into}
     params = apply(decisions, {d.bn: _affine(gm.get_submodule(d.bn)) for d in accepted},
@@ -108,19 +111,37 @@ def _after_norm(torch, m):
     return torch.nn.Sequential(m.drop, m.act)
 
 
-def trace(torch, module, leaves: set[str]):
+def trace(torch, module, leaves: set[str], opaque: set[str] | None = None):
     """``module`` as a torch.fx GraphModule with the ``leaves`` sub-modules, and every conv / linear module
-    (subclasses defined outside ``torch.nn`` included), kept as single calls."""
+    (subclasses defined outside ``torch.nn`` included), kept as single calls. Given an ``opaque`` set, a
+    sub-module fx cannot trace (control flow on a tensor's shape or values, as in Hugging Face's embeddings) is
+    kept as a single call too, and added to it; without, its error is raised."""
 
     layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)  # subclasses too: torchvision's Conv3DSimple
+    kept = set() if opaque is None else opaque
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualified_name: str) -> bool:
-            return qualified_name in leaves or isinstance(m, layers) or super().is_leaf_module(m, qualified_name)
+            return (qualified_name in leaves or qualified_name in kept or isinstance(m, layers)
+                    or super().is_leaf_module(m, qualified_name))
 
-    graph = Tracer().trace(module, concrete_args=_defaults(module))
+    while True:
+        tracer = Tracer()
+        try:
+            graph = tracer.trace(module, concrete_args=_defaults(module))
+            break
+        except Exception:
+            inner = next(reversed(tracer.module_stack), "") if opaque is not None else ""
+            if not inner or inner in kept:  # the top level itself, or no progress: its error is the answer
+                raise
+            kept.add(inner)
     _drop_guards(torch, graph)
     return torch.fx.GraphModule(module, graph)
+
+
+def _within(name: str, opaque: set[str]) -> str | None:
+    """The opaque sub-module that holds module ``name``, if any."""
+    return next((o for o in sorted(opaque) if name.startswith(o + ".")), None)
 
 
 def _defaults(module) -> dict:
@@ -151,9 +172,9 @@ def _drop_guards(torch, graph) -> None:
                 graph.erase_node(node)
 
 
-def _trace(torch, module, bn_ids: set[str]):
+def _trace(torch, module, bn_ids: set[str], opaque: set[str]):
     try:
-        return trace(torch, module, bn_ids)
+        return trace(torch, module, bn_ids, opaque)
     except Exception as exc:
         message = first_line(exc)
         raise InputError(f"cannot fold: torch.fx cannot trace the module ({message})") from None

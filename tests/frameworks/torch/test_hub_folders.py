@@ -233,3 +233,31 @@ def build():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 40))
 """
+
+
+def test_a_hugging_face_resnet_folds_around_the_module_fx_cannot_trace(tmp_path, images):
+    """ResNetForImageClassification checks its input's channel count in Python (control flow on a shape), which
+    torch.fx cannot trace: that sub-module is kept whole, its BN is listed with the reason, every other BN folds,
+    and the ONNX computes what transformers computes in float64."""
+    import onnx
+    import onnxruntime as ort
+
+    folder = hf_resnet(tmp_path)
+    report_path = tmp_path / "f.json"
+    done = cli.invoke(app, ["fold", str(folder), "-d", str(images), "-o", str(tmp_path / "f.onnx"), "--json",
+                            str(report_path), "-q"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(report_path.read_text())
+    assert len(report["folded"]) == 5
+    assert [(r["bn"], r["reason"]) for r in report["refused"]] == [
+        ("resnet.embedder.embedder.normalization", "inside resnet.embedder, which torch.fx cannot trace (kept whole)")]
+    proto = onnx.load(str(tmp_path / "f.onnx"))
+    assert [n.op_type for n in proto.graph.node].count("BatchNormalization") == 1
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    x = processor(images=pil_images(images)[:4], return_tensors="np")["pixel_values"].astype(np.float32)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    model = transformers.ResNetForImageClassification.from_pretrained(folder).double().eval()
+    with torch.no_grad():
+        want = model(torch.as_tensor(x, dtype=torch.float64)).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
