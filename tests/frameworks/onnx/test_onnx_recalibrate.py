@@ -565,3 +565,24 @@ def test_fold_leaves_no_orphan_initializer_and_no_onnxruntime_chatter(tmp_path):
     graph = onnx.load(str(tmp_path / "f.onnx")).graph
     read = {name for node in graph.node for name in node.input}
     assert [i.name for i in graph.initializer if i.name not in read] == []
+
+
+def test_inspect_needs_no_rank_of_the_bn_inputs(tmp_path):
+    """The BN reads an op of another domain, which onnx's shape inference does not know (as in exporters' custom
+    ops): the BN input's rank is unknown, which measuring needs and inspecting does not."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.normal(0, 1, (4, 3, 3, 3)), "g": np.ones(4), "b": np.zeros(4), "m": np.zeros(4),
+              "v": np.ones(4)}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Mystery", ["c"], ["r"], name="custom", domain="custom.test"),
+             helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
+                                                                    helper.make_opsetid("custom.test", 1)]),
+              str(tmp_path / "m.onnx"))
+    report = bnrepair.inspect(tmp_path / "m.onnx")
+    assert [layer.id for layer in report.layers] == ["bn"]
