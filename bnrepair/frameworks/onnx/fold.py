@@ -68,6 +68,7 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     from onnx import numpy_helper
 
     folded, _ = owned(model, weights=True)  # scale, bias and weights held in constant subgraphs as values
+    folded = copied(model) if folded is model else folded  # the fold rewrites its own copy
     graph = folded.graph
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, int] = {}

@@ -31,10 +31,15 @@ PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 def owned(model, weights: bool = False) -> tuple[object, list[str]]:
     """A copy of ``model`` in which every BN's statistics are initializers it alone reads, and with ``weights``
     (folding) its parameters and its producers' weights too wherever constants compute them; with the
-    initializers made so. Computed values are resolved first, so an initializer that only copies of it shared
-    stays its reader's."""
+    initializers made so (``model`` itself where there is nothing to make). Computed values are resolved first,
+    so an initializer that only copies of it shared stays its reader's."""
     from onnx import numpy_helper
 
+    stored = {init.name for init in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    if all(node.input[i] in stored and not (own and readers[node.input[i]] > 1)
+           for node, i, own in _wanted(model.graph) if weights or own):
+        return model, []  # the common case: nothing to resolve, and no copy of a model that may be large
     model = copied(model)
     graph = model.graph
     names = {name for node in graph.node for name in (*node.input, *node.output)}
@@ -47,7 +52,6 @@ def owned(model, weights: bool = False) -> tuple[object, list[str]]:
         owner.input[index] = fresh
         made.append(fresh)
 
-    stored = {init.name for init in graph.initializer}
     computed = set()
     for owner, index, _ in wanted:
         name = owner.input[index]
