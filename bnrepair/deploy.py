@@ -187,10 +187,10 @@ def _fold_rows(folder, source, folded, batches, verify: VerifyOptions) -> tuple[
     pairs = folded.probes
     errors = {bn: Error(verify.atol, verify.rtol) for bn in pairs}
     noise = {bn: Error(verify.atol, verify.rtol) for bn in pairs}
+    sources, targets = {s for p in pairs.values() for s, _, _ in p}, {f for p in pairs.values() for _, _, f in p}
     for i, x in enumerate(batches):
-        sources = {s for p in pairs.values() for s, _, _ in p}
         before, moved = (folder.capture(source, sources, v) for v in (x, nudged(x, i)))
-        after = folder.capture(folded.model, {f for p in pairs.values() for _, _, f in p}, x)
+        after = folder.capture(folded.model, targets, x)
         for bn, probe in pairs.items():
             for src, part, dst in probe:
                 ref, off = ((v[src] if part is None else np.take(v[src], range(part[1], part[2]), axis=part[0]))

@@ -80,10 +80,10 @@ def _preset(how: str):
 
 def scale_pixels(img: np.ndarray, how: str) -> np.ndarray:
     """``img`` is HWC (or NHWC) on the 0-255 scale; returns float32 scaled as the model expects."""
-    check_preprocess(how)
     x = img.astype(np.float32)
-    if how.startswith("keras:"):
-        return np.asarray(_preset(how)(x.copy()), np.float32)  # preprocess_input may scale in place
+    if how.startswith("keras:"):  # resolving the preset checks it
+        return np.asarray(_preset(how)(x), np.float32)
+    check_preprocess(how)
     if how == "unit":
         return x / 255.0
     if how == "raw":

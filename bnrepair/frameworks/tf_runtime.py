@@ -1,13 +1,15 @@
-"""TensorFlow shared by the Keras and SavedModel wings: quiet imports of TF and Keras, the device to run on."""
+"""TensorFlow shared by the Keras and SavedModel wings: quiet imports of TF and Keras, the device to run on, and
+tf2onnx's conversion of an inference function."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 from contextlib import contextmanager
 
-from ..errors import BnrepairError, InputError
+from ..errors import BnrepairError, InputError, first_line, require
 from ..options import on_gpu
 
 
@@ -112,3 +114,24 @@ def data_misfit(exc: Exception, inputs) -> InputError:
         reason = lines[at + heading]
     shape = f"{tuple(inputs.shape)} {inputs.dtype}" if hasattr(inputs, "shape") else type(inputs).__name__
     return InputError(f"the model's forward pass failed on a calibration batch ({shape}): {reason}")
+
+
+def tf2onnx_converted(function, spec, opset: int, what: str):
+    """tf2onnx's ONNX of the ``tf.function`` ``function`` (input ``spec``) at ``opset``, or the newest tf2onnx
+    writes where that is older; an op it cannot convert is one line naming ``what``. Its notes on freezing the
+    graph are not the user's to act on, and are silenced."""
+    require(("tf2onnx",), f"ONNX export of {what}", "onnx")
+    import tf2onnx
+    from tf2onnx import constants
+
+    chatter = logging.getLogger("tf2onnx")
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec],
+                                                 opset=min(opset, max(constants.OPSET_TO_IR_VERSION)))
+    except Exception as exc:  # an op tf2onnx has no conversion for, named in its message
+        raise InputError(f"tf2onnx cannot convert {what}: {first_line(exc)}") from None
+    finally:
+        chatter.setLevel(level)
+    return proto

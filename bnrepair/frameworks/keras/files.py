@@ -31,10 +31,10 @@ def file_kind(path: Path) -> str:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
-        if "config.json" in names and KERAS_WEIGHTS in names:
-            with zipfile.ZipFile(path) as z, z.open(KERAS_WEIGHTS) as member, h5py.File(member, "r") as f:
-                refuse_external_links(f, f"{path}: {KERAS_WEIGHTS}")
-            return "keras"
+            if "config.json" in names and KERAS_WEIGHTS in names:
+                with z.open(KERAS_WEIGHTS) as member, h5py.File(member, "r") as f:
+                    refuse_external_links(f, f"{path}: {KERAS_WEIGHTS}")
+                return "keras"
         if "config.json" in names:
             raise InputError(f"{path}: .keras archive without {KERAS_WEIGHTS} (sharded or npz weights "
                              "are not supported)")

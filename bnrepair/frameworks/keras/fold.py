@@ -10,7 +10,6 @@ was gained, deserialized by Keras itself; every weight is copied over and the fo
 from __future__ import annotations
 
 import io
-import logging
 import os
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import InputError, first_line, require
+from ...errors import InputError
 from ...folding import OUTPUT, Folded, Op, Params, apply, axis_index, bn_affine, plan, probes
 from ...writers import atomic_path, scratch_folder
-from ..tf_runtime import import_keras
+from ..tf_runtime import import_keras, tf2onnx_converted
 from .config_graph import Call, container, is_container, serialized, tensors
 from .onnx import IDENTITY_LAYERS, Unsupported, keras_to_onnx
 
@@ -297,22 +296,7 @@ def to_onnx(model, example, opset: int):
 
 
 def _through_tf2onnx(model, example, opset: int):
-    require(("tf2onnx",), "ONNX export of this Keras model", "onnx")
-    import tf2onnx
-    from tf2onnx import constants
-
     _, tf = import_keras()
     spec = tf.TensorSpec((None, *np.shape(example)[1:]), tf.float32, name="input")
     function = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    chatter = logging.getLogger("tf2onnx")
-    level = chatter.level
-    chatter.setLevel(logging.ERROR)  # its notes on freezing the graph are not the user's to act on
-    try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec],
-                                                 opset=min(opset, max(constants.OPSET_TO_IR_VERSION)))
-    except Exception as exc:  # an op tf2onnx has no conversion for, named in its message
-        raise InputError(f"tf2onnx cannot convert the Keras model: {first_line(exc)}") from None
-    finally:
-        chatter.setLevel(level)
-    return proto
-
+    return tf2onnx_converted(function, spec, opset, "the Keras model")

@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ...errors import InputError, first_line, require
-from ..tf_runtime import import_tensorflow
+from ...errors import require
+from ..tf_runtime import import_tensorflow, tf2onnx_converted
 
 UNFOLDABLE = ("a SavedModel is a graph, without layers whose weights could take a BN in: export it without "
               "--fold, or fold the Keras or torch checkpoint it came from")
@@ -55,12 +55,5 @@ def max_opset() -> int:
 
 def to_onnx(model, example, opset: int):
     """tf2onnx's conversion of the runner's inference function, with a dynamic batch axis."""
-    require(("tf2onnx",), "ONNX export of a SavedModel", "onnx")
-    import tf2onnx
-
     function, spec = model.inference_function()
-    try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=opset)
-    except Exception as exc:  # an op tf2onnx has no conversion for, named in its message
-        raise InputError(f"tf2onnx cannot convert the signature's graph: {first_line(exc)}") from None
-    return proto
+    return tf2onnx_converted(function, spec, opset, "the signature's graph")
