@@ -33,6 +33,8 @@ import bnrepair
 from bnrepair.frameworks.tf_runtime import import_keras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from memory import peak_rss_mib  # noqa: E402
+
 from fixtures import synthetic  # noqa: E402
 
 keras, tf = import_keras()
@@ -120,23 +122,6 @@ def bench_calls(samples: int, batch_size: int) -> None:
             floor = timed(bare)
             ratios[call] = timed(lambda: bnrepair.recalibrate(model, x, batch_size=batch_size)) / floor
         print(f"    {name:<26} call 1 {ratios[1]:5.2f}   call 2 {ratios[2]:5.2f}   call 10 {ratios[10]:5.2f}")
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def peak_rss_mib(fn) -> tuple[float, float]:
-    """(peak RSS while ``fn`` runs, its growth over the RSS at the start), from the kernel's high-water
-    mark, which is reset first."""
-    Path("/proc/self/clear_refs").write_text("5")
-    start = rss_kib("VmRSS")
-    fn()
-    peak = rss_kib("VmHWM")
-    return peak / 1024, (peak - start) / 1024
 
 
 def bench_memory(batch_size: int) -> None:

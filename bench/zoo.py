@@ -13,7 +13,8 @@ Keras: ``.keras`` or ``.h5``), then run ``bnrepair inspect``, ``recalibrate --mo
 References run in float64. Errors are in units of the reference std (|Δmean| / σ and |Δvar| / σ², eps
 included). The table also gives BN layers found / true, the float32 floor (the framework's own float32
 train-mode statistics against the float64 reference: what float32 arithmetic alone costs a deep net), eval
-passes, and train-mode time over one plain inference pass of the same batches.
+passes, the samples per forward of eval mode's passes after the start and what its run added to the process's
+peak memory, and train-mode time over one plain inference pass of the same batches.
 
     python bench/zoo.py [--framework torch|keras|all] [--only NAME ...] [--samples 64] [--batch-size 16]
 
@@ -37,13 +38,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import zoo_models  # noqa: E402
+from memory import peak_rss_mib  # noqa: E402
 
 ARCH = f"{HERE / 'zoo_models.py'}:torch_model"
 SAVEDMODEL = "_savedmodel"
 LEGACY_H5 = {"ResNet50", "DenseNet121"}
 """saved as legacy .h5 (Keras 3 cannot load every application back from .h5: MobileNetV3's ops need .keras)"""
-FAILED = {"passes": 0, "converged": False, "seconds": np.nan}
+FAILED = {"passes": 0, "converged": False, "seconds": np.nan, "eval_batch": None, "grew_mib": np.nan}
 """the report of a command that failed (its message goes into the row's note)"""
+PASSES = 6
+"""eval mode's target: at most this many passes on every model, at the default batch size"""
 MAX_PASSES = 300
 """enough for DenseNet121's depth: the point is to measure how many passes eval mode takes"""
 
@@ -60,27 +64,34 @@ class Row:
     passes: int
     converged: bool
     time_ratio: float
+    eval_batch: int | None = None
+    """the most samples one forward of eval mode's passes took"""
+    eval_mib: float = np.nan
+    """what eval mode's run added to the process's peak memory"""
     note: str = ""
 
     @property
     def ok(self) -> bool:
         bound = max(1e-4, 2 * self.floor)  # deep nets' float32 arithmetic alone can land further off
         return (self.found == self.true and self.train_error <= bound and self.eval_error <= bound and self.converged
-                and self.passes <= 5)
+                and self.passes <= PASSES)
 
 
 def cli(*args) -> dict:
-    """Run one bnrepair command in this process, as the shell would; its --json report."""
+    """Run one bnrepair command in this process, as the shell would; its --json report, with ``grew_mib``: what
+    the command added to the process's peak memory."""
     from typer.testing import CliRunner
 
     from bnrepair.cli import app
 
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
-        done = CliRunner().invoke(app, [*map(str, args), "--json", str(report), "-q"])
-        if done.exit_code not in (0, 1):  # inspect exits 1 when it flags the broken statistics
-            raise RuntimeError(f"bnrepair {args[0]} exited {done.exit_code}: {done.output.strip()}")
-        return json.loads(report.read_text())
+        done = []
+        _, grew = peak_rss_mib(lambda: done.append(CliRunner().invoke(app, [*map(str, args), "--json", str(report),
+                                                                            "-q"])))
+        if done[0].exit_code not in (0, 1):  # inspect exits 1 when it flags the broken statistics
+            raise RuntimeError(f"bnrepair {args[0]} exited {done[0].exit_code}: {done[0].output.strip()}")
+        return {**json.loads(report.read_text()), "grew_mib": grew}
 
 
 def error(got: dict, want: dict, eps: dict) -> float:
@@ -235,7 +246,8 @@ def run_torch(name: str, folder: Path, samples: int, batch_size: int) -> Row:
     plain = torch_plain_seconds(model, batches)
     return Row(name, len(inspected["layers"]), len(eps), error(float32, train_ref, eps), result["train"][1],
                result["eval"][1], result["eval"][0]["passes"], result["eval"][0]["converged"],
-               result["train"][0]["seconds"] / plain, "; ".join(notes))
+               result["train"][0]["seconds"] / plain, result["eval"][0]["eval_batch"], result["eval"][0]["grew_mib"],
+               "; ".join(notes))
 
 
 # --- Keras ---------------------------------------------------------------------------------------------------
@@ -346,7 +358,8 @@ def run_keras(name: str, folder: Path, samples: int, batch_size: int) -> Row:
         result[mode] = (report, error(written_stats(out, savedmodel), train_ref if mode == "train" else eval_ref, eps))
     return Row(name, len(inspected["layers"]), len(train_ref), error(float32, train_ref, eps), result["train"][1],
                result["eval"][1], result["eval"][0]["passes"], result["eval"][0]["converged"],
-               result["train"][0]["seconds"] / plain, "; ".join(notes))
+               result["train"][0]["seconds"] / plain, result["eval"][0]["eval_batch"], result["eval"][0]["grew_mib"],
+               "; ".join(notes))
 
 
 # --- the table -----------------------------------------------------------------------------------------------
@@ -380,20 +393,22 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = []
     print(f"{'model':28} {'BN found/true':>13} {'f32 floor':>10} {'train err':>10} {'eval err':>10} {'passes':>6} "
-          f"{'train/plain':>11}  ok", flush=True)
+          f"{'eval batch':>10} {'eval MiB':>8} {'train/plain':>11}  ok", flush=True)
     for framework, name in chosen(args.framework, args.only):
         run = run_torch if framework == "torch" else run_keras
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 row = run(name, Path(tmp), args.samples, args.batch_size)
             except Exception as exc:  # a failure is a row of the table, not the end of the run
-                row = Row(name, 0, 0, np.nan, np.nan, np.nan, 0, False, np.nan, f"{type(exc).__name__}: {exc}"[:200])
+                note = f"{type(exc).__name__}: {exc}"[:200]
+                row = Row(name, 0, 0, np.nan, np.nan, np.nan, 0, False, np.nan, note=note)
         rows.append(row)
         print(f"{row.model:28} {row.found:>6}/{row.true:<6} {row.floor:>10.2e} {row.train_error:>10.2e} "
-              f"{row.eval_error:>10.2e} {row.passes:>6} {row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} "
+              f"{row.eval_error:>10.2e} {row.passes:>6} {row.eval_batch or '-':>10} {row.eval_mib:>8.0f} "
+              f"{row.time_ratio:>11.2f}  {'yes' if row.ok else 'NO'} "
               f"{row.note}", flush=True)
     print(f"{sum(r.ok for r in rows)} of {len(rows)} models within max(1e-4, 2 x float32 floor) std, "
-          "eval converged in <= 5 passes")
+          f"eval converged in <= {PASSES} passes")
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -219,10 +219,10 @@ def diagnose(model, data, *, threshold: float = 0.5, device: str = "auto", progr
     stored = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in runner.graph.bn_layers}
     inference = as_scores_of(runner, cached, "eval", group)
     training = as_scores_of(runner, cached, "train", group)
-    consistent = run(runner, cached, RecalibrationOptions(mode="eval", tol=loop.tol), progress=progress,
+    consistent = run(runner, cached, replace(loop, mode="eval", layers=None, skip=None), progress=progress,
                      group=group)
     runner.set_stats(stored)
-    recalibrated = run(runner, cached, RecalibrationOptions(mode=loop.mode, tol=loop.tol), progress=progress,
+    recalibrated = run(runner, cached, replace(loop, layers=None, skip=None), progress=progress,
                        group=group)
     after = as_scores_of(runner, cached, "eval", group)
     runner.set_stats(stored)

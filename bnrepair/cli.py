@@ -101,6 +101,7 @@ CacheMb = Annotated[Optional[float], flag(DataOptions, "cache_mb")]
 Mode = Annotated[str, flag(RecalibrationOptions, "mode")]
 Tol = Annotated[float, flag(RecalibrationOptions, "tol")]
 MaxPasses = Annotated[Optional[int], flag(RecalibrationOptions, "max_passes", min=2)]
+EvalBatchSize = Annotated[Optional[int], flag(RecalibrationOptions, "eval_batch_size", min=1)]
 Layers = Annotated[Optional[str], flag(RecalibrationOptions, "layers")]
 Skip = Annotated[Optional[str], flag(RecalibrationOptions, "skip")]
 # VerifyOptions
@@ -182,6 +183,7 @@ def recalibrate(
     samples: Annotated[Optional[int], flag(DataOptions, "samples", min=2)] = None,
     tol: Tol = 1e-4,
     max_passes: MaxPasses = None,
+    eval_batch_size: EvalBatchSize = None,
     layers: Layers = None,
     skip: Skip = None,
     device: Device = "auto",
@@ -300,6 +302,7 @@ def diagnose(
     samples: Annotated[Optional[int], flag(DataOptions, "samples", min=2, help="Read at most N samples (kept in "
                                            "memory).")] = 1024,
     tol: Tol = 1e-4,
+    eval_batch_size: EvalBatchSize = None,
     device: Device = "auto",
     image_size: ImageSize = None,
     preprocess: Preprocess = None,

@@ -200,6 +200,10 @@ class RecalibrationOptions(Options):
                         panel="Recalibration")
     max_passes: int | None = option(None, "--max-passes", "eval mode: at most this many passes, the PreciseBN start "
                                     "included [default: 50].", panel="Recalibration")
+    eval_batch_size: int | None = option(None, "--eval-batch-size", "eval mode: samples per forward in the passes "
+                                         "after the start, --batch-size batches joined (no autograd runs: larger "
+                                         "forwards cost memory only, and need fewer passes) [default: as many as a "
+                                         "quarter of the memory available holds].", panel="Recalibration")
     layers: str | None = option(None, "--layers", "Recalibrate only BN layers whose id matches this regex.",
                                 panel="Recalibration")
     skip: str | None = option(None, "--skip", "Leave BN layers whose id matches this regex unchanged.",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .data.stream import Joined
 from .distributed import Group, together
 from .drift import Drift
 from .errors import BnrepairError, InputError
@@ -22,10 +23,14 @@ from .graph import BNLayer
 from .moments import Moments, relative_change
 from .options import RecalibrationOptions
 from .protocols import NoProgress, Progress, Runner, Stats, Stream
+from .untrusted import available_memory
 
 MODES = ("train", "eval")
 MAX_PASSES = 50
 """eval mode's default limit on passes, the PreciseBN start included"""
+PEAK_PER_LARGEST_INPUT = 8
+"""a forward's peak memory per sample, in float32 copies of its largest BN input: a layer's input, its output and
+the reductions' temporaries, with a residual branch's input held beside them (a bound with room to spare)"""
 
 
 class NotConverged(UserWarning):
@@ -51,6 +56,8 @@ class Outcome:
     estimated_error: float | None = None
     """eval mode, where it stopped after a drift-corrected pass: that pass's distance from the fixed point, as the
     last round's contraction predicts it (no plain pass checked it)"""
+    eval_batch: int | None = None
+    """eval mode: the most samples one forward of the passes after the start may take (``joined_size``)"""
 
 
 PERTURBATION = 2.0 ** -22
@@ -99,6 +106,16 @@ def statistics(totals: dict[str, Moments], ids: list[str], unbiased: bool) -> di
 
 def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
     return next((i for i in ids if not totals[i].is_finite()), None)
+
+
+def joined_size(totals: dict[str, Moments], ids: list[str], samples: int, given: int | None) -> int:
+    """Samples per forward for eval mode's passes after the start: ``given``, else as many as a quarter of the
+    memory available holds, at ``PEAK_PER_LARGEST_INPUT`` times the largest BN input the start measured (values
+    per sample: count per channel over samples, times channels), and never more than there are samples."""
+    if given is not None:
+        return given
+    largest = max(totals[i].count / samples * totals[i].mean.size for i in ids) * 4 * PEAK_PER_LARGEST_INPUT
+    return int(max(1, min(samples, (available_memory() or 0) / 4 // largest)))
 
 
 def check_weights(runner: Runner) -> None:
@@ -230,7 +247,7 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
     unbiased = runner.graph.unbiased_var
     before = current = {bn.id: (bn.mean.copy(), bn.var.copy()) for bn in chosen}
     passes = Passes(runner, data, progress or NoProgress(), group)
-    judge, unreached, done = Convergence(tol, eps), [], False
+    judge, unreached, done, eval_batch = Convergence(tol, eps), [], False, None
     drift = Drift.of(runner, data, ids, eps) if mode == "eval" else None
     start, limit = time.perf_counter(), 1 if mode == "train" else max_passes
     for index in itertools.count():
@@ -249,6 +266,9 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
             ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
             if drift is not None and not drift.fits(ids, group):  # plain passes only
                 drift = None
+            if mode == "eval":
+                eval_batch = joined_size(totals, ids, passes.samples, options.eval_batch_size)
+                passes.data = Joined(data, eval_batch)
         overflow = first_non_finite(totals, ids)
         if overflow is not None:
             raise InputError(f"{data.origin}: BN layer {overflow}: the data gives NaN or infinite activations "
@@ -267,4 +287,4 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
     return Outcome(before=before, after=current, layers=[bn for bn in chosen if bn.id not in unreached],
                    samples=passes.samples, passes=passes.made, converged=mode == "train" or done,
                    seconds=time.perf_counter() - start, change_per_pass=judge.changes, unreached=unreached,
-                   noise_floor=judge.floor, estimated_error=judge.estimate)
+                   noise_floor=judge.floor, estimated_error=judge.estimate, eval_batch=eval_batch)

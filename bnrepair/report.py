@@ -82,6 +82,8 @@ class Report(Written):
     estimated_error: float | None = None
     """eval mode, stopped after a drift-corrected pass: its distance from the fixed point, in std, as the last
     round's contraction predicts it"""
+    eval_batch: int | None = None
+    """eval mode: the most samples one forward may take in the passes after the start (``--eval-batch-size``)"""
     world_size: int = 1
     """processes that shared the data (torch.distributed); the statistics are those of all their samples"""
     version: str = __version__
@@ -103,7 +105,7 @@ class Report(Written):
                                         outcome.after[bn.id])
                            for bn in outcome.layers], change_per_pass=outcome.change_per_pass,
                    unreached=outcome.unreached, noise_floor=outcome.noise_floor,
-                   estimated_error=outcome.estimated_error, **kw)
+                   estimated_error=outcome.estimated_error, eval_batch=outcome.eval_batch, **kw)
 
     def convergence_note(self) -> str:
         last = self.change_per_pass[-1] if self.change_per_pass else float("nan")
@@ -125,7 +127,9 @@ class Report(Written):
         frozen = sum(layer.frozen for layer in self.layers)
         moved = sum(layer.moved for layer in self.layers)
         text = (f"Recalibrated {len(self.layers)} BN layer(s) ({frozen} frozen) from {self.samples} samples "
-                f"in {self.seconds:.1f}s, mode {self.mode}, {self.passes} pass(es) on {self.device}; ")
+                f"in {self.seconds:.1f}s, mode {self.mode}, {self.passes} pass(es)"
+                f"{f' (forwards of up to {self.eval_batch} samples after the start)' if self.eval_batch else ''} "
+                f"on {self.device}; ")
         text += (f"{moved} layer(s) changed materially (over {SHARE_OFF:.0%} of channels beyond {THRESHOLD} std, "
                  f"as diagnose counts), largest mean shift {self.worst_shift:.3g} std" if moved else
                  f"nothing to repair: no layer moved beyond {THRESHOLD} std, the line diagnose draws (largest mean "

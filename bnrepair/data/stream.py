@@ -271,6 +271,68 @@ class Cached:
         return (Batch(self.finish(b.inputs), b.labels) for b in self.batches)
 
 
+class Joined:
+    """``stream``'s consecutive batches joined into forwards of at most ``samples`` samples (at least one batch),
+    the same ones every pass: eval mode's passes run without autograd, so a larger forward costs only memory, and
+    fewer, larger batches shrink the batch-to-batch spread that its corrected passes are limited by."""
+
+    def __init__(self, stream, samples: int):
+        self.stream, self.samples = stream, samples
+        self.origin = getattr(stream, "origin", "calibration data")
+        self.seed = getattr(stream, "seed", None)
+        self.repeatable = getattr(stream, "repeatable", False)
+
+    @property
+    def bad(self) -> set[int]:
+        return getattr(self.stream, "bad", set())
+
+    @property
+    def has_labels(self) -> bool:
+        return self.stream.has_labels
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending: list[Batch] = []
+        for batch in self.stream:
+            if pending and sum(b.size for b in pending) + batch.size > self.samples:
+                yield joined(pending)
+                pending = []
+            pending.append(batch)
+        if pending:
+            yield joined(pending)
+
+
+def joined(batches: list[Batch]) -> Batch:
+    """One batch of ``batches``' samples in order (arrays or tensors, or tuples / dicts of them)."""
+    if len(batches) == 1:
+        return batches[0]
+
+    def join(values):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: join([v[k] for v in values]) if hasattr(first[k], "shape") else first[k] for k in first}
+        if isinstance(first, (tuple, list)):
+            return type(first)(join(list(parts)) for parts in zip(*values))
+        if not getattr(first, "ndim", 0):
+            return first  # a scalar passed along with the batch
+        library = type(first).__module__.split(".")[0]
+        if library == "torch":
+            import torch
+
+            return torch.cat(values)
+        if library == "tensorflow":
+            import tensorflow as tf
+
+            return tf.concat(values, 0)
+        return np.concatenate(values)
+
+    labels = [b.labels for b in batches]
+    return Batch(join([b.inputs for b in batches]),
+                 None if any(x is None for x in labels) else np.concatenate(labels))
+
+
 def _same_batches_each_pass(batches) -> bool:
     """A list, tuple or unshuffled DataLoader; a shuffling loader or an unknown iterable may reorder."""
     if isinstance(batches, (list, tuple)):

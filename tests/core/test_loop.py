@@ -146,8 +146,8 @@ def test_drift_corrected_passes_reach_the_fixed_point_of_the_whole_set_in_fewer_
     outcomes = {}
     for corrected in (True, False):
         runner = deep_chain(corrected)
-        outcomes[corrected] = run(runner, calibration(chunks), mode="eval", tol=1e-4)
-        exact = run(runner, calibration(chunks), mode="eval", tol=1e-9)
+        outcomes[corrected] = run(runner, calibration(chunks), mode="eval", eval_batch_size=16, tol=1e-4)
+        exact = run(runner, calibration(chunks), mode="eval", eval_batch_size=16, tol=1e-9)
         assert exact.converged
         for name, x in seen.items():
             np.testing.assert_allclose(runner.graph.layer(name).mean, x.mean(0), atol=1e-7)
@@ -162,7 +162,7 @@ def test_a_corrected_pass_carries_statistics_exactly_through_affine_links():
     point (a batch's plain shift, F(A) + (m_b - c_b), missed it by 5e-5)."""
     chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
     runner = ChainRunner(depth=12, seed=3, relu=False)
-    outcome = run(runner, calibration(chunks), mode="eval", tol=0.0, max_passes=3)
+    outcome = run(runner, calibration(chunks), mode="eval", eval_batch_size=16, tol=0.0, max_passes=3)
     assert outcome.passes == 3
     seen = ChainRunner(depth=12, seed=3, relu=False)._forward(X, "train")[1]
     for name, x in seen.items():
@@ -173,7 +173,7 @@ def test_a_corrected_pass_carries_statistics_exactly_through_affine_links():
 def test_eval_stops_after_a_corrected_pass_its_contraction_places_within_tol():
     chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
     runner = deep_chain(True)
-    outcome = run(runner, calibration(chunks), mode="eval", tol=1e-3)
+    outcome = run(runner, calibration(chunks), mode="eval", eval_batch_size=16, tol=1e-3)
     assert outcome.converged and outcome.passes == 5 and 0 < outcome.estimated_error < 1e-3  # no 6th, plain pass
     seen = deep_chain(True)._forward(X, "train")[1]
     for name, x in seen.items():  # the prediction holds: within tol of the fixed point
@@ -193,8 +193,8 @@ class Reshuffled:
 
 def test_a_stream_not_known_to_repeat_gets_plain_passes():
     chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
-    plain = run(deep_chain(False), calibration(chunks), mode="eval")
-    unknown = run(deep_chain(True), calibration(Reshuffled(chunks)), mode="eval")
+    plain = run(deep_chain(False), calibration(chunks), mode="eval", eval_batch_size=16)
+    unknown = run(deep_chain(True), calibration(Reshuffled(chunks)), mode="eval", eval_batch_size=16)
     assert unknown.change_per_pass == plain.change_per_pass
 
 
@@ -205,7 +205,7 @@ def test_a_stream_that_gives_more_batches_on_a_later_pass_is_refused():
             return super().__iter__()
 
     with pytest.raises(InputError, match="more batches on a later pass"):
-        run(deep_chain(True), calibration(Growing([])), mode="eval")
+        run(deep_chain(True), calibration(Growing([])), mode="eval", eval_batch_size=16)
 
 
 class Chaotic(ChainRunner):
@@ -270,3 +270,35 @@ def test_eval_mode_keeps_to_its_limit_on_passes_probe_and_retries_included():
     for limit in range(2, 12):
         outcome = run(Chaotic(), calibration(chunks), mode="eval", tol=1e-9, max_passes=limit)
         assert outcome.passes <= limit, (limit, outcome.passes)
+
+
+def test_eval_passes_join_batches_into_larger_forwards_and_reach_the_same_fixed_point_in_fewer_passes():
+    """After the PreciseBN start (at the caller's batches), eval mode's passes join consecutive batches: the
+    fixed point does not depend on batching, and larger forwards shrink the batch-to-batch spread that limits
+    its corrected passes. By default as many samples as the memory budget holds (here: all of them)."""
+    chunks = [X[i:i + 16] for i in range(0, len(X), 16)]
+    seen = deep_chain(True)._forward(X, "train")[1]
+    outcomes = {}
+    for joined in (None, 48, 16):
+        runner = deep_chain(True)
+        outcomes[joined] = run(runner, calibration(chunks), mode="eval", tol=1e-6, eval_batch_size=joined)
+        assert outcomes[joined].converged
+        for name, x in seen.items():
+            np.testing.assert_allclose(runner.graph.layer(name).mean, x.mean(0), atol=1e-5)
+            np.testing.assert_allclose(runner.graph.layer(name).var, x.var(0), rtol=1e-5)
+    assert outcomes[None].eval_batch == len(X) and outcomes[48].eval_batch == 48
+    assert outcomes[None].passes < outcomes[48].passes <= outcomes[16].passes
+
+
+def test_joined_batches_keep_their_samples_order_and_structure():
+    from bnrepair.data.stream import Batch, Joined
+
+    torch = pytest.importorskip("torch")
+    parts = [{"x": torch.arange(6.0).reshape(3, 2) + 10 * k, "flag": True} for k in range(3)]
+    got = list(Joined(calibration(parts), 7))
+    assert [b.size for b in got] == [6, 3]
+    assert torch.equal(got[0].inputs["x"], torch.cat([parts[0]["x"], parts[1]["x"]])) and got[0].inputs["flag"]
+    tuples = list(Joined([Batch((X[:5], X[5:10]), np.arange(5)), Batch((X[10:12], X[12:14]), np.arange(2))], 100))
+    assert len(tuples) == 1 and len(tuples[0].inputs) == 2
+    np.testing.assert_array_equal(tuples[0].inputs[1], np.concatenate([X[5:10], X[12:14]]))
+    np.testing.assert_array_equal(tuples[0].labels, [0, 1, 2, 3, 4, 0, 1])

@@ -15,6 +15,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,18 +65,35 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     reason = unfoldable(model)
     if reason:
         raise InputError(reason)
-
     module = source(model)
+    try:
+        return _folded(torch, module, bn_ids, (_tensor(module, example),))
+    except Untraceable as exc:
+        raise InputError(f"cannot fold: torch.fx cannot trace the module ({exc})") from None
+
+
+class Untraceable(Exception):
+    """torch.fx traced neither a module nor any sub-module holding its BN layers."""
+
+
+def _folded(torch, module, bn_ids: set[str], args: tuple) -> Folded:
+    """``module`` (called with ``args``) with every BN folded that its fx trace shows foldable. A sub-module fx
+    cannot trace (control flow on a tensor's shape or values, as Hugging Face's embeddings check their input) is
+    kept as a single call and folded inside, sub-module by sub-module; so is ``module`` itself."""
     opaque: set[str] = set()
-    gm = _trace(torch, module, bn_ids, opaque)
+    try:
+        gm = trace(torch, module, bn_ids, opaque)
+    except Exception as exc:
+        inside = _inside(torch, module, "", bn_ids, args)
+        if not any(d.how for d in inside.decisions):
+            raise Untraceable(first_line(exc)) from None
+        return inside
     from torch.fx.passes.shape_prop import ShapeProp
 
     with torch.no_grad():
-        ShapeProp(gm).propagate(_tensor(gm, example))
+        ShapeProp(gm).propagate(*args)
     ops, nodes = _describe(torch, gm, bn_ids)
     decisions = plan(ops, [name for name, op in ops.items() if op.kind == "bn"])
-    decisions += [Decision(bn, reason=f"inside {inside}, which torch.fx cannot trace (kept whole)")
-                  for bn in sorted(bn_ids - set(ops)) for inside in [_within(bn, opaque)] if inside]
     accepted = [d for d in decisions if d.how]
     targets = {name for d in accepted for name in d.into}
     params = apply(decisions, {d.bn: _affine(gm.get_submodule(d.bn)) for d in accepted},
@@ -98,8 +116,74 @@ def fold(model, bn_ids: set[str], example) -> Folded:
     gm.delete_all_unused_submodules()
     gm.recompile()
     channels = {name: p.channels for name, p in params.items()}
-    return Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels, accepted) for d in accepted},
-                  {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
+    folded = Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels, accepted) for d in accepted},
+                    {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
+    for name in sorted(o for o in opaque if any(_within(bn, {o}) for bn in bn_ids)):
+        _merge(folded, _inside(torch, gm, name, bn_ids, args))
+    return folded
+
+
+def _inside(torch, root, name: str, bn_ids: set[str], args: tuple) -> Folded:
+    """The BN layers inside ``root``'s sub-module ``name``, folded within each of its children that holds some
+    and is called with tensors alone (its inputs recorded on one run of ``root``); the folded children replace
+    the originals in place. The others' BN layers stay, with the reason."""
+    outer = root.get_submodule(name) if name else root
+    prefix = f"{name}." if name else ""
+    holders = {child: m for child, m in outer.named_children()
+               if any(bn.startswith(f"{prefix}{child}.") or bn == f"{prefix}{child}" for bn in bn_ids)}
+    calls = _first_calls(torch, root, holders, args)
+    result = Folded(outer, [], {}, {})
+    for child, m in holders.items():
+        path = f"{prefix}{child}"
+        inner = {bn[len(path) + 1:] for bn in bn_ids if bn.startswith(path + ".")}
+        given = calls.get(child)
+        if inner and given is not None and all(isinstance(a, torch.Tensor) for a in given):
+            try:
+                folded = _folded(torch, m, inner, given)
+            except Untraceable:
+                pass
+            else:
+                setattr(outer, child, folded.model)
+                _merge(result, folded, path)
+                continue
+        reason = f"inside {name or 'the module'}, which torch.fx cannot trace (kept whole)"
+        result.decisions += [Decision(bn, reason=reason) for bn in sorted(bn_ids)
+                             if bn == path or bn.startswith(path + ".")]
+    return result
+
+
+def _first_calls(torch, root, children: dict, args: tuple) -> dict:
+    """Each of ``children``'s positional inputs on its first call in one run of ``root``, copied; None for a child
+    ever called with keyword arguments (its folded trace takes positional inputs alone)."""
+    calls: dict = {}
+
+    def recorder(child):
+        def hook(module, given, kwargs):
+            if kwargs:
+                calls[child] = None
+            elif child not in calls:
+                calls[child] = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in given)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(recorder(child), with_kwargs=True) for child, m in children.items()]
+    try:
+        with torch.no_grad():
+            root(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def _merge(into: Folded, part: Folded, path: str = "") -> None:
+    """``part``'s decisions, probes and tensors, its names made ``path``-relative, added to ``into``'s."""
+    def named(n: str) -> str:
+        return f"{path}.{n}" if path else n
+
+    into.decisions += [replace(d, bn=named(d.bn), into=[named(t) for t in d.into]) for d in part.decisions]
+    into.probes.update({named(bn): [(named(a), where, named(b)) for a, where, b in pairs]
+                        for bn, pairs in part.probes.items()})
+    into.tensors.update({named(bn): [named(t) for t in names] for bn, names in part.tensors.items()})
 
 
 def _after_norm(torch, m):
@@ -170,14 +254,6 @@ def _drop_guards(torch, graph) -> None:
             order = {node: i for i, node in enumerate(graph.nodes)}
             for node in sorted(set(found), key=order.__getitem__, reverse=True):  # users before what they read
                 graph.erase_node(node)
-
-
-def _trace(torch, module, bn_ids: set[str], opaque: set[str]):
-    try:
-        return trace(torch, module, bn_ids, opaque)
-    except Exception as exc:
-        message = first_line(exc)
-        raise InputError(f"cannot fold: torch.fx cannot trace the module ({message})") from None
 
 
 def _describe(torch, gm, bn_ids: set[str]) -> tuple[dict[str, Op], dict]:

@@ -10,6 +10,7 @@ batch, so the module is only ever seen as the user left it.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -39,6 +40,24 @@ def load_file(path: Path, options: LoadOptions, device: str = "auto") -> "TorchR
     check_amp(options.amp)
     checkpoint = torch_files.read(Path(path), options)
     return TorchRunner(checkpoint.module, device=device, checkpoint=checkpoint, amp=options.amp)
+
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""per module: what runners built from the module alone (fx's call counts, TorchScript capture functions), kept for
+the next call on the same module (``update_bn``-style use, once per epoch) and released with the module"""
+
+
+def built(module, key, build):
+    """``build()``, or what it gave for ``module`` and ``key`` before, while the module's structure (its sub-modules'
+    names, types and forwards) is unchanged."""
+    structure = tuple((name, type(m), m.__dict__.get("forward"))
+                      for name, m in module.named_modules(remove_duplicate=False))
+    entry = _BUILT.setdefault(module, {})
+    if entry.get("structure") != structure:
+        entry.clear()
+        entry["structure"] = structure
+    if key not in entry:
+        entry[key] = build()
+    return entry[key]
 
 
 class TorchRunner:
@@ -72,7 +91,6 @@ class TorchRunner:
                                 momentum_stored=checkpoint is None or checkpoint.state is None,
                                 preprocessing=checkpoint.declared if checkpoint else None)
         self._modules = [m for _, m in self.module.named_modules()]
-        self._script_functions: dict = {}
         self._scratch: dict = {}
         self._kernel_ok: dict[str, bool] = {}
 
@@ -148,6 +166,9 @@ class TorchRunner:
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs) or the
         TorchScript graph; None when fx cannot trace the module (data-dependent control flow)."""
+        return built(self.module, "call counts", self._call_counts)
+
+    def _call_counts(self) -> dict[str, int] | None:
         if self.scripted:
             return script_call_counts(self.module, self._by_id)
         from .fold import trace
@@ -252,10 +273,8 @@ class TorchRunner:
         return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in arrays)
 
     def _script_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
-        key = (train, tuple(ids), frozenset(corrections))
-        if key not in self._script_functions:
-            self._script_functions[key] = capture_function(self.module, train, ids, frozenset(corrections))
-        fn, order = self._script_functions[key]
+        fn, order = built(self.module, (train, tuple(ids), frozenset(corrections)),
+                          lambda: capture_function(self.module, train, ids, frozenset(corrections)))
         if isinstance(inputs, dict):
             raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
         carried = [t for i in order if i in corrections for t in self._correction(corrections[i])]

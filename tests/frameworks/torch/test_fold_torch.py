@@ -373,3 +373,34 @@ def test_a_wrong_fold_is_refused_whatever_float32s_own_error(monkeypatch):
     monkeypatch.setattr("bnrepair.frameworks.torch.fold.bn_affine", off)
     with pytest.raises(bnrepair.errors.VerificationError, match="verification failed"):
         bnrepair.fold(module, data=x, noise_margin=1e9)
+
+
+class Checked(nn.Module):
+    """A top-level ``forward`` fx cannot trace (it branches on the input's shape, as Hugging Face's embeddings do)
+    around sub-modules it can; one of them is called with a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = Flagged()
+
+    def forward(self, x):
+        if x.shape[-1] > 64:
+            raise ValueError("too wide")
+        x = self.stem(x)
+        return torch.cat([self.body(x[:, :3]), self.body(x[:, 3:6], embed=True)[:, :5]], 1)
+
+
+def test_a_module_fx_cannot_trace_folds_inside_the_sub_modules_it_calls_with_tensors_alone(tmp_path):
+    module = randomised(Checked())
+    x = np.random.default_rng(0).random((8, 3, 12, 12), dtype=np.float32)
+    report = bnrepair.export(module, tmp_path / "checked.onnx", fold=True, data=x)
+    assert {row.bn: (row.how, row.into) for row in report.folded} == {"stem.1": ("backward", ["stem.0.weight",
+                                                                                             "stem.0.bias"])}
+    assert [(row.bn, row.reason) for row in report.refused] == [
+        ("body.bn", "inside the module, which torch.fx cannot trace (kept whole)")]
+    proto = onnx.load(tmp_path / "checked.onnx")
+    assert [n.op_type for n in proto.graph.node].count("BatchNormalization") == 2  # body.bn, called twice
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    want = copy.deepcopy(module).double()(torch.as_tensor(x, dtype=torch.float64)).detach().numpy()
+    assert np.abs(got[0] - want).max() <= 1e-5 * np.abs(want).max()

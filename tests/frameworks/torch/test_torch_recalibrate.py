@@ -514,3 +514,21 @@ def test_amp_runs_the_forward_in_bfloat16_and_keeps_the_statistics_within_its_pr
     assert any(not torch.equal(a[k], b[k]) for k in means)  # autocast took effect
     with pytest.raises(InputError, match="--amp must be one of bf16, fp16"):
         bnrepair.recalibrate(fixture, calib, output=tmp_path / "x.pt", arch=arch, amp="fp8")
+
+
+def test_what_is_built_from_a_module_is_kept_for_its_next_call_rebuilt_when_it_changes_and_released_with_it():
+    """Called once an epoch as ``update_bn`` is, eval mode must not trace the module again; a module changed since
+    (a BN now called twice) is traced again, and nothing is kept once the module is gone."""
+    import gc
+
+    from bnrepair.frameworks.torch.runner import _BUILT
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    first = bnrepair.load(model).call_counts()
+    assert first == {"1": 1} and bnrepair.load(model).call_counts() is first
+    model.append(model[1])
+    assert bnrepair.load(model).call_counts() == {"1": 2}
+    kept = len(_BUILT)
+    del model
+    gc.collect()
+    assert len(_BUILT) == kept - 1
