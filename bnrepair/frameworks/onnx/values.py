@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .graph import copied, fanin
+from .graph import copied, outer_names
 
 STATISTICS = (3, 4)
 """a BatchNormalization's mean and variance inputs: written back, so they must be this node's own"""
@@ -52,10 +52,10 @@ def owned(model, weights: bool = False) -> tuple[object, list[str]]:
         owner.input[index] = fresh
         made.append(fresh)
 
-    computed = set()
+    computed, types = set(), _element_types(model)
     for owner, index, _ in wanted:
         name = owner.input[index]
-        if name not in stored and (value := _constant(model, name)) is not None:
+        if name not in stored and (value := _constant(model, name, types)) is not None:
             computed.add(name)
             store(owner, index, value)
     _drop_unread(model, computed)
@@ -86,24 +86,58 @@ def _wanted(graph) -> list[tuple[object, int, bool]]:
     return wanted
 
 
-def _constant(model, name: str):
+def _constant(model, name: str, types):
     """The value of tensor ``name`` where constants alone compute it (onnx's reference evaluator runs the nodes
-    it comes from), else None."""
+    it comes from), else None. ``CastLike``'s second input is read for its type alone (torch's dynamo exporter
+    casts its constants like the tensor they meet): it runs as a ``Cast`` to that type, one of ``types()``."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
-    indices, inputs = fanin(model, [name])
-    if inputs or not indices:
-        return None
-    nodes = [model.graph.node[i] for i in sorted(indices)]
+    graph = model.graph
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    inputs, stored = {i.name for i in graph.input}, {i.name for i in graph.initializer}
+    chosen, todo = set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor in inputs or tensor not in stored and tensor not in producers:
+            return None
+        if tensor in stored or producers[tensor] in chosen:
+            continue
+        chosen.add(producers[tensor])
+        node = graph.node[producers[tensor]]
+        todo.extend(node.input[:1] if node.op_type == "CastLike" else outer_names(node))
+    nodes = []
+    for node in (graph.node[i] for i in sorted(chosen)):
+        if node.op_type == "CastLike":
+            if node.input[1] not in types():
+                return None
+            node = helper.make_node("Cast", node.input[:1], node.output, to=types()[node.input[1]])
+        nodes.append(node)
     read = {n for node in nodes for n in node.input}
     body = helper.make_graph(nodes, "constant", [], [helper.make_empty_tensor_value_info(name)],
-                             [init for init in model.graph.initializer if init.name in read])
+                             [init for init in graph.initializer if init.name in read])
     sub = helper.make_model(body, opset_imports=model.opset_import, ir_version=model.ir_version)
     try:
         return ReferenceEvaluator(sub).run(None, {})[0]
     except Exception:  # an op the evaluator lacks: left as it is, and reported where it matters
         return None
+
+
+def _element_types(model):
+    """A function giving each tensor's element type from onnx's type inference, run once when first asked."""
+    import onnx
+
+    known: dict[str, int] = {}
+
+    def types() -> dict[str, int]:
+        if not known:
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            known.update({v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input,
+                                                                         *inferred.output)})
+            known.update({init.name: init.data_type for init in inferred.initializer})
+        return known
+
+    return types
 
 
 def _unique(name: str, taken: set[str]) -> str:

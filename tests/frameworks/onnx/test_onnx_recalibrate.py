@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 import bnrepair
 from bnrepair.cli import app
 from bnrepair.errors import InputError
-from fixtures import CALIB
+from fixtures import CALIB, needs
 from fixtures.torch.arch import build
 
 
@@ -202,8 +203,6 @@ def test_a_linear_without_bias_exported_without_constant_folding_folds(tmp_path)
     assert done.exit_code == 0, done.output
     folded = onnx.load(str(tmp_path / "f.onnx"))
     assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
-    import onnxruntime as ort
-
     got = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     with torch.no_grad():
         want = model.double()(torch.as_tensor(x, dtype=torch.float64)).numpy()
@@ -306,8 +305,6 @@ def test_fold_merges_each_bn_into_its_producer_and_names_the_rest(tmp_path):
     folded = onnx.load(str(tmp_path / "mixed.folded.onnx"))
     assert sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
     assert any(p.key.startswith("bnrepair") for p in folded.metadata_props)
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(tmp_path / "mixed.folded.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model(torch.as_tensor(x)).numpy()  # torch itself, not the ONNX the fold started from
@@ -401,8 +398,6 @@ def test_matmul_with_and_without_a_bias_add_folds(tmp_path):
         return (h - m) / np.sqrt(v + 1e-5) * g + b
 
     want = bn(bn(x.astype(np.float64) @ w1 + b1, *bns[0]) @ w2, *bns[1])
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], want, atol=1e-4, rtol=1e-4)
 
@@ -586,3 +581,81 @@ def test_inspect_needs_no_rank_of_the_bn_inputs(tmp_path):
               str(tmp_path / "m.onnx"))
     report = bnrepair.inspect(tmp_path / "m.onnx")
     assert [layer.id for layer in report.layers] == ["bn"]
+
+
+# --- real exporters' graphs of a real architecture -------------------------------------------------------------
+# torchvision's resnet18 (random weights and statistics) as torch's legacy exporter writes it at opsets 13 and 17,
+# and its dynamo exporter (onnxscript) at opset 18, which computes each conv's zero bias from the weight's shape and
+# casts it like the activation (``CastLike``): each folds completely and recalibrates as torch measures the same
+# batches in float64.
+EXPORTERS = ["legacy-13", "legacy-17", "dynamo-18"]
+
+
+def resnet18():
+    torchvision = needs("torchvision", "pip install torch==2.14.1 torchvision==0.29.1")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.as_tensor(rng.normal(0, 0.5, m.num_features)))
+                m.running_var.copy_(torch.as_tensor(rng.uniform(0.5, 2, m.num_features)))
+                m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.num_features)))
+                m.bias.copy_(torch.as_tensor(rng.normal(0, 0.5, m.num_features)))
+    return model
+
+
+def exported_by(exporter: str, path):
+    """``resnet18`` as ``exporter`` writes it, BatchNormalization nodes kept (the legacy exporter in PRESERVE
+    mode, the dynamo one without its optimiser, which would fold them itself)."""
+    kind, opset = exporter.split("-")
+    x = torch.zeros(2, 3, 32, 32)
+    if kind == "legacy":
+        torch.onnx.export(resnet18(), (x,), str(path), dynamo=False, opset_version=int(opset), input_names=["input"],
+                          dynamic_axes={"input": {0: "b"}}, training=torch.onnx.TrainingMode.PRESERVE,
+                          do_constant_folding=opset == "17")
+    else:
+        needs("onnxscript", "pip install onnxscript")
+        program = torch.onnx.export(resnet18(), (x,), dynamo=True, opset_version=int(opset), optimize=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program.save(str(path))
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("BatchNormalization") == 20
+    return path
+
+
+@pytest.fixture(scope="module")
+def resnet_inputs(tmp_path_factory):
+    x = np.random.default_rng(1).normal(0, 1, (32, 3, 32, 32)).astype(np.float32)
+    path = tmp_path_factory.mktemp("data") / "x.npy"
+    np.save(path, x)
+    return path
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_each_exporters_graph_folds_every_bn_and_matches_torch(tmp_path, resnet_inputs, exporter):
+    path = exported_by(exporter, tmp_path / "m.onnx")
+    done = CliRunner().invoke(app, ["fold", str(path), "-d", str(resnet_inputs), "-o", str(tmp_path / "f.onnx"), "-q"])
+    assert done.exit_code == 0, done.output
+    folded = onnx.load(str(tmp_path / "f.onnx"))
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    x = np.load(resnet_inputs)
+    session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = resnet18().double()(torch.as_tensor(x, dtype=torch.float64)).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_each_exporters_graph_is_recalibrated_as_torch_measures_it(tmp_path, resnet_inputs, exporter):
+    path = exported_by(exporter, tmp_path / "m.onnx")
+    batches = np.split(np.load(resnet_inputs), 2)
+    bnrepair.recalibrate(path, batches, output=tmp_path / "r.onnx")
+    got = stored(tmp_path / "r.onnx")
+    want = bn_inputs(resnet18(), batches, train=True)
+    assert len(want) == 20
+    for name, (mean, var) in want.items():
+        std = np.sqrt(var + 1e-5)
+        assert np.max(np.abs(got[f"{name}.running_mean"] - mean) / std) < 1e-4
+        np.testing.assert_allclose(got[f"{name}.running_var"], var, rtol=1e-4)
