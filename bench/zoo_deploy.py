@@ -9,9 +9,10 @@ BatchNormalization nodes left in the folded ONNX (must equal the refused count),
 difference of each command, float32's own error at the folded layers (the yardstick verification allows a
 multiple of), and each command's time over one plain inference pass.
 
-    python bench/zoo_deploy.py [--framework torch|keras|all] [--only NAME ...] [--samples 32]
+    python bench/zoo_deploy.py [--framework torch|keras|onnx|all] [--only NAME ...] [--samples 32]
 
-Needs onnx and onnxruntime besides the zoo's own dependencies (see ``zoo.py``).
+Needs onnx and onnxruntime besides the zoo's own dependencies (see ``zoo.py``); the fold-only models
+(``zoo_models.TORCH_FOLD_EXTRAS``, ``ONNX_MODELS``) need transformers and onnxscript too.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import zoo  # noqa: E402
 import zoo_models  # noqa: E402
 
 
-def saved_torch(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
-    """The checkpoint, its CLI arguments, the inputs and one plain inference pass's seconds."""
+def broken_torch(name: str):
+    """The zoo model with random statistics and affine parameters of a trained net's size."""
     import torch
 
     model = zoo_models.torch_model(name)
@@ -45,12 +46,50 @@ def saved_torch(name: str, folder: Path, samples: int) -> tuple[Path, list, Path
             with torch.no_grad():
                 m.weight.copy_(torch.as_tensor(rng.uniform(0.5, 1.5, m.weight.shape)))
                 m.bias.copy_(torch.as_tensor(rng.normal(0, 0.5, m.bias.shape)))
+    return model
+
+
+def inputs(name: str, folder: Path, samples: int) -> Path:
+    x = np.random.default_rng(3).normal(0, 1, (samples, *zoo_models.torch_input_shape(name))).astype(np.float32)
+    np.save(folder / "x.npy", x)
+    return folder / "x.npy"
+
+
+def saved_torch(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
+    """The checkpoint, its CLI arguments, the inputs and one plain inference pass's seconds."""
+    import torch
+
+    model = broken_torch(name)
     ckpt = folder / f"{name}.pt"
     torch.save(model.state_dict(), ckpt)
-    x = rng.normal(0, 1, (samples, *zoo_models.torch_input_shape(name))).astype(np.float32)
-    np.save(folder / "x.npy", x)
-    plain = zoo.torch_plain_seconds(model, [x])
-    return ckpt, ["--arch", zoo.ARCH, "--arch-kwargs", json.dumps({"name": name})], folder / "x.npy", plain
+    data = inputs(name, folder, samples)
+    plain = zoo.torch_plain_seconds(model, [np.load(data)])
+    return ckpt, ["--arch", zoo.ARCH, "--arch-kwargs", json.dumps({"name": name})], data, plain
+
+
+def saved_onnx(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
+    """A zoo model as ``name`` says a torch exporter writes it (``resnet18_dynamo18``: the dynamo exporter at
+    opset 18, without its optimiser, which would fold the BN itself)."""
+    import onnxruntime as ort
+    import torch
+
+    base, exporter = name.rsplit("_", 1)
+    kind, opset = exporter[:-2], int(exporter[-2:])
+    model, path = broken_torch(base), folder / f"{name}.onnx"
+    example = torch.zeros(2, *zoo_models.torch_input_shape(base))
+    if kind == "legacy":
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                          dynamic_axes={"input": {0: "b"}}, training=torch.onnx.TrainingMode.PRESERVE)
+    else:
+        torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, optimize=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},)).save(str(path))
+    data = inputs(base, folder, samples)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.load(data)}
+    session.run(None, feed)
+    start = time.perf_counter()
+    session.run(None, feed)
+    return path, [], data, time.perf_counter() - start
 
 
 def saved_keras(name: str, folder: Path, samples: int) -> tuple[Path, list, Path, float]:
@@ -86,7 +125,8 @@ def worst(report: dict, stage: str) -> float:
 def run(name: str, framework: str, folder: Path, samples: int) -> dict:
     import onnx
 
-    ckpt, extra, data, plain = (saved_torch if framework == "torch" else saved_keras)(name, folder, samples)
+    saved = {"torch": saved_torch, "keras": saved_keras, "onnx": saved_onnx}[framework]
+    ckpt, extra, data, plain = saved(name, folder, samples)
     row = {"model": name, "notes": []}
     folded_suffix = ".pt2" if framework == "torch" else ckpt.suffix or ".keras"  # torch.export's program for torch
     for command, args in (("fold", ["fold", ckpt, *extra, "-o", folder / f"folded{folded_suffix}"]),
@@ -113,16 +153,27 @@ def run(name: str, framework: str, folder: Path, samples: int) -> dict:
     return row
 
 
+def chosen(framework: str, only: list[str] | None):
+    """The zoo's models, then the fold-only ones: torch extras and ONNX graphs from torch's exporters (these need
+    transformers and onnxscript besides the torch zoo's packages)."""
+    if framework != "onnx":
+        yield from zoo.chosen(framework, only)
+    if zoo.available("torch") is None:
+        for kind, names in (("torch", zoo_models.TORCH_FOLD_EXTRAS), ("onnx", zoo_models.ONNX_MODELS)):
+            if framework in (kind, "all"):
+                yield from ((kind, name) for name in names if not only or name in only)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--framework", choices=("torch", "keras", "all"), default="all")
+    parser.add_argument("--framework", choices=("torch", "keras", "onnx", "all"), default="all")
     parser.add_argument("--only", nargs="*", help="model names (see zoo_models.py)")
     parser.add_argument("--samples", type=int, default=32)
     args = parser.parse_args(argv)
     print(f"{'model':28} {'folded/BN':>10} {'ONNX BN':>7} {'fold |Δ|':>9} {'f32 noise':>9} {'x plain':>7} "
           f"{'onnx |Δ|':>9} {'x plain':>7} {'no-fold |Δ|':>11}  refused because / failures", flush=True)
     good = total = 0
-    for framework, name in zoo.chosen(args.framework, args.only):
+    for framework, name in chosen(args.framework, args.only):
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 row = run(name, framework, Path(tmp), args.samples)

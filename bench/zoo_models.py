@@ -12,6 +12,13 @@ TORCH_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "e
                 "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf", "r3d_18", "resnet18_frozen_bn",
                 "resnet18_sync_bn", "timm_resnet18", "timm_efficientnet_b0", "timm_mobilenetv3_small_100",
                 "timm_rexnet_100", "audio_conv1d"]
+TORCH_FOLD_EXTRAS = ["hf_resnet50", "flagged_forward", "composed_fold"]
+"""fold / export only (``zoo_deploy``): a Hugging Face ResNet built from its config (its embeddings branch on
+the input's shape, which torch.fx cannot trace), a module with a Python flag in ``forward``, and a BN folded
+forward into the 1x1 conv that also takes a BN folded backward"""
+ONNX_MODELS = ["resnet18_legacy13", "resnet18_legacy17", "resnet18_dynamo18"]
+"""fold / export only: torchvision's resnet18 as torch's legacy exporter (opsets 13, 17) and its dynamo exporter
+(opset 18, onnxscript) write it, BatchNormalization nodes kept"""
 KERAS_MODELS = ["MobileNetV2", "MobileNetV3Small", "ResNet50", "EfficientNetB0", "DenseNet121", "Xception",
                 "InceptionV3", "NASNetMobile", "masked_sequence", "MobileNetV2_savedmodel"]
 
@@ -19,6 +26,8 @@ KERAS_MODELS = ["MobileNetV2", "MobileNetV3Small", "ResNet50", "EfficientNetB0",
 def torch_input_shape(name: str) -> tuple[int, ...]:
     if name == "audio_conv1d":
         return (1, 4000)
+    if name == "composed_fold":
+        return (1, 64)
     if name == "r3d_18":
         return (3, 8, 32, 32)
     side = TORCH_SIZES.get(name, 64)
@@ -31,6 +40,8 @@ def torch_model(name: str):
     from torch import nn
 
     torch.manual_seed(0)
+    if name in TORCH_FOLD_EXTRAS:
+        return _fold_extra(name).eval()
     if name.startswith("timm_"):
         import timm
 
@@ -52,6 +63,40 @@ def torch_model(name: str):
         return nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18(weights=None, num_classes=10)).eval()
     options = {"aux_logits": True, "init_weights": False} if name == "inception_v3" else {}
     return getattr(torchvision.models, name)(weights=None, num_classes=10, **options).eval()
+
+
+def _fold_extra(name: str):
+    import torch
+    from torch import nn
+
+    if name == "hf_resnet50":
+        import transformers
+
+        return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=10))
+
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3),
+                                          nn.BatchNorm2d(32), nn.ReLU())
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x, embed=False):
+            x = self.features(x).mean((2, 3))
+            return x if embed else self.head(x)
+
+    class Composed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pre = nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8)
+            self.mix, self.bn_mix = nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.mix(self.pre(torch.relu(self.conv(x))))
+            return self.fc(torch.relu(self.bn_mix(x)).mean(2))
+
+    return Flagged() if name == "flagged_forward" else Composed()
 
 
 def keras_input_shape(name: str) -> tuple[int, ...]:

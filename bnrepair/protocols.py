@@ -59,6 +59,9 @@ class Runner(Protocol):
     def call_counts(self) -> dict[str, int] | None:
         """Forward calls per BN layer, from the graph alone (no data); None when unknown."""
 
+    # optional: ``free_memory() -> int | None``, the bytes a GPU running the model could still take, which bound
+    # eval mode's joined forwards there (``recalibration.joined_size``); without it, the host's memory does
+
     def weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """Every weight the model computes with, by name, except the BN moving statistics (what is repaired):
         one that is not finite makes a damaged checkpoint, which no recalibration can mend."""

@@ -108,14 +108,17 @@ def first_non_finite(totals: dict[str, Moments], ids: list[str]) -> str | None:
     return next((i for i in ids if not totals[i].is_finite()), None)
 
 
-def joined_size(totals: dict[str, Moments], ids: list[str], samples: int, given: int | None) -> int:
+def joined_size(runner: Runner, totals: dict[str, Moments], ids: list[str], samples: int, given: int | None) -> int:
     """Samples per forward for eval mode's passes after the start: ``given``, else as many as a quarter of the
-    memory available holds, at ``PEAK_PER_LARGEST_INPUT`` times the largest BN input the start measured (values
-    per sample: count per channel over samples, times channels), and never more than there are samples."""
+    memory available holds (the GPU's where the runner says, ``free_memory``; else the host's), at
+    ``PEAK_PER_LARGEST_INPUT`` times the largest BN input the start measured (values per sample: count per
+    channel over samples, times channels), and never more than there are samples."""
     if given is not None:
         return given
     largest = max(totals[i].count / samples * totals[i].mean.size for i in ids) * 4 * PEAK_PER_LARGEST_INPUT
-    return int(max(1, min(samples, (available_memory() or 0) / 4 // largest)))
+    free = getattr(runner, "free_memory", lambda: None)()
+    budget = (available_memory() if free is None else free) or 0
+    return int(max(1, min(samples, budget / 4 // largest)))
 
 
 def check_weights(runner: Runner) -> None:
@@ -267,7 +270,7 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
             if drift is not None and not drift.fits(ids, group):  # plain passes only
                 drift = None
             if mode == "eval":
-                eval_batch = joined_size(totals, ids, passes.samples, options.eval_batch_size)
+                eval_batch = joined_size(runner, totals, ids, passes.samples, options.eval_batch_size)
                 passes.data = Joined(data, eval_batch)
         overflow = first_non_finite(totals, ids)
         if overflow is not None:

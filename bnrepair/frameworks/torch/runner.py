@@ -163,6 +163,13 @@ class TorchRunner:
                 self._kernel_ok[layer_id] = (type(self._by_id[layer_id]) in plain
                                              and bool(np.all(np.abs(m.mean) <= 100 * np.sqrt(var))))
 
+    def free_memory(self) -> int | None:
+        """Bytes the GPU running the model could still take (eval mode sizes its joined forwards by it); None on
+        the CPU, where the host's memory is the bound."""
+        if self.device.type != "cuda":
+            return None
+        return self.torch.cuda.mem_get_info(self.device)[0]
+
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs) or the
         TorchScript graph; None when fx cannot trace the module (data-dependent control flow)."""
@@ -243,6 +250,9 @@ class TorchRunner:
                 return self._eager_run(inputs, train, ids, corrections or {})
         except BnrepairError:
             raise
+        except self.torch.cuda.OutOfMemoryError:
+            raise InputError(f"out of GPU memory on a forward of {_shapes(inputs)}: give a smaller --batch-size "
+                             "(in eval mode, --eval-batch-size bounds the passes after the start)") from None
         except (RuntimeError, TypeError, ValueError) as exc:  # the data does not fit the model
             text = first_line(exc)
             raise InputError(f"the model's forward pass failed on a calibration batch ({_shapes(inputs)}): "

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from bench.zoo import PASSES
 from fixtures import REPO
 
 MISSING = [] if os.environ.get("BNREPAIR_ALL_EXTRAS") else [  # CI: a missing library fails, never skips
@@ -26,13 +27,13 @@ def test_real_architecture_is_recalibrated_exactly(name):
     code = ("import sys; sys.path[:0] = [sys.argv[1]]; from bench import zoo; import tempfile, pathlib\n"
             "with tempfile.TemporaryDirectory() as tmp:\n"
             "    row = zoo.run_torch(sys.argv[2], pathlib.Path(tmp), 48, 16)\n"
-            "print(row.found, row.true, row.train_error, row.eval_error, row.converged, row.note)")
+            "print(row.found, row.true, row.train_error, row.eval_error, row.converged, row.passes, row.note)")
     done = subprocess.run([sys.executable, "-c", code, str(REPO), name], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    found, true, train, evaluated, converged = done.stdout.split()[:5]
+    found, true, train, evaluated, converged, passes = done.stdout.split()[:6]
     assert int(found) == int(true) > 0
     assert float(train) <= 1e-4 and float(evaluated) <= 1e-4, done.stdout
-    assert converged == "True", done.stdout
+    assert converged == "True" and int(passes) <= PASSES, done.stdout
 
 
 @pytest.mark.parametrize("name", ["resnet18", "timm_efficientnet_b0"])
