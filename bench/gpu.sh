@@ -29,6 +29,8 @@ step python -m pytest -q -p no:cacheprovider tests/frameworks/torch/test_torch_r
 step python bench/bench_torch.py --device cuda --batches 16 --batch-size 128
 step python bench/bench_torch.py --device cuda --batches 16 --batch-size 128 --amp bf16
 step python bench/bench_torch.py --device cuda --batches 16 --batch-size 128 --amp fp16
+# ONNX train-mode recalibration next to a plain pass, both on onnxruntime's CUDA provider
+step python bench/bench_onnx.py --device cuda --model resnet18 --batch-size 64
 # torchrun with NCCL: one rank per GPU (two ranks need two GPUs; NCCL refuses two ranks on one device)
 gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
 step python bench/bench_distributed.py --device cuda --ranks 1 $([ "$gpus" -ge 2 ] && echo 2) --samples 8192

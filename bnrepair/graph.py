@@ -51,6 +51,9 @@ class ModelGraph:
     source: str
     bn_layers: list[BNLayer]
     input_shape: tuple[int | None, ...] | None = None
+    batch: int | None = None
+    """the batch size the model's input fixes, where it fixes one (a graph exported with a static batch): eval mode
+    then runs every pass at the batches the data gives, joining none"""
     channels_first: bool = False
     unbiased_var: bool = False
     """the framework's variance convention: torch's ``running_var`` is unbiased, Keras's ``moving_variance`` biased"""

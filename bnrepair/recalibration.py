@@ -269,7 +269,7 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
             ids = [i for i in ids if i not in unreached]  # left alone: inference never uses them either
             if drift is not None and not drift.fits(ids, group):  # plain passes only
                 drift = None
-            if mode == "eval":
+            if mode == "eval" and runner.graph.batch is None:
                 eval_batch = joined_size(runner, totals, ids, passes.samples, options.eval_batch_size)
                 passes.data = Joined(data, eval_batch)
         overflow = first_non_finite(totals, ids)

@@ -120,7 +120,8 @@ class KerasRunner:
         self._by_id = dict(zip(_unique_ids(self._bn), self._bn))
         layers = [self._describe(layer_id, layer) for layer_id, layer in self._by_id.items()]
         self.graph = ModelGraph("keras", str(source or "memory"), layers,
-                                input_shape=_input_shape(model), channels_first=_channels_first(model),
+                                input_shape=_input_shape(model), batch=_fixed_batch(model),
+                                channels_first=_channels_first(model),
                                 unbiased_var=False, default_eps=1e-3)
         captures = _captures(model)
         self._functions: dict = captures["functions"]
@@ -364,12 +365,18 @@ class _patched:
             layer.__dict__.pop("call", None)
 
 
-def _input_shape(model):
+def _input_shape(model, batch: bool = False):
+    """The first input's declared shape, without its batch dimension unless ``batch``; None where unknown."""
     try:
         shape = model.inputs[0].shape
     except (AttributeError, IndexError, TypeError):
         return None
-    return tuple(None if d is None else int(d) for d in shape[1:])
+    return tuple(None if d is None else int(d) for d in shape[0 if batch else 1:])
+
+
+def _fixed_batch(model) -> int | None:
+    shape = _input_shape(model, batch=True)
+    return shape[0] if shape else None
 
 
 def _channels_first(model) -> bool:

@@ -78,7 +78,8 @@ class OnnxRunner:
                           producer=s.producer, producer_kind=s.producer_kind) for s in sites]
         dims = self._input.type.tensor_type.shape.dim
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[1:])
-        self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None,
+        fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+        self.graph = ModelGraph("onnx", origin, layers, input_shape=shape or None, batch=fixed,
                                 channels_first=channels_first(shape), left_alone=list(left))
         self._outputs = self._computable([o.name for o in model.graph.output], [s.x for s in sites])
         self._sessions: dict = {}

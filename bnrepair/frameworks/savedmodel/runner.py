@@ -63,6 +63,7 @@ class SavedModelRunner:
         layers = [self._describe(i, s, trainable) for i, s in self.sites.items()]
         self.graph = ModelGraph(self.framework, str(self.source), layers,
                                 input_shape=self.signature.shape[1:] if self.signature.shape else None,
+                                batch=self.signature.shape[0] if self.signature.shape else None,
                                 channels_first=any(bn.axis == 1 and self._ranks[canonical(s.x)] > 2
                                                    for bn, s in zip(layers, sites)),
                                 unbiased_var=False, default_eps=saved.default_eps)

@@ -74,12 +74,19 @@ def test_train_mode_matches_torch_batch_statistics(tmp_path, opset):
         np.testing.assert_allclose(got[f"{name}.running_var"], var, rtol=1e-4)
 
 
-def test_eval_mode_reaches_the_inference_fixed_point(tmp_path):
-    """The written statistics are what their own inference feeds each BN (torch in eval mode, float64)."""
-    path = exported(broken_model(), tmp_path / "m.onnx")
+@pytest.mark.parametrize("static", [False, True])
+def test_eval_mode_reaches_the_inference_fixed_point(tmp_path, static):
+    """The written statistics are what their own inference feeds each BN (torch in eval mode, float64). A graph
+    whose batch is static (16) runs every pass at the batches given, none joined."""
+    path = tmp_path / "m.onnx"
+    if static:
+        torch.onnx.export(broken_model(), (torch.zeros(16, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], do_constant_folding=False)
+    else:
+        exported(broken_model(), path)
     batches = [np.random.default_rng(i).normal(0.3, 1.2, (16, 3, 32, 32)).astype(np.float32) for i in range(3)]
     report = bnrepair.recalibrate(path, batches, output=tmp_path / "r.onnx", mode="eval")
-    assert report.converged
+    assert report.converged and report.eval_batch == (None if static else 48)
     got = stored(tmp_path / "r.onnx")
     model = broken_model()
     model.load_state_dict({**model.state_dict(), **{k: torch.as_tensor(v) for k, v in got.items()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import bnrepair
+from bench import zoo_models
 from fixtures import REPO
 
 onnx = pytest.importorskip("onnx", reason="folding tests export ONNX: pip install '.[onnx]'")
@@ -270,24 +271,11 @@ def test_bn_act_modules_fold_their_bn_and_keep_their_activation():
                                    atol=1e-5)
 
 
-class Composed(nn.Module):
-    """ReLU -> BN -> Conv1d(k=1) -> BN: ``pre`` folds forward into ``mix``, ``bn_mix`` backward into it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.pre = nn.Conv1d(1, 8, 3, padding=1), nn.BatchNorm1d(8)
-        self.mix, self.bn_mix = nn.Conv1d(8, 16, 1), nn.BatchNorm1d(16)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = self.mix(self.pre(torch.relu(self.conv(x))))
-        return self.fc(torch.relu(self.bn_mix(x)).mean(2))
-
-
 def test_a_forward_and_a_backward_fold_into_one_conv_compose(tmp_path):
-    """Verification used to compare ``mix`` alone with the folded ``mix``, which holds ``bn_mix`` too, and refused
-    an exact fold; the reference is the source module's own output in float64."""
-    module = randomised(Composed())
+    """ReLU -> BN -> Conv1d(k=1) -> BN (the zoo's ``composed_fold``): ``pre`` folds forward into ``mix``,
+    ``bn_mix`` backward into it. Verification used to compare ``mix`` alone with the folded ``mix``, which holds
+    ``bn_mix`` too, and refused an exact fold; the reference is the source module's own output in float64."""
+    module = randomised(zoo_models.torch_model("composed_fold"))
     x = np.random.default_rng(0).normal(size=(64, 1, 20)).astype(np.float32)
     report = bnrepair.fold(module, tmp_path / "composed.pt2", data=x)
     assert {row.bn: (row.how, row.into) for row in report.folded} == {
