@@ -96,6 +96,13 @@ def held_corrections(held: dict, corrections: dict | None, device: str) -> froze
     return frozenset(corrections or ())
 
 
+def per_channel(tf, reduce, x, axes: list[int]):
+    """``reduce`` (``tf.reduce_sum`` / ``tf.reduce_mean``) of ``x`` over ``axes``, per sample first, then over the
+    batch: float32 sums of fewer terms each, which eval mode's joined forwards (many samples) need."""
+    inner = [i for i in axes if i != 0]
+    return reduce(reduce(x, axis=inner, keepdims=True), axis=axes)
+
+
 def resolve_device(tf, device: str) -> str:
     return "/GPU:0" if on_gpu(device, bool(tf.config.list_physical_devices("GPU")), "TensorFlow sees no GPU") \
         else "/CPU:0"

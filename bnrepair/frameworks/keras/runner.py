@@ -20,7 +20,7 @@ from ...errors import BnrepairError, InputError, NoBatchNorm, first_line
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from ...options import LoadOptions
-from ..tf_runtime import data_misfit, held_corrections, import_keras, resolve_device
+from ..tf_runtime import data_misfit, held_corrections, import_keras, per_channel, resolve_device
 from . import files as keras_files
 
 
@@ -300,8 +300,8 @@ def _capture_call(layer, original_call, mode: str, sink: dict, layer_id: str, co
         axes = [i for i in range(len(x.shape)) if i != axis]
         centred = x - shift
         if mask is None:
-            offset = tf.reduce_mean(centred, axis=axes)
-            m2 = tf.reduce_sum(tf.square(centred - tf.reshape(offset, shape)), axis=axes)
+            offset = per_channel(tf, tf.reduce_mean, centred, axes)
+            m2 = per_channel(tf, tf.reduce_sum, tf.square(centred - tf.reshape(offset, shape)), axes)
             count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
         else:  # masked (padded) positions are left out, as Keras's BN does: its mask gains the channel axis last
             weight = tf.expand_dims(tf.cast(mask, tf.float32), -1)

@@ -28,7 +28,7 @@ from ...errors import BnrepairError, InputError
 from ...graph import BNLayer, ModelGraph
 from ...moments import Moments
 from ..tf_graph import VARIABLE_OPS, canonical, freeze, split, subgraph
-from ..tf_runtime import data_misfit, held_corrections, import_tensorflow
+from ..tf_runtime import data_misfit, held_corrections, import_tensorflow, per_channel
 from .files import SavedGraph, same_bytes, trainable_v1
 from .graph import Site, correction_inputs, find_bn, no_bn_message, rewire_for_batch_statistics
 from .policy import check_graph
@@ -342,10 +342,10 @@ def _moments(tf, x, axis: int):
     """Per-channel (count, mean, M2) of ``x`` over every axis but ``axis``, two-pass, in float32."""
     x = tf.cast(x, tf.float32)
     axes = [i for i in range(x.shape.rank) if i != axis]
-    mean = tf.reduce_mean(x, axis=axes)
+    mean = per_channel(tf, tf.reduce_mean, x, axes)
     shape = [1] * x.shape.rank
     shape[axis] = -1
-    m2 = tf.reduce_sum(tf.square(x - tf.reshape(mean, shape)), axis=axes)
+    m2 = per_channel(tf, tf.reduce_sum, tf.square(x - tf.reshape(mean, shape)), axes)
     count = tf.size(x, out_type=tf.int64) // tf.cast(tf.shape(x)[axis], tf.int64)
     return count, mean, m2
 

@@ -136,9 +136,11 @@ def test_eval_mode_equals_keras_eval_mode(name, tmp_path):
                                         mode="eval")
     assert report.converged and report.passes == keras_report.passes
     model = keras.models.load_model(tmp_path / f"k{Path(twin).suffix}", compile=False)
-    for bn in bnrepair.load(tmp_path / "sm").graph.bn_layers:
-        np.testing.assert_allclose(bn.mean, model.get_layer(bn.id).moving_mean.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(bn.var, model.get_layer(bn.id).moving_variance.numpy(), rtol=1e-5)
+    for bn in bnrepair.load(tmp_path / "sm").graph.bn_layers:  # both within --tol (1e-4 std) of the fixed point
+        twin_bn = model.get_layer(bn.id)
+        scale = twin_bn.moving_variance.numpy() + twin_bn.epsilon
+        assert np.max(np.abs(bn.mean - twin_bn.moving_mean.numpy()) / np.sqrt(scale)) < 1e-4
+        assert np.max(np.abs(bn.var - twin_bn.moving_variance.numpy()) / scale) < 2e-4
 
 
 @pytest.mark.parametrize("name", KERAS_CASES)
