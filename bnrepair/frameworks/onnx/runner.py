@@ -68,7 +68,9 @@ class OnnxRunner:
         sites, left = find_bn(model)
         if not sites:
             raise NoBatchNorm(f"{origin}: the model has no BatchNormalization node with stored statistics"
-                              + (f" ({'; '.join(f'{i}: {why}' for i, why in left)})" if left else ""))
+                              + (f" ({'; '.join(f'{i}: {why}' for i, why in left)})" if left else
+                                 " (tf2onnx, and torch's dynamo exporter when it optimises, fold BN into the "
+                                 "convolutions themselves: export the checkpoint unfolded to repair it)"))
         self._sites = {site.id: site for site in sites}
         self._stats = {s.id: (array(model, s.mean), array(model, s.var)) for s in sites}
         self._input, self._others = self._data_input(input_name)
