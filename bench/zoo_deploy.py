@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -147,7 +148,8 @@ def run(name: str, framework: str, folder: Path, samples: int) -> dict:
     if folded:
         row["bn"] = len(folded["folded"]) + len(folded["refused"])
         row["folded"] = len(folded["folded"])
-        row["reasons"] = Counter(r["reason"].split(":")[0][:60] for r in folded["refused"])
+        row["reasons"] = Counter(re.sub(r"(?<![\w(])[\w./]*\d[\w./]*", "<layer>", r["reason"].split(":")[0])[:70]
+                                 for r in folded["refused"])  # grouped by what they say, not whom they name
         row["float32 noise"] = max((r["float32_noise"] for r in folded["folded"]), default=np.nan)
     if row.get("export --fold"):
         graph = onnx.load(folder / "folded.onnx").graph
