@@ -22,6 +22,7 @@ from .errors import BnrepairError, InputError, VerificationError, first_line
 from .frameworks.onnx_runtime import OPSET_MIN, onnx_session, ort_max_opset
 from .options import DataOptions, VerifyOptions
 from .protocols import Exporter, Folder, Runner
+from .recalibration import nudged
 from .report import Check, DeployReport, FoldRow, Refusal
 from .version import __version__
 from .writers import atomic_path, sha256
@@ -110,7 +111,8 @@ def _verified(runner: Runner, exporter: Exporter, folder: Folder | None, output:
     source = exporter.source(runner.model)
     try:
         reference = [exporter.run(source, x) for x in batches]
-        noise = [exporter.run(source, nudged(x, i)) for i, x in enumerate(batches)]
+        moved = [nudged(x, np.random.default_rng(i)) for i, x in enumerate(batches)]  # float32's own error
+        noise = [exporter.run(source, x) for x in moved]
     except (RuntimeError, TypeError, ValueError) as exc:  # several inputs, or data of another shape
         text = first_line(exc)
         raise InputError(f"the model does not run on one input batch of shape {batches[0].shape}: {text}") from None
@@ -121,7 +123,7 @@ def _verified(runner: Runner, exporter: Exporter, folder: Folder | None, output:
     if folder is not None:
         folded = folder.fold(runner.model, {bn.id for bn in runner.graph.bn_layers}, batches[0])
         model = folded.model
-        rows, refused = _fold_rows(folder, source, folded, batches, verify)
+        rows, refused = _fold_rows(folder, source, folded, batches, moved, verify)
         checks += _compare("fold", reference, noise, [exporter.run(model, x) for x in batches],
                            exporter.output_names(model, batches[0]), verify)
     report = DeployReport(framework=runner.framework, source=runner.graph.source,
@@ -174,27 +176,26 @@ def verification_batches(runner, data, options: DataOptions) -> tuple[list[np.nd
     return batches, "calibration data"
 
 
-ULPS = 2.0 ** -22
-"""the relative perturbation (two float32 ulps) whose effect on the source is float32's own yardstick"""
 WRONG = 1e-3
 """a relative difference no rounding reaches: a wrong fold (a channel moved) always fails"""
 
 
-def _fold_rows(folder, source, folded, batches, verify: VerifyOptions) -> tuple[list[FoldRow], list[Refusal]]:
+def _fold_rows(folder, source, folded, batches, moved, verify: VerifyOptions) -> tuple[list[FoldRow], list[Refusal]]:
     """Per folded BN: the largest difference between its output in the source and the folded layer's, and float32's
-    own error there: how far the source's layer moves when its input moves by two ulps. A correct fold changes only
-    rounding, which accumulates through a deep network as that perturbation does (``within``)."""
+    own error there: how far the source's layer moves when its input moves by two ulps (``moved``: the batches so
+    nudged). A correct fold changes only rounding, which accumulates through a deep network as that perturbation
+    does (``within``)."""
     pairs = folded.probes
     errors = {bn: Error(verify.atol, verify.rtol) for bn in pairs}
     noise = {bn: Error(verify.atol, verify.rtol) for bn in pairs}
     sources, targets = {s for p in pairs.values() for s, _, _ in p}, {f for p in pairs.values() for _, _, f in p}
-    for i, x in enumerate(batches):
-        before, moved = (folder.capture(source, sources, v) for v in (x, nudged(x, i)))
+    for x, off_x in zip(batches, moved):
+        before, off_before = (folder.capture(source, sources, v) for v in (x, off_x))
         after = folder.capture(folded.model, targets, x)
         for bn, probe in pairs.items():
             for src, part, dst in probe:
                 ref, off = ((v[src] if part is None else np.take(v[src], range(part[1], part[2]), axis=part[0]))
-                            for v in (before, moved))
+                            for v in (before, off_before))
                 errors[bn].add(ref, after[dst], f"layer {dst}")
                 noise[bn].add(ref, off, f"layer {src}")
     rows, refused = [], []
@@ -227,12 +228,6 @@ def _compare(stage: str, reference, noise, results, names: list[str], verify: Ve
         if not within(error, yardstick.abs, verify):
             raise _off(f"output {name}", error, stage, yardstick.abs, verify)
     return checks
-
-
-def nudged(x: np.ndarray, seed: int) -> np.ndarray:
-    """``x`` with every element moved by two float32 ulps, up or down at random (seeded)."""
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], np.shape(x))
-    return (x * (1 + ULPS * signs)).astype(x.dtype)
 
 
 def within(error: Error, yardstick: float, verify: VerifyOptions) -> bool:

@@ -61,13 +61,18 @@ class Outcome:
 
 
 PERTURBATION = 2.0 ** -22
-"""two float32 ulps, relative: what storing statistics in float32 already perturbs them by"""
+"""two float32 ulps, relative: what storing a value in float32 already perturbs it by; how far a model moves
+under it is float32's own error (eval mode's noise floor, verification's yardstick in ``deploy``)"""
+
+
+def nudged(x, rng: np.random.Generator) -> np.ndarray:
+    """``x`` with every element moved by ``PERTURBATION``, up or down at random, in its own dtype."""
+    return (x * (1 + PERTURBATION * rng.choice([-1.0, 1.0], np.shape(x)))).astype(np.asarray(x).dtype)
 
 
 def perturbed(stats: dict, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {i: tuple(v * (1 + PERTURBATION * rng.choice([-1.0, 1.0], np.shape(v))) for v in pair)
-            for i, pair in stats.items()}
+    return {i: tuple(nudged(v, rng) for v in pair) for i, pair in stats.items()}
 
 
 def pooled_moments(runner: Runner, data: Stream, mode: str, ids: list[str], progress: Progress, *,

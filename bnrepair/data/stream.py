@@ -295,11 +295,14 @@ class Joined:
 
     def __iter__(self) -> Iterator[Batch]:
         pending: list[Batch] = []
+        count = 0
         for batch in self.stream:
-            if pending and sum(b.size for b in pending) + batch.size > self.samples:
+            size = batch.size
+            if pending and count + size > self.samples:
                 yield joined(pending)
-                pending = []
+                pending, count = [], 0
             pending.append(batch)
+            count += size
         if pending:
             yield joined(pending)
 

@@ -142,9 +142,11 @@ def measuring_copy(model, sites: list[Site], batch_stats: frozenset, types: dict
     return copy
 
 
-def fanin(model, tensors: list[str]) -> tuple[set[int], set[str]]:
+def fanin(model, tensors: list[str], reads=None) -> tuple[set[int], set[str]]:
     """The nodes (indices) that ``tensors`` are computed by, and the graph inputs they read; a node's subgraphs
-    (If / Loop / Scan bodies) count with the outer names they read."""
+    (If / Loop / Scan bodies) count with the outer names they read. ``reads(node)``: the names of a node to follow
+    [default: all it reads, ``outer_names``]."""
+    reads = reads or outer_names
     producers = {out: i for i, node in enumerate(model.graph.node) for out in node.output}
     inputs = {i.name for i in model.graph.input}
     nodes, read, todo = set(), set(), list(tensors)
@@ -155,7 +157,7 @@ def fanin(model, tensors: list[str]) -> tuple[set[int], set[str]]:
         if name not in producers or producers[name] in nodes:
             continue
         nodes.add(producers[name])
-        todo.extend(outer_names(model.graph.node[producers[name]]))
+        todo.extend(reads(model.graph.node[producers[name]]))
     return nodes, read
 
 

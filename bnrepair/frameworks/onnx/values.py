@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .graph import copied, outer_names
+from .graph import copied, fanin, outer_names
 
 STATISTICS = (3, 4)
 """a BatchNormalization's mean and variance inputs: written back, so they must be this node's own"""
@@ -94,18 +94,9 @@ def _constant(model, name: str, types):
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
-    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    inputs, stored = {i.name for i in graph.input}, {i.name for i in graph.initializer}
-    chosen, todo = set(), [name]
-    while todo:
-        tensor = todo.pop()
-        if tensor in inputs or tensor not in stored and tensor not in producers:
-            return None
-        if tensor in stored or producers[tensor] in chosen:
-            continue
-        chosen.add(producers[tensor])
-        node = graph.node[producers[tensor]]
-        todo.extend(node.input[:1] if node.op_type == "CastLike" else outer_names(node))
+    chosen, inputs = fanin(model, [name], reads=_valued)
+    if inputs or not chosen:
+        return None
     nodes = []
     for node in (graph.node[i] for i in sorted(chosen)):
         if node.op_type == "CastLike":
@@ -121,6 +112,11 @@ def _constant(model, name: str, types):
         return ReferenceEvaluator(sub).run(None, {})[0]
     except Exception:  # an op the evaluator lacks: left as it is, and reported where it matters
         return None
+
+
+def _valued(node) -> list[str]:
+    """The names whose values ``node`` computes from: all it reads, but ``CastLike``'s second input (its type)."""
+    return node.input[:1] if node.op_type == "CastLike" else outer_names(node)
 
 
 def _element_types(model):

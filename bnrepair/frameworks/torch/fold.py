@@ -118,7 +118,7 @@ def _folded(torch, module, bn_ids: set[str], args: tuple) -> Folded:
     channels = {name: p.channels for name, p in params.items()}
     folded = Folded(gm.eval(), decisions, {d.bn: kept.get(d.bn) or probes(d, channels, accepted) for d in accepted},
                     {d.bn: [f"{t}.{w}" for t in d.into for w in ("weight", "bias")] for d in accepted})
-    for name in sorted(o for o in opaque if any(_within(bn, {o}) for bn in bn_ids)):
+    for name in sorted(o for o in opaque if any(_under(bn, o) for bn in bn_ids)):
         _merge(folded, _inside(torch, gm, name, bn_ids, args))
     return folded
 
@@ -129,8 +129,7 @@ def _inside(torch, root, name: str, bn_ids: set[str], args: tuple) -> Folded:
     the originals in place. The others' BN layers stay, with the reason."""
     outer = root.get_submodule(name) if name else root
     prefix = f"{name}." if name else ""
-    holders = {child: m for child, m in outer.named_children()
-               if any(bn.startswith(f"{prefix}{child}.") or bn == f"{prefix}{child}" for bn in bn_ids)}
+    holders = {child: m for child, m in outer.named_children() if any(_under(bn, prefix + child) for bn in bn_ids)}
     calls = _first_calls(torch, root, holders, args)
     result = Folded(outer, [], {}, {})
     for child, m in holders.items():
@@ -147,8 +146,7 @@ def _inside(torch, root, name: str, bn_ids: set[str], args: tuple) -> Folded:
                 _merge(result, folded, path)
                 continue
         reason = f"inside {name or 'the module'}, which torch.fx cannot trace (kept whole)"
-        result.decisions += [Decision(bn, reason=reason) for bn in sorted(bn_ids)
-                             if bn == path or bn.startswith(path + ".")]
+        result.decisions += [Decision(bn, reason=reason) for bn in sorted(bn_ids) if _under(bn, path)]
     return result
 
 
@@ -223,9 +221,9 @@ def trace(torch, module, leaves: set[str], opaque: set[str] | None = None):
     return torch.fx.GraphModule(module, graph)
 
 
-def _within(name: str, opaque: set[str]) -> str | None:
-    """The opaque sub-module that holds module ``name``, if any."""
-    return next((o for o in sorted(opaque) if name.startswith(o + ".")), None)
+def _under(name: str, path: str) -> bool:
+    """Whether module ``name`` is the sub-module ``path`` or lies inside it."""
+    return name == path or name.startswith(path + ".")
 
 
 def _defaults(module) -> dict:

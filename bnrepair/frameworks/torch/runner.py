@@ -46,18 +46,16 @@ _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 the next call on the same module (``update_bn``-style use, once per epoch) and released with the module"""
 
 
-def built(module, key, build):
-    """``build()``, or what it gave for ``module`` and ``key`` before, while the module's structure (its sub-modules'
-    names, types and forwards) is unchanged."""
+def built(module) -> dict:
+    """What earlier runners built from ``module``, by key, emptied where the module's structure (its sub-modules'
+    names, types and forwards) changed since; a runner reads it once and adds what it builds."""
     structure = tuple((name, type(m), m.__dict__.get("forward"))
                       for name, m in module.named_modules(remove_duplicate=False))
     entry = _BUILT.setdefault(module, {})
     if entry.get("structure") != structure:
         entry.clear()
         entry["structure"] = structure
-    if key not in entry:
-        entry[key] = build()
-    return entry[key]
+    return entry
 
 
 class TorchRunner:
@@ -91,6 +89,7 @@ class TorchRunner:
                                 momentum_stored=checkpoint is None or checkpoint.state is None,
                                 preprocessing=checkpoint.declared if checkpoint else None)
         self._modules = [m for _, m in self.module.named_modules()]
+        self._built = built(self.module)
         self._scratch: dict = {}
         self._kernel_ok: dict[str, bool] = {}
 
@@ -173,7 +172,9 @@ class TorchRunner:
     def call_counts(self) -> dict[str, int] | None:
         """How often the forward calls each BN module, from a symbolic torch.fx trace (no data runs) or the
         TorchScript graph; None when fx cannot trace the module (data-dependent control flow)."""
-        return built(self.module, "call counts", self._call_counts)
+        if "call counts" not in self._built:
+            self._built["call counts"] = self._call_counts()
+        return self._built["call counts"]
 
     def _call_counts(self) -> dict[str, int] | None:
         if self.scripted:
@@ -283,8 +284,10 @@ class TorchRunner:
         return tuple(self.torch.as_tensor(np.asarray(v), dtype=self.torch.float32).to(self.device) for v in arrays)
 
     def _script_run(self, inputs, train: frozenset, ids: list[str], corrections: dict):
-        fn, order = built(self.module, (train, tuple(ids), frozenset(corrections)),
-                          lambda: capture_function(self.module, train, ids, frozenset(corrections)))
+        key = (train, tuple(ids), frozenset(corrections))
+        if key not in self._built:
+            self._built[key] = capture_function(self.module, train, ids, frozenset(corrections))
+        fn, order = self._built[key]
         if isinstance(inputs, dict):
             raise InputError("TorchScript modules take positional inputs; dict batches are not supported")
         carried = [t for i in order if i in corrections for t in self._correction(corrections[i])]
