@@ -249,6 +249,8 @@ def run(runner: Runner, data: Stream, options: RecalibrationOptions | None = Non
     max_passes = MAX_PASSES if options.max_passes is None else options.max_passes
     if mode == "eval" and max_passes < 2:
         raise BnrepairError(f"--max-passes must be at least 2 in eval mode (a start and a check), got {max_passes}")
+    if options.eval_batch_size is not None and options.eval_batch_size < 1:
+        raise BnrepairError(f"--eval-batch-size must be at least 1, got {options.eval_batch_size}")
     chosen = runner.graph.select(options.layers, options.skip)
     ids = [bn.id for bn in chosen]
     eps = {bn.id: bn.eps for bn in chosen}

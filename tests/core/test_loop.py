@@ -78,6 +78,7 @@ def test_layers_and_skip_choose_by_id():
     ({"layers": "x", "skip": "y"}, "--layers 'x' and --skip 'y' leave(s) none of the 2 BN layer(s)"),
     ({"mode": "evel"}, "--mode must be one of train, eval"),
     ({"tol": float("nan")}, "--tol must be a number >= 0"),
+    ({"mode": "eval", "eval_batch_size": 0}, "--eval-batch-size must be at least 1, got 0"),
 ])
 def test_bad_choices_are_refused(kwargs, message):
     with pytest.raises(BnrepairError, match=re.escape(message)):
